@@ -1,0 +1,94 @@
+"""Settings: one pydantic-settings object per process, environment variables prefixed `OFFLOAD_`.
+
+- `ServerSettings`  (`OFFLOAD_…`)          the control plane
+- `RunnerSettings`  (`OFFLOAD_RUNNER_…`)   a runner host
+- `ClientPaths`     (`OFFLOAD_HOME`)       where the CLI and agent keep their files on the laptop
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SERVER_PORT = 8421
+DEFAULT_SSH_PORT = 8422
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OFFLOAD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_SERVER_PORT, ge=1, le=65535)
+    data_dir: Path = Path("/var/lib/offload/server")
+    # Default: SQLite in data_dir. PostgreSQL: postgresql+psycopg://user@host/db
+    database_url: str | None = None
+    # Validity of a session's client certificate; the agent renews it before it ends.
+    cert_validity_s: int = Field(default=3600, ge=60, le=24 * 3600)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, le=300)
+    # A runner silent for this long is considered gone: no new sessions are placed on it.
+    runner_timeout_s: float = Field(default=30.0, gt=0)
+    min_client_version: str = "0.1.0"
+    default_idle_timeout_s: int = Field(default=300, ge=10, le=3600)
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'offload.db'}"
+
+
+class RunnerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OFFLOAD_RUNNER_", extra="ignore")
+
+    server_url: str = f"http://127.0.0.1:{DEFAULT_SERVER_PORT}"
+    token: str = ""
+    name: str = Field(default_factory=lambda: os.uname().nodename)
+    # Address clients use to reach the SSH endpoint, and the address it listens on.
+    ssh_host: str = "127.0.0.1"
+    ssh_listen_host: str = "127.0.0.1"
+    ssh_port: int = Field(default=DEFAULT_SSH_PORT, ge=1, le=65535)
+    data_dir: Path = Path("/var/lib/offload/runner")
+    # Short paths: unix socket paths are limited to 108 bytes.
+    run_dir: Path = Path("/run/offload")
+    pool_size: int = Field(default=1, ge=0, le=64)
+    capacity: int = Field(default=8, ge=1, le=1024)
+    cgroup_parent: str = "offload"
+    dockerd: str = "dockerd"
+    dockerd_start_timeout_s: float = Field(default=30.0, gt=0)
+    heartbeat_wait_s: float = Field(default=20.0, ge=0, le=60)
+
+
+class ClientPaths:
+    """Files of the CLI and agent. `OFFLOAD_HOME` overrides `~/.offload` (tests use it)."""
+
+    def __init__(self, home: Path | None = None) -> None:
+        env_home = os.environ.get("OFFLOAD_HOME")
+        self.home = home or (Path(env_home) if env_home else Path.home() / ".offload")
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config.json"
+
+    @property
+    def session_file(self) -> Path:
+        return self.home / "session.json"
+
+    @property
+    def key_file(self) -> Path:
+        return self.home / "keys" / "session_ed25519"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.home / "run" / "docker.sock"
+
+    @property
+    def agent_state_file(self) -> Path:
+        return self.home / "run" / "agent.json"
+
+    @property
+    def agent_log(self) -> Path:
+        return self.home / "logs" / "agent.log"
+
+    @property
+    def embedded_dir(self) -> Path:
+        return self.home / "embedded"

@@ -1,0 +1,66 @@
+"""The small interface every environment driver implements.
+
+An environment is one isolated Docker Engine for one session.  The first driver
+(`offload.runner.environment.DockerdDriver`) runs a dedicated `dockerd` in its own network
+namespace, data-root, exec-root and cgroup; a VM or cluster driver can join later behind the
+same five verbs.  Optional abilities are declared in `DriverCapabilities`, not discovered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from offload.core.schemas import InstanceSpec
+
+
+class EnvState(StrEnum):
+    WARM = "warm"  # created, no session yet
+    BOUND = "bound"  # serving a session
+    PAUSED = "paused"  # session idle: containers frozen
+    DESTROYING = "destroying"
+
+
+@dataclass
+class Environment:
+    id: str
+    engine_socket: Path  # unix socket of this environment's Docker Engine API
+    mount_area: Path  # the only place bind sources may come from; file sync writes here
+    netns: str  # network namespace name (`ip netns`), for port forwards
+    spec: InstanceSpec
+    state: EnvState = EnvState.WARM
+    session_id: str | None = None
+
+
+@dataclass
+class EnvironmentDescription:
+    id: str
+    state: EnvState
+    session_id: str | None
+    containers_running: int
+    containers_total: int
+    pids: list[int] = field(default_factory=list)  # processes that belong to the environment
+
+
+@dataclass(frozen=True)
+class DriverCapabilities:
+    gpus: int = 0
+    pause: bool = True
+
+
+class EnvironmentDriver(Protocol):
+    capabilities: DriverCapabilities
+
+    async def create(self, spec: InstanceSpec) -> Environment: ...
+
+    async def pause(self, env: Environment) -> None: ...
+
+    async def resume(self, env: Environment) -> None: ...
+
+    async def destroy(self, env: Environment) -> None:
+        """Leave nothing behind: no process, no namespace, no data-root, no cgroup."""
+        ...
+
+    async def describe(self, env: Environment) -> EnvironmentDescription: ...
