@@ -1,0 +1,66 @@
+"""Files the CLI and the agent share on the laptop (all under `ClientPaths.home`, mode 0600).
+
+- config.json   `ClientConfig`  server URL, API token, default organisation (written by login/up)
+- session.json  `SessionFile`   the live session the CLI started, for the agent to connect to
+- run/agent.json `AgentState`   what the agent is doing, for `offload status`
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from offload.core.schemas import SessionInfo
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ClientConfig(BaseModel):
+    server_url: str
+    token: str
+    default_org: str | None = None
+
+
+class SessionFile(BaseModel):
+    session: SessionInfo  # includes runner address, pinned host key and certificate
+    private_key_path: str
+    account: str | None = None
+    previous_docker_context: str | None = None
+
+
+class AgentState(BaseModel):
+    pid: int
+    session_id: str
+    socket: str
+    connected: bool
+    started_at: datetime
+    connected_since: datetime | None = None
+    last_error: str | None = None
+    open_connections: int = 0
+
+
+def write_model(path: Path, model: BaseModel) -> None:
+    """Atomic write, owner-only: a reader never sees half a file and nobody else reads tokens."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(model.model_dump_json(indent=2))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_model(path: Path, model: type[M]) -> M | None:
+    """The model stored at `path`, or None if there is no such file."""
+    try:
+        return model.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        return None
