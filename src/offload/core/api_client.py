@@ -128,7 +128,9 @@ class RunnerClient(_Base):
             "GET", f"/runners/{runner_id}/sessions/{session_id}", s.AssignedSession
         )
 
-    async def session_ready(self, runner_id: str, session_id: str, env_id: str) -> s.AssignedSession:
+    async def session_ready(
+        self, runner_id: str, session_id: str, env_id: str
+    ) -> s.AssignedSession:
         return await self._call(
             "POST",
             f"/runners/{runner_id}/sessions/{session_id}/ready",

@@ -14,9 +14,7 @@ class WaitTimeout(TimeoutError):
     pass
 
 
-def wait_until(
-    condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05
-) -> T:
+def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
     """Call `condition` until it returns a truthy value (returned) or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while True:

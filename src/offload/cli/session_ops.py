@@ -1,0 +1,379 @@
+"""What `offload start|stop|status|login|accounts|version` do; the Typer commands only print.
+
+Each function returns plain data (pydantic models / dataclasses) or raises an OffloadError
+carrying the fix, so the same logic serves `offload …` and `docker offload …`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import httpx
+
+from offload import __version__
+from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
+from offload.cli import dockerctx, processes
+from offload.core import schemas as s
+from offload.core.api_client import UserClient
+from offload.core.config import ClientPaths
+from offload.core.errors import (
+    InvalidInput,
+    NotAuthenticated,
+    NotFound,
+    OffloadError,
+    Unreachable,
+)
+
+Progress = Callable[[str], None]
+
+
+def _no_progress(_: str) -> None:
+    pass
+
+
+def load_config(paths: ClientPaths) -> ClientConfig:
+    config = read_model(paths.config_file, ClientConfig)
+    if config is None:
+        raise NotAuthenticated(
+            "This machine is not signed in to an Offload control plane.",
+            "Run `offload login --server URL --token TOKEN` (or `offload up` for the embedded "
+            "default on this machine).",
+        )
+    return config
+
+
+def user_client(config: ClientConfig) -> UserClient:
+    return UserClient(config.server_url, config.token)
+
+
+# ---- login ------------------------------------------------------------------------------------
+
+
+async def login(
+    paths: ClientPaths,
+    server_url: str,
+    token: str | None,
+    username: str | None,
+    password: str | None,
+) -> s.UserInfo:
+    """Check the credentials against the server, then store server URL and token."""
+    server_url = server_url.rstrip("/")
+    if not server_url.startswith(("http://", "https://")):
+        raise InvalidInput(
+            f"--server: '{server_url}' is not a URL.", "Use e.g. http://127.0.0.1:8421"
+        )
+    if token is None:
+        if not username or not password:
+            raise InvalidInput(
+                "Give either --token, or --username with a password.",
+                "e.g. `offload login --server URL --username alice` (asks for the password).",
+            )
+        async with UserClient(server_url, None) as anonymous:
+            issued = await anonymous.login(
+                s.LoginRequest(username=username, password=password, token_name=_hostname())
+            )
+        token = issued.token
+    async with UserClient(server_url, token) as client:
+        me = await client.me()
+    write_model(
+        paths.config_file,
+        ClientConfig(server_url=server_url, token=token, default_org=me.default_org),
+    )
+    return me
+
+
+# ---- start ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StartResult:
+    session: s.SessionInfo
+    socket: Path
+    context_switched: bool
+    plugin_installed: Path | None
+    already_running: bool = False
+
+
+async def start(
+    paths: ClientPaths,
+    account: str | None,
+    gpu: bool,
+    idle_timeout_s: int | None,
+    engine_timeout_s: float,
+    progress: Progress = _no_progress,
+) -> StartResult:
+    config = load_config(paths)
+    if gpu:
+        raise InvalidInput(
+            "GPU sessions are not yet available on this Offload version.",
+            "Start without --gpu; GPU runners come in a later release.",
+        )
+    plugin = _install_plugin_quietly()
+    async with user_client(config) as client:
+        running = await _reusable_session(paths, client)
+        if running is not None:
+            return StartResult(running, paths.agent_socket, False, plugin, already_running=True)
+        progress("Requesting a session from the control plane")
+        key = _new_client_key(paths)
+        session = await client.create_session(
+            s.SessionCreate(
+                org=account or config.default_org,
+                gpu=gpu,
+                idle_timeout_s=idle_timeout_s,
+                client_public_key=key.export_public_key().decode().strip(),
+                client_name=_hostname(),
+            )
+        )
+    previous = _previous_context(paths)
+    write_model(
+        paths.session_file,
+        SessionFile(
+            session=session,
+            private_key_path=str(paths.key_file),
+            account=session.org,
+            previous_docker_context=previous,
+        ),
+    )
+    runner = session.runner.name if session.runner else "?"
+    progress(f"Connecting to runner {runner} for session {session.id}")
+    _spawn_agent(paths)
+    await wait_for_engine(paths, engine_timeout_s)
+    switched = _switch_context(paths, session.id)
+    return StartResult(session, paths.agent_socket, switched, plugin)
+
+
+def _install_plugin_quietly() -> Path | None:
+    try:
+        return dockerctx.ensure_plugin_installed()
+    except OSError:
+        return None  # `offload …` still works; diagnose reports the missing plugin
+
+
+async def _reusable_session(paths: ClientPaths, client: UserClient) -> s.SessionInfo | None:
+    """The running session if the agent is alive and the session is still live, else clean up."""
+    agent = read_model(paths.agent_state_file, AgentState)
+    if agent is None or not processes.is_alive(agent.pid):
+        return None
+    try:
+        session = await client.get_session(agent.session_id)
+    except NotFound:
+        session = None
+    if session is not None and session.state.live and agent.connected:
+        return session
+    processes.terminate(agent.pid)  # a stale agent holds the socket: replace it
+    return None
+
+
+def _new_client_key(paths: ClientPaths) -> asyncssh.SSHKey:
+    """A fresh ed25519 key per session; the private half never leaves this machine."""
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=f"offload@{_hostname()}")
+    paths.key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key.write_private_key(str(paths.key_file))
+    os.chmod(paths.key_file, 0o600)
+    return key
+
+
+def _previous_context(paths: ClientPaths) -> str | None:
+    current = dockerctx.current_context()
+    if current != dockerctx.CONTEXT_NAME:
+        return current
+    # Already on `offload` (a restart after a crash): keep what the last session remembered.
+    old = read_model(paths.session_file, SessionFile)
+    return old.previous_docker_context if old else None
+
+
+def _spawn_agent(paths: ClientPaths) -> None:
+    paths.agent_state_file.unlink(missing_ok=True)
+    processes.spawn_detached(
+        ["-m", "offload.agent.daemon"], paths.agent_log, env={"OFFLOAD_HOME": str(paths.home)}
+    )
+
+
+async def wait_for_engine(paths: ClientPaths, timeout_s: float) -> None:
+    """Until the engine answers `/_ping` through the agent, or fail with the agent's own words."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    last_problem = "the agent did not start"
+    while asyncio.get_running_loop().time() < deadline:
+        agent = read_model(paths.agent_state_file, AgentState)
+        if agent is not None:
+            if not processes.is_alive(agent.pid):
+                last_problem = "the agent exited"
+                break
+            last_problem = agent.last_error or "the tunnel is not connected yet"
+            if agent.connected and await ping_engine(paths.agent_socket):
+                return
+        await asyncio.sleep(0.05)
+    raise Unreachable(
+        f"The session engine did not answer within {timeout_s:g}s: {last_problem}.",
+        "Run `docker offload start --timeout 60s` to wait longer, or `offload status` and "
+        f"the agent log ({paths.agent_log}) for details:\n"
+        + processes.log_tail(paths.agent_log, 8),
+    )
+
+
+async def ping_engine(socket_path: Path, timeout: float = 5.0) -> bool:
+    if not socket_path.exists():
+        return False
+    transport = httpx.AsyncHTTPTransport(uds=str(socket_path))
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://docker", timeout=timeout
+        ) as engine:
+            response = await engine.get("/_ping")
+            return response.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _switch_context(paths: ClientPaths, session_id: str) -> bool:
+    try:
+        dockerctx.use_offload_context(paths.agent_socket, session_id)
+    except dockerctx.DockerCLIMissing:
+        return False
+    return True
+
+
+# ---- stop -------------------------------------------------------------------------------------
+
+
+@dataclass
+class StopResult:
+    session_id: str | None
+    restored_context: str | None
+    server_error: str | None = None
+
+
+async def stop(paths: ClientPaths) -> StopResult:
+    """End the session on the control plane (its environment is wiped), stop the agent locally."""
+    config = load_config(paths)
+    session_file = read_model(paths.session_file, SessionFile)
+    agent = read_model(paths.agent_state_file, AgentState)
+    session_id = session_file.session.id if session_file else None
+    server_error = None
+    async with user_client(config) as client:
+        try:
+            if session_id is None:
+                session_id = (await client.current_session()).id
+            await client.stop_session(session_id)
+        except NotFound:
+            pass
+        except Unreachable as exc:
+            server_error = exc.message
+    if agent is not None:
+        processes.terminate(agent.pid)
+    restored = None
+    if dockerctx.docker_binary() and dockerctx.current_context() == dockerctx.CONTEXT_NAME:
+        restored = dockerctx.restore_context(
+            session_file.previous_docker_context if session_file else None
+        )
+    for leftover in (paths.session_file, paths.agent_state_file, paths.key_file):
+        leftover.unlink(missing_ok=True)
+    return StopResult(session_id, restored, server_error)
+
+
+# ---- status -----------------------------------------------------------------------------------
+
+
+def state_label(session: s.SessionInfo | None, agent_alive: bool) -> str:
+    if session is None or not session.state.live:
+        return "Stopped"
+    if session.state == s.SessionState.STARTING:
+        return "Starting"
+    label = "Started (Idle)" if session.state == s.SessionState.IDLE else "Started (Active)"
+    return label if agent_alive else f"{label}, agent not running"
+
+
+async def status(paths: ClientPaths) -> dict[str, Any]:
+    """Everything `offload status` shows, as a JSON-ready dict (keys are the --format json API)."""
+    config = load_config(paths)
+    agent = read_model(paths.agent_state_file, AgentState)
+    agent_alive = agent is not None and processes.is_alive(agent.pid)
+    session: s.SessionInfo | None = None
+    server_error = None
+    async with user_client(config) as client:
+        try:
+            session = await client.current_session()
+        except NotFound:
+            session = None
+        except OffloadError as exc:
+            server_error = exc.message
+    now = datetime.now(UTC)
+    live = session is not None and session.state.live
+    return {
+        "account": session.org if session else config.default_org,
+        "state": state_label(session, agent_alive),
+        "session_id": session.id if live and session else None,
+        "session_start": _iso(session.started_at or session.created_at)
+        if live and session
+        else None,
+        "uptime_s": _uptime(session, now) if live else None,
+        "idle_timeout_s": session.idle_timeout_s if live and session else None,
+        "time_until_idle_s": None,  # reported by the activity tracker (lifecycle issue)
+        "gpu": bool(session.gpu) if live and session else False,
+        "server": config.server_url,
+        "runner": _runner_label(session) if live else None,
+        "engine": f"unix://{paths.agent_socket}" if agent_alive else None,
+        "agent": {
+            "running": agent_alive,
+            "pid": agent.pid if agent_alive and agent else None,
+            "connected": bool(agent and agent_alive and agent.connected),
+            "last_error": agent.last_error if agent else None,
+            "log": str(paths.agent_log),
+        },
+        "docker_context": dockerctx.current_context(),
+        "docker_host_env": os.environ.get("DOCKER_HOST"),
+        "server_error": server_error,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _uptime(session: s.SessionInfo | None, now: datetime) -> float | None:
+    if session is None:
+        return None
+    started = session.started_at or session.created_at
+    return max(0.0, (now - started).total_seconds())
+
+
+def _runner_label(session: s.SessionInfo | None) -> str | None:
+    if session is None or session.runner is None:
+        return None
+    runner = session.runner
+    return f"{runner.name} ({runner.ssh_host}:{runner.ssh_port})"
+
+
+# ---- accounts and version ---------------------------------------------------------------------
+
+
+async def accounts(paths: ClientPaths) -> s.AccountsResponse:
+    async with user_client(load_config(paths)) as client:
+        return await client.accounts()
+
+
+async def version(paths: ClientPaths) -> dict[str, Any]:
+    info: dict[str, Any] = {"client_version": __version__, "api_version": s.API_VERSION}
+    config = read_model(paths.config_file, ClientConfig)
+    if config is None:
+        return info
+    async with user_client(config) as client:
+        try:
+            server = await client.version()
+            info["server_version"] = server.server_version
+            info["server"] = config.server_url
+        except OffloadError as exc:
+            info["server_error"] = exc.message
+    return info
+
+
+def _hostname() -> str:
+    return socket.gethostname()
