@@ -1,0 +1,179 @@
+"""End to end: the embedded default started with the real `offload up`, users driving the real
+`offload` / `docker offload` CLI and the real docker CLI, containers on real per-session engines.
+
+One deployment per test run (expensive); every test gets its own user (own HOME, own docker
+config, own session) so tests stay independent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from offload.agent.state import ClientConfig, write_model
+from offload.core.config import ServerSettings
+from offload.core.waiting import wait_until
+from tests.support.images import write_build_context
+
+VENV_BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class User:
+    """One developer: their own HOME (so ~/.offload and ~/.docker), CLI and docker client."""
+
+    name: str
+    home: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            list(args),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(args)} exited {result.returncode}\nstdout: {result.stdout}\n"
+                f"stderr: {result.stderr}"
+            )
+        return result
+
+    def offload(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return self.run(str(VENV_BIN / "offload"), *args, **kwargs)  # type: ignore[arg-type]
+
+    def docker(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return self.run("docker", *args, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def offload_home(self) -> Path:
+        return self.home / ".offload"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.offload_home / "run" / "docker.sock"
+
+
+@dataclass
+class Deployment:
+    admin: User
+    server_url: str
+    server_settings: ServerSettings
+    run_dir: Path
+    data_dir: Path
+    cgroup_parent: str
+    ssh_port: int
+
+
+def _user_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "OFFLOAD_"))}
+    env.update(HOME=str(home), PATH=f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}")
+    return env
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    home = tmp_path_factory.mktemp("admin-home")
+    suffix = uuid.uuid4().hex[:6]
+    run_dir = Path(f"/run/oe2e-{suffix}")
+    cgroup_parent = f"offload-e2e-{suffix}"
+    admin = User("admin", home, _user_env(home))
+    port, ssh_port = _free_port(), _free_port()
+    admin.offload(
+        "up",
+        "--port",
+        str(port),
+        "--ssh-port",
+        str(ssh_port),
+        "--run-dir",
+        str(run_dir),
+        "--cgroup-parent",
+        cgroup_parent,
+        "--pool-size",
+        "1",
+        timeout=180,
+    )
+    data_dir = home / ".offload" / "embedded"
+    try:
+        yield Deployment(
+            admin=admin,
+            server_url=f"http://127.0.0.1:{port}",
+            server_settings=ServerSettings(data_dir=data_dir / "server", port=port),
+            run_dir=run_dir,
+            data_dir=data_dir,
+            cgroup_parent=cgroup_parent,
+            ssh_port=ssh_port,
+        )
+    finally:
+        admin.offload("down", check=False, timeout=180)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+_user_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def make_user(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Factory: a new user with a signed-in CLI; their session is stopped at teardown."""
+    from offload.server.bootstrap import create_user
+
+    created: list[User] = []
+
+    def make(org: str = "default") -> User:
+        name = f"dev{next(_user_numbers)}-{uuid.uuid4().hex[:4]}"
+        home = tmp_path_factory.mktemp(name)
+        token = create_user(deployment.server_settings, name, f"pw-{name}-secret", org, "member")
+        write_model(
+            home / ".offload" / "config.json",
+            ClientConfig(server_url=deployment.server_url, token=token, default_org=org),
+        )
+        user = User(name, home, _user_env(home))
+        created.append(user)
+        return user
+
+    yield make
+    for user in created:
+        user.offload("stop", "--force", check=False, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def hello_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_build_context(tmp_path_factory.mktemp("hello-context"))
+
+
+def started(user: User, hello_context: Path) -> User:
+    """`docker offload start` then `docker build -t hello` of the FROM scratch test image."""
+    user.docker("offload", "start", "--timeout", "60s")
+    user.docker("build", "-q", "-t", "hello", str(hello_context))
+    return user
+
+
+def environment_sockets(deployment: Deployment) -> set[Path]:
+    return set(deployment.run_dir.glob("env-*/docker.sock"))
+
+
+def wait_gone(path: Path, timeout: float = 60) -> None:
+    wait_until(lambda: not path.exists(), timeout, f"{path} to disappear")
