@@ -250,13 +250,23 @@ def login(
 
 
 @app.command()
-def diagnose() -> None:
-    """Check configuration, control plane, runner, agent and docker CLI (not yet available)."""
-    err.print(
-        "`offload diagnose` is not yet available in this version. Meanwhile `offload status` "
-        "shows the session, the agent and the docker context."
-    )
-    raise typer.Exit(2)
+def diagnose(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check configuration, control plane, runner, agent and docker CLI; each failure names its fix."""
+    from offload.cli import diagnose as checks_module
+
+    checks = _run(lambda: checks_module.run_checks(_paths()))
+    if as_json:
+        _print_json(checks_module.as_json(checks))
+    else:
+        marks = {"pass": "[green]✓[/]", "fail": "[red]✗[/]", "warn": "[yellow]![/]", "skip": "-"}
+        for check in checks:
+            out.print(f"{marks[check.status]} {check.name}: {check.detail}", highlight=False)
+            if check.fix and check.status in ("fail", "warn"):
+                out.print(f"    Fix: {check.fix}", highlight=False)
+    if any(check.failed for check in checks):
+        raise typer.Exit(1)
 
 
 # ---- embedded default and daemons ---------------------------------------------------------------

@@ -1,0 +1,220 @@
+"""`offload diagnose`: independent checks, each with a verdict and the fix.
+
+Checks run in order and later ones are skipped (not failed) when what they need is missing, so
+the first failure is the one to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import asyncssh
+import httpx
+
+from offload import __version__
+from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model
+from offload.cli import dockerctx, processes
+from offload.cli.session_ops import ping_engine
+from offload.core.api_client import UserClient
+from offload.core.config import ClientPaths
+from offload.core.errors import OffloadError
+
+MAX_CLOCK_SKEW_S = 60.0
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "pass" | "fail" | "warn" | "skip"
+    detail: str
+    fix: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "fail"
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+async def run_checks(paths: ClientPaths) -> list[Check]:
+    checks: list[Check] = []
+    config = read_model(paths.config_file, ClientConfig)
+    if config is None:
+        checks.append(
+            Check(
+                "configuration",
+                "fail",
+                f"no {paths.config_file}",
+                "Run `offload login --server URL --token TOKEN` or `offload up`.",
+            )
+        )
+    else:
+        checks.append(Check("configuration", "pass", f"server {config.server_url}"))
+        checks.extend(await _server_checks(config))
+    session = read_model(paths.session_file, SessionFile)
+    checks.append(await _runner_check(session))
+    checks.extend(await _local_checks(paths, session))
+    return checks
+
+
+async def _server_checks(config: ClientConfig) -> list[Check]:
+    checks: list[Check] = []
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            response = await http.get(f"{config.server_url}/healthz")
+    except httpx.HTTPError as exc:
+        return [
+            Check(
+                "control plane reachable",
+                "fail",
+                f"{config.server_url}: {exc.__class__.__name__}",
+                "Start it (`offload up` for the embedded one) or fix the URL with `offload login`.",
+            )
+        ]
+    checks.append(Check("control plane reachable", "pass", config.server_url))
+    checks.append(_clock_check(response.headers.get("date")))
+    async with UserClient(config.server_url, config.token) as client:
+        try:
+            version = await client.version()
+            accepted = _version_tuple(__version__) >= _version_tuple(version.min_client_version)
+            checks.append(
+                Check(
+                    "client version accepted",
+                    "pass" if accepted else "fail",
+                    f"client {__version__}, server {version.server_version} "
+                    f"(minimum client {version.min_client_version})",
+                    "" if accepted else "Upgrade Offload: pip install -U offload",
+                )
+            )
+            me = await client.me()
+            checks.append(Check("credentials", "pass", f"signed in as {me.username}"))
+            orgs = ", ".join(f"{o.name} ({o.role})" for o in me.orgs) or "none"
+            checks.append(
+                Check(
+                    "organisation access",
+                    "pass" if me.orgs else "fail",
+                    f"organisations: {orgs}",
+                    "" if me.orgs else "Ask an organisation owner to add you.",
+                )
+            )
+        except OffloadError as exc:
+            checks.append(Check("credentials", "fail", exc.message, exc.fix))
+    return checks
+
+
+def _clock_check(date_header: str | None) -> Check:
+    if not date_header:
+        return Check("clock skew", "skip", "server sent no Date header")
+    skew = abs((datetime.now(UTC) - parsedate_to_datetime(date_header)).total_seconds())
+    if skew > MAX_CLOCK_SKEW_S:
+        return Check(
+            "clock skew",
+            "fail",
+            f"this machine's clock is {skew:.0f}s away from the server's",
+            "Synchronise the clock (e.g. `timedatectl set-ntp true`): certificates depend on it.",
+        )
+    return Check("clock skew", "pass", f"{skew:.0f}s")
+
+
+async def _runner_check(session: SessionFile | None) -> Check:
+    """Reach the runner's SSH endpoint and verify its host key against the pinned one."""
+    if session is None or session.session.runner is None:
+        return Check("runner reachable (SSH, pinned key)", "skip", "no session started")
+    runner = session.session.runner
+    known = asyncssh.import_known_hosts(
+        f"[{runner.ssh_host}]:{runner.ssh_port} {runner.host_key}\n"
+    )
+    where = f"{runner.name} at {runner.ssh_host}:{runner.ssh_port}"
+    try:
+        conn = await asyncio.wait_for(
+            asyncssh.connect(
+                runner.ssh_host,
+                runner.ssh_port,
+                username="offload-diagnose",
+                known_hosts=known,
+                client_keys=None,
+                agent_path=None,
+                config=None,
+                password=None,
+            ),
+            timeout=10,
+        )
+        conn.close()
+    except asyncssh.PermissionDenied:
+        pass  # host key verified, then (as expected) no credentials: reachable and genuine
+    except asyncssh.HostKeyNotVerifiable:
+        return Check(
+            "runner reachable (SSH, pinned key)",
+            "fail",
+            f"{where} presented a host key other than the pinned one",
+            "Do not connect; tell your Offload operator (possible interception or a re-keyed runner).",
+        )
+    except (OSError, asyncssh.Error, TimeoutError) as exc:
+        return Check(
+            "runner reachable (SSH, pinned key)",
+            "fail",
+            f"{where}: {exc.__class__.__name__}: {exc}",
+            "Check your network or VPN to the runner; `docker offload start` picks a live runner.",
+        )
+    return Check("runner reachable (SSH, pinned key)", "pass", where)
+
+
+async def _local_checks(paths: ClientPaths, session: SessionFile | None) -> list[Check]:
+    checks: list[Check] = []
+    if dockerctx.docker_binary() is None:
+        checks.append(
+            Check("docker CLI", "fail", "not on PATH", "Install it: apt-get install docker.io")
+        )
+    else:
+        context = dockerctx.current_context()
+        on_offload = context == dockerctx.CONTEXT_NAME
+        checks.append(
+            Check(
+                "docker CLI and context",
+                "pass" if on_offload or session is None else "warn",
+                f"current context: {context}",
+                "" if on_offload or session is None else "Run `docker context use offload`.",
+            )
+        )
+        plugin = dockerctx.plugin_path()
+        checks.append(
+            Check(
+                "docker offload plugin",
+                "pass" if plugin.exists() else "warn",
+                str(plugin) if plugin.exists() else "not installed",
+                "" if plugin.exists() else "`offload start` installs it.",
+            )
+        )
+    checks.append(await _agent_check(paths, session))
+    return checks
+
+
+async def _agent_check(paths: ClientPaths, session: SessionFile | None) -> Check:
+    if session is None:
+        return Check("agent", "skip", "no session started")
+    agent = read_model(paths.agent_state_file, AgentState)
+    if agent is None or not processes.is_alive(agent.pid):
+        return Check(
+            "agent",
+            "fail",
+            "the agent is not running",
+            f"Run `docker offload start` to reconnect; its log is {paths.agent_log}.",
+        )
+    if not await ping_engine(paths.agent_socket):
+        return Check(
+            "agent",
+            "fail",
+            f"agent pid {agent.pid} runs but its socket does not answer: "
+            f"{agent.last_error or 'tunnel down'}",
+            f"See {paths.agent_log}; `docker offload start` restarts it.",
+        )
+    return Check("agent", "pass", f"pid {agent.pid}, engine answers on {paths.agent_socket}")
+
+
+def as_json(checks: list[Check]) -> dict[str, object]:
+    return {"ok": not any(c.failed for c in checks), "checks": [asdict(c) for c in checks]}
