@@ -1,0 +1,39 @@
+"""Session routes (user token): a user sees and acts on their own sessions only."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from offload.core import schemas as s
+from offload.server.api.deps import Context, CurrentUser
+from offload.server.services import sessions
+
+router = APIRouter(prefix="/sessions", tags=["sessions"])
+
+
+@router.post("")
+async def create_session(ctx: Context, user: CurrentUser, body: s.SessionCreate) -> s.SessionInfo:
+    return await sessions.create_session(ctx, user, body)
+
+
+# Declared before /{session_id} so that "current" is not taken for an id.
+@router.get("/current")
+async def current_session(ctx: Context, user: CurrentUser) -> s.SessionInfo:
+    return await sessions.current_session(ctx, user)
+
+
+@router.get("/{session_id}")
+async def get_session(ctx: Context, user: CurrentUser, session_id: str) -> s.SessionInfo:
+    return await sessions.get_session(ctx, user, session_id)
+
+
+@router.post("/{session_id}/certificate")
+async def renew_certificate(
+    ctx: Context, user: CurrentUser, session_id: str, body: s.CertificateRequest
+) -> s.SessionInfo:
+    return await sessions.renew_certificate(ctx, user, session_id, body.client_public_key)
+
+
+@router.post("/{session_id}/stop")
+async def stop_session(ctx: Context, user: CurrentUser, session_id: str) -> s.SessionInfo:
+    return await sessions.stop_session(ctx, user, session_id)

@@ -1,0 +1,163 @@
+"""The control plane's tables (SQLAlchemy 2, typed).
+
+Every schema change goes through an Alembic revision in `migrations/versions/`; the models and the
+migrations are compared by a unit test so they cannot drift apart.
+
+Identifiers are strings: uuid4 hex for users, organisations, tokens and runners; sessions carry a
+short, human-friendly id (`ses_` + 12 hex characters) because users read and type it and it is the
+principal of their SSH certificate.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from offload.server.db.types import UtcDateTime
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+# Named constraints: PostgreSQL and later ALTERs (SQLite batch mode) need names to find them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UtcDateTime(), dict[str, Any]: JSON, list[str]: JSON}
+
+
+class Organization(Base):
+    __tablename__ = "organizations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime]
+    default_org_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("organizations.id", ondelete="SET NULL")
+    )
+
+    default_org: Mapped[Organization | None] = relationship()
+    memberships: Mapped[list[Membership]] = relationship(back_populates="user")
+
+
+class Membership(Base):
+    __tablename__ = "memberships"
+
+    # The primary key is the (user, organisation) pair: one role per user in each organisation.
+    user_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    org_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    role: Mapped[str] = mapped_column(String(16))  # core.schemas.Role
+    created_at: Mapped[datetime]
+
+    user: Mapped[User] = relationship(back_populates="memberships")
+    org: Mapped[Organization] = relationship()
+
+
+class ApiToken(Base):
+    """A user's API token. Only its sha256 is kept; `prefix` lets a user tell tokens apart."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class RunnerToken(Base):
+    """A token that lets a runner host register and heartbeat. Only its sha256 is kept."""
+
+    __tablename__ = "runner_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class Runner(Base):
+    __tablename__ = "runners"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    ssh_host: Mapped[str] = mapped_column(String(255))
+    ssh_port: Mapped[int]
+    host_key: Mapped[str] = mapped_column(Text)
+    capacity: Mapped[int]
+    instance_types: Mapped[list[str]]
+    gpus: Mapped[int] = mapped_column(default=0)
+    registered_at: Mapped[datetime]
+    last_heartbeat_at: Mapped[datetime | None]
+    warm: Mapped[int] = mapped_column(default=0)
+    # The runner token that registered it last: a token acts only for its own runners.
+    token_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("runner_tokens.id", ondelete="SET NULL")
+    )
+
+
+class OffloadSession(Base):
+    """One user's remote environment, from `offload start` to its end (table `sessions`)."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (
+        Index("ix_sessions_user_state", "user_id", "state"),
+        Index("ix_sessions_runner_state", "runner_id", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(32), ForeignKey("users.id", ondelete="CASCADE"))
+    org_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    runner_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("runners.id", ondelete="SET NULL")
+    )
+    state: Mapped[str] = mapped_column(String(32))  # core.schemas.SessionState
+    instance_type: Mapped[str] = mapped_column(String(32))  # core.schemas.InstanceType
+    gpu: Mapped[bool] = mapped_column(Boolean, default=False)
+    idle_timeout_s: Mapped[int]
+    client_name: Mapped[str] = mapped_column(String(255), default="")
+    client_public_key: Mapped[str] = mapped_column(Text)
+    env_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    end_reason: Mapped[str | None] = mapped_column(String(255))
+
+    user: Mapped[User] = relationship()
+    org: Mapped[Organization] = relationship()
+    runner: Mapped[Runner | None] = relationship()

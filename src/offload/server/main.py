@@ -1,0 +1,25 @@
+"""`offload server`: migrate the database, then serve the API with uvicorn."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from offload.core.config import ServerSettings
+from offload.server.app import create_app
+
+
+def serve(settings: ServerSettings) -> None:
+    """Run the control plane in the foreground until interrupted.
+
+    `create_app` applies pending migrations before the first request is accepted.  Access logs
+    show method, path and status only: tokens travel in headers, never in URLs.
+    """
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=True,
+        proxy_headers=False,
+    )

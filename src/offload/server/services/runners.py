@@ -1,0 +1,192 @@
+"""Runners as the control plane sees them: register, heartbeat (long poll), assigned sessions.
+
+A runner token acts only for the runners it registered; a runner sees only the sessions placed
+on it.  Anything else is reported as missing (404), so a runner learns nothing about others.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session as Db
+
+from offload.core import schemas as s
+from offload.core.errors import Conflict, InvalidInput, NotFound
+from offload.core.schemas import SessionState as S
+from offload.server.context import ServerContext
+from offload.server.db.models import OffloadSession, Runner
+from offload.server.services import lifecycle
+from offload.server.services.ca import parse_public_key
+from offload.server.services.tokens import AuthRunner
+
+# Upper bound of a long poll: proxies and load balancers tend to cut idle requests at ~60 s.
+MAX_WAIT_S = 60.0
+
+
+def effective_wait(requested_s: float, runner_timeout_s: float) -> float:
+    """Clamp a heartbeat's wait to 0..60 s, and below half the runner timeout.
+
+    The heartbeat is recorded when the poll arrives; a poll longer than the timeout would make a
+    perfectly healthy runner look gone while it waits.
+    """
+    return max(0.0, min(requested_s, MAX_WAIT_S, runner_timeout_s / 2))
+
+
+# ---- views --------------------------------------------------------------------------------------
+
+
+def assigned_session_view(row: OffloadSession) -> s.AssignedSession:
+    return s.AssignedSession(
+        session_id=row.id,
+        state=S(row.state),
+        user=row.user.username,
+        org=row.org.name,
+        instance_type=s.InstanceType(row.instance_type),
+    )
+
+
+# ---- transactions -------------------------------------------------------------------------------
+
+
+def own_runner(db: Db, auth: AuthRunner, runner_id: str) -> Runner:
+    runner = db.get(Runner, runner_id)
+    if runner is None or runner.token_id != auth.token_id:
+        raise NotFound(
+            f"No runner {runner_id} is registered with this runner token.",
+            "Register again (`offload runner` does it at start) and use the id it returns.",
+        )
+    return runner
+
+
+def assigned_live_session(db: Db, runner: Runner, session_id: str) -> OffloadSession:
+    row = db.get(OffloadSession, session_id)
+    if row is None or row.runner_id != runner.id or not S(row.state).live:
+        raise NotFound(
+            f"Session {session_id} is not live on runner {runner.name}.",
+            "Wipe any environment bound to it; the heartbeat lists the sessions to keep.",
+        )
+    return row
+
+
+def _register_tx(db: Db, auth: AuthRunner, request: s.RunnerRegister, now: datetime) -> str:
+    # Upsert by name: a restarted runner keeps its id (and its sessions) under a new token.
+    runner = db.scalar(select(Runner).where(Runner.name == request.name))
+    if runner is None:
+        runner = Runner(name=request.name, registered_at=now)
+        db.add(runner)
+    runner.ssh_host = request.ssh_host
+    runner.ssh_port = request.ssh_port
+    runner.host_key = request.host_key.strip()
+    runner.capacity = request.capacity
+    runner.instance_types = [t.value for t in request.instance_types]
+    runner.gpus = request.gpus
+    runner.warm = 0
+    runner.token_id = auth.token_id
+    runner.last_heartbeat_at = now
+    db.flush()
+    return runner.id
+
+
+def _record_heartbeat_tx(
+    db: Db, auth: AuthRunner, runner_id: str, report: s.RunnerHeartbeat, now: datetime
+) -> None:
+    runner = own_runner(db, auth, runner_id)
+    runner.last_heartbeat_at = now
+    runner.warm = report.warm
+    runner.capacity = report.capacity
+
+
+def _desired_tx(db: Db, runner_id: str, ca_public_key: str) -> s.RunnerDesired:
+    rows = db.scalars(
+        select(OffloadSession)
+        .where(
+            OffloadSession.runner_id == runner_id,
+            OffloadSession.state.in_(lifecycle.LIVE_STATES),
+        )
+        .order_by(OffloadSession.created_at)
+    ).all()
+    return s.RunnerDesired(
+        sessions=[assigned_session_view(row) for row in rows], ca_public_key=ca_public_key
+    )
+
+
+def _assigned_tx(db: Db, auth: AuthRunner, runner_id: str, session_id: str) -> s.AssignedSession:
+    runner = own_runner(db, auth, runner_id)
+    return assigned_session_view(assigned_live_session(db, runner, session_id))
+
+
+def _ready_tx(
+    db: Db, auth: AuthRunner, runner_id: str, session_id: str, env_id: str, now: datetime
+) -> tuple[s.AssignedSession, bool]:
+    runner = own_runner(db, auth, runner_id)
+    row = assigned_live_session(db, runner, session_id)
+    if row.env_id is not None and row.env_id != env_id:
+        raise Conflict(
+            f"Session {session_id} is already bound to environment {row.env_id}.",
+            f"Wipe environment {env_id}; a session keeps the environment it was bound to first.",
+        )
+    changed = row.env_id is None or S(row.state) is S.STARTING
+    row.env_id = env_id
+    if S(row.state) is S.STARTING:
+        lifecycle.transition(row, S.ACTIVE, now)
+    return assigned_session_view(row), changed
+
+
+# ---- the service --------------------------------------------------------------------------------
+
+
+async def register_runner(
+    ctx: ServerContext, auth: AuthRunner, request: s.RunnerRegister
+) -> s.RunnerRegistered:
+    try:
+        parse_public_key(request.host_key)
+    except InvalidInput:
+        raise InvalidInput(
+            "The runner's host key is not an OpenSSH public key.",
+            "Send the public half of the SSH endpoint's host key as one line "
+            "(`ssh-ed25519 AAAA…`); `offload runner` does this for you.",
+        ) from None
+    runner_id = await ctx.db.run(_register_tx, auth, request, ctx.now())
+    ctx.signals.forget_seen(runner_id)  # a (re)started runner gets its sessions at once
+    return s.RunnerRegistered(
+        id=runner_id,
+        ca_public_key=ctx.ca.public_key_line(),
+        heartbeat_interval_s=ctx.settings.heartbeat_interval_s,
+    )
+
+
+async def heartbeat(
+    ctx: ServerContext,
+    auth: AuthRunner,
+    runner_id: str,
+    report: s.RunnerHeartbeat,
+    wait_s: float = 0.0,
+) -> s.RunnerDesired:
+    """Record the heartbeat; answer the runner's desired sessions at once if it has not seen the
+    latest change, else when one comes or `wait_s` (clamped) passes."""
+    await ctx.db.run(_record_heartbeat_tx, auth, runner_id, report, ctx.now())
+    wait = effective_wait(wait_s, ctx.settings.runner_timeout_s)
+    if wait > 0:
+        await ctx.signals.wait_for_change(runner_id, wait)  # no transaction is open here
+    # Read the generation before the sessions: a change after this point wakes the next poll.
+    generation = ctx.signals.generation(runner_id)
+    desired = await ctx.db.read(_desired_tx, runner_id, ctx.ca.public_key_line())
+    ctx.signals.mark_seen(runner_id, generation)
+    return desired
+
+
+async def assigned_session(
+    ctx: ServerContext, auth: AuthRunner, runner_id: str, session_id: str
+) -> s.AssignedSession:
+    return await ctx.db.read(_assigned_tx, auth, runner_id, session_id)
+
+
+async def session_ready(
+    ctx: ServerContext, auth: AuthRunner, runner_id: str, session_id: str, env_id: str
+) -> s.AssignedSession:
+    """The runner bound an environment to the session: starting → active (idempotent)."""
+    view, changed = await ctx.db.run(_ready_tx, auth, runner_id, session_id, env_id, ctx.now())
+    if changed:
+        ctx.signals.notify(runner_id)
+    return view

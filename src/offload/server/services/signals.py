@@ -1,0 +1,67 @@
+"""Wake-ups for runners' long-poll heartbeats (in-process).
+
+Each runner has a generation number that grows whenever something it must act on changes (a
+session placed on it, made ready, stopped).  A heartbeat answers at once when the runner has not
+yet seen the current generation, else waits for the next change or its `wait`.  Everything runs
+on the event loop, so checking and waiting cannot race.
+
+With several control-plane replicas a change made on one would not wake a poll parked on
+another; the poll still ends after `wait` and the runner catches up (PostgreSQL LISTEN/NOTIFY
+can carry the signal later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class RunnerSignals:
+    def __init__(self) -> None:
+        self._generation: dict[str, int] = {}
+        self._seen: dict[str, int] = {}
+        self._events: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, int] = {}
+
+    def notify(self, runner_id: str) -> None:
+        """Something changed for this runner: wake its parked heartbeat, if any."""
+        self._generation[runner_id] = self._generation.get(runner_id, 0) + 1
+        event = self._events.pop(runner_id, None)
+        if event is not None:
+            event.set()
+
+    def forget_seen(self, runner_id: str) -> None:
+        """The runner (re)started: its next heartbeat must answer at once."""
+        self._seen.pop(runner_id, None)
+
+    def generation(self, runner_id: str) -> int:
+        return self._generation.get(runner_id, 0)
+
+    def mark_seen(self, runner_id: str, generation: int) -> None:
+        self._seen[runner_id] = max(generation, self._seen.get(runner_id, -1))
+
+    def has_unseen_change(self, runner_id: str) -> bool:
+        return self._seen.get(runner_id, -1) < self.generation(runner_id)
+
+    def is_waiting(self, runner_id: str) -> bool:
+        """A heartbeat of this runner is parked (tests use it to know the poll is in place)."""
+        return self._waiting.get(runner_id, 0) > 0
+
+    async def wait_for_change(self, runner_id: str, timeout: float) -> bool:
+        """Return at once if the runner has an unseen change, else wait up to `timeout`.
+
+        True when a change arrived (or was pending), False when the wait ran out.
+        """
+        if self.has_unseen_change(runner_id):
+            return True
+        # `notify` pops the event it sets, so each wait after a change gets a fresh one.
+        event = self._events.setdefault(runner_id, asyncio.Event())
+        self._waiting[runner_id] = self._waiting.get(runner_id, 0) + 1
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting[runner_id] -= 1
+            if not self._waiting[runner_id]:
+                del self._waiting[runner_id]

@@ -1,0 +1,149 @@
+"""Secrets at rest: argon2 password hashes, API and runner tokens kept only as sha256.
+
+A token is shown once when issued; the database holds its sha256 (tokens are long random
+strings, so a fast hash is enough, unlike passwords) and a short prefix for display.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session as Db
+
+from offload.core.errors import NotAuthenticated
+from offload.server.db.models import ApiToken, RunnerToken, User
+
+USER_TOKEN_PREFIX = "off_u_"
+RUNNER_TOKEN_PREFIX = "off_r_"
+DISPLAY_PREFIX_LEN = 12
+# Writing last_used_at on every request would make each read a write; a minute is precise enough.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+_hasher = PasswordHasher()
+# Verified against when the username is unknown, so both failures take the same time.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def password_needs_rehash(password_hash: str) -> bool:
+    return _hasher.check_needs_rehash(password_hash)
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def generate_token(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def issue_api_token(db: Db, user_id: str, name: str, now: datetime) -> str:
+    token = generate_token(USER_TOKEN_PREFIX)
+    db.add(
+        ApiToken(
+            user_id=user_id,
+            name=name,
+            token_hash=hash_token(token),
+            prefix=token[:DISPLAY_PREFIX_LEN],
+            created_at=now,
+        )
+    )
+    db.flush()
+    return token
+
+
+def issue_runner_token(db: Db, name: str, now: datetime) -> str:
+    token = generate_token(RUNNER_TOKEN_PREFIX)
+    db.add(
+        RunnerToken(
+            name=name,
+            token_hash=hash_token(token),
+            prefix=token[:DISPLAY_PREFIX_LEN],
+            created_at=now,
+        )
+    )
+    db.flush()
+    return token
+
+
+@dataclass(frozen=True)
+class AuthUser:
+    """The user a request acts for."""
+
+    id: str
+    username: str
+
+
+@dataclass(frozen=True)
+class AuthRunner:
+    """The runner token a request carries; it acts only for the runners it registered."""
+
+    token_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class UserTokenCheck:
+    user: AuthUser
+    token_id: str
+    touch_due: bool  # last_used_at is older than LAST_USED_RESOLUTION
+
+
+def check_user_token(db: Db, token: str, now: datetime) -> UserTokenCheck:
+    """Who `token` belongs to (read only); NotAuthenticated with the fix if nobody."""
+    if token.startswith(RUNNER_TOKEN_PREFIX):
+        raise NotAuthenticated(
+            "A runner token was sent where a user API token is needed.",
+            "Use your API token (off_u_…) from `offload login`; runner tokens are for "
+            "`offload runner` only.",
+        )
+    row = db.execute(
+        select(ApiToken, User)
+        .join(User, User.id == ApiToken.user_id)
+        .where(ApiToken.token_hash == hash_token(token))
+    ).first()
+    if row is None or row[0].revoked_at is not None:
+        raise NotAuthenticated("The API token is not valid or was revoked.")
+    api_token, user = row.tuple()
+    last = api_token.last_used_at
+    return UserTokenCheck(
+        user=AuthUser(id=user.id, username=user.username),
+        token_id=api_token.id,
+        touch_due=last is None or now - last >= LAST_USED_RESOLUTION,
+    )
+
+
+def touch_api_token(db: Db, token_id: str, now: datetime) -> None:
+    api_token = db.get(ApiToken, token_id)
+    if api_token is not None:
+        api_token.last_used_at = now
+
+
+def authenticate_runner(db: Db, token: str) -> AuthRunner:
+    fix = "Start the runner with a runner token (off_r_…) from `offload up` or an administrator."
+    if not token.startswith(RUNNER_TOKEN_PREFIX):
+        raise NotAuthenticated("Runner endpoints need a runner token.", fix)
+    runner_token = db.scalar(select(RunnerToken).where(RunnerToken.token_hash == hash_token(token)))
+    if runner_token is None or runner_token.revoked_at is not None:
+        raise NotAuthenticated("The runner token is not valid or was revoked.", fix)
+    return AuthRunner(token_id=runner_token.id, name=runner_token.name)
