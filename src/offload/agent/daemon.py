@@ -1,0 +1,319 @@
+"""`offload agent`: the laptop daemon that ties the tunnel and the Docker API proxy together.
+
+The CLI starts it detached (`python -m offload.agent.daemon`, stderr to `ClientPaths.agent_log`)
+after `offload start` wrote the session file. It
+
+- connects the session's tunnel and keeps it up, renewing the session certificate before it
+  expires (in the background, and on every reconnect when it is close to expiry);
+- serves the Docker API on `ClientPaths.agent_socket`;
+- writes `AgentState` to `ClientPaths.agent_state_file` whenever something changes, for
+  `offload status` and `offload start`;
+- once the control plane says the session is gone, answers every Docker request with
+  "Offload: session ended…" until it is stopped (SIGTERM/SIGINT).
+
+Certificates and tokens never reach the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncssh
+from asyncssh.public_key import SSHOpenSSHCertificate
+
+from offload.agent.proxy import AgentProxy
+from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
+from offload.agent.tunnel import Tunnel, TunnelTarget
+from offload.core.api_client import UserClient
+from offload.core.config import ClientPaths
+from offload.core.errors import InvalidInput, NotFound, OffloadError
+from offload.core.schemas import SessionInfo
+
+log = logging.getLogger("offload.agent")
+
+SESSION_ENDED = "Offload: session ended. Run `docker offload start`."
+# Renew when less than this share of the certificate's validity is left.
+RENEW_FRACTION = 1 / 3
+RENEW_RETRY_S = 30.0
+# Connection counts change on every docker command: write the state file at most this often.
+STATE_WRITE_DELAY_S = 0.5
+
+
+class SessionEnded(NotFound):
+    """The control plane no longer knows this session as live."""
+
+
+class Credentials:
+    """The session's certificate, renewed through the control plane before it expires."""
+
+    def __init__(
+        self,
+        client: UserClient,
+        session: SessionInfo,
+        private_key_path: Path,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self.session = session
+        self._key_path = private_key_path
+        self._wall_clock = wall_clock
+        self._lock = asyncio.Lock()
+
+    def target(self) -> TunnelTarget:
+        session = self.session
+        if session.runner is None or not session.certificate:
+            raise InvalidInput(
+                f"Session {session.id} has no runner or certificate in the session file.",
+                "Run `docker offload start` again.",
+            )
+        return TunnelTarget(
+            host=session.runner.ssh_host,
+            port=session.runner.ssh_port,
+            host_key=session.runner.host_key,
+            username=session.id,
+            private_key_path=self._key_path,
+            certificate=session.certificate,
+        )
+
+    def renew_at(self) -> float:
+        """Wall-clock time at which the certificate enters its last third of validity."""
+        valid_after, valid_before = certificate_validity(self.target().certificate)
+        return valid_before - (valid_before - valid_after) * RENEW_FRACTION
+
+    def needs_renewal(self) -> bool:
+        return self._wall_clock() >= self.renew_at()
+
+    async def fresh_target(self) -> TunnelTarget:
+        """For the tunnel's reconnects: check the session is live, renew if due."""
+        async with self._lock:
+            if self.needs_renewal():
+                await self._renew()
+            else:
+                self._check_live(await self._client.get_session(self.session.id))
+            return self.target()
+
+    async def renew(self) -> None:
+        async with self._lock:
+            await self._renew()
+
+    async def _renew(self) -> None:
+        public_key = await asyncio.to_thread(_public_key_line, self._key_path)
+        try:
+            session = await self._client.renew_certificate(self.session.id, public_key)
+        except NotFound:
+            raise SessionEnded(SESSION_ENDED) from None
+        self._check_live(session)
+        if session.runner is None:
+            session = session.model_copy(update={"runner": self.session.runner})
+        self.session = session
+        log.info("session certificate renewed (valid until %s)", session.certificate_valid_before)
+
+    def _check_live(self, session: SessionInfo) -> None:
+        if not session.state.live:
+            raise SessionEnded(SESSION_ENDED)
+
+
+def certificate_validity(certificate: str) -> tuple[float, float]:
+    """(valid_after, valid_before) of an OpenSSH certificate, as POSIX timestamps."""
+    cert = asyncssh.import_certificate(certificate)
+    if not isinstance(cert, SSHOpenSSHCertificate):
+        raise InvalidInput("The session certificate is not an OpenSSH certificate.", "")
+    # asyncssh keeps the decoded validity window without a public accessor.
+    return float(cert._valid_after), float(cert._valid_before)
+
+
+def _public_key_line(key_path: Path) -> str:
+    return asyncssh.read_private_key(key_path).export_public_key().decode().strip()
+
+
+class _StateWriter:
+    """Keeps `agent.json` in step with the tunnel and proxy, without writing on every byte."""
+
+    def __init__(self, paths: ClientPaths, session_id: str) -> None:
+        self._paths = paths
+        self.state = AgentState(
+            pid=os.getpid(),
+            session_id=session_id,
+            socket=str(paths.agent_socket),
+            connected=False,
+            started_at=datetime.now(UTC),
+        )
+        self._scheduled: asyncio.TimerHandle | None = None
+
+    def tunnel_changed(self, tunnel: Tunnel) -> None:
+        was = self.state.connected
+        self.state.connected = tunnel.connected
+        self.state.last_error = tunnel.last_error
+        if tunnel.connected and not was:
+            self.state.connected_since = datetime.now(UTC)
+        elif not tunnel.connected:
+            self.state.connected_since = None
+        self.write()
+
+    def proxy_changed(self, proxy: AgentProxy) -> None:
+        self.state.open_connections = proxy.activity_snapshot().open_connections
+        if self._scheduled is None:
+            loop = asyncio.get_running_loop()
+            self._scheduled = loop.call_later(STATE_WRITE_DELAY_S, self.write)
+
+    def write(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        write_model(self._paths.agent_state_file, self.state)
+
+
+def _load(paths: ClientPaths) -> tuple[ClientConfig, SessionFile]:
+    config = read_model(paths.config_file, ClientConfig)
+    if config is None:
+        raise NotFound(
+            f"No client configuration at {paths.config_file}.",
+            "Sign in with `offload login` (or `offload up`), then `docker offload start`.",
+        )
+    session_file = read_model(paths.session_file, SessionFile)
+    if session_file is None:
+        raise NotFound(
+            f"No session file at {paths.session_file}: the agent has no session to serve.",
+            "Start one with `docker offload start` (it launches the agent).",
+        )
+    return config, session_file
+
+
+async def _renew_in_background(
+    credentials: Credentials, tunnel: Tunnel, stop: asyncio.Event, wall_clock: Callable[[], float]
+) -> None:
+    """Renew the certificate when it enters its last third, so reconnects never wait on it."""
+    while not stop.is_set():
+        delay = max(0.0, credentials.renew_at() - wall_clock())
+        if await _wait(stop, delay):
+            return
+        try:
+            await credentials.renew()
+            tunnel.target = credentials.target()
+        except SessionEnded:
+            return  # the tunnel's next reconnect learns it too; nothing left to renew
+        except OffloadError as exc:
+            log.warning("certificate renewal failed: %s", exc.message)
+            if await _wait(stop, RENEW_RETRY_S):
+                return
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> bool:
+    """True if `event` was set within `timeout`."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests pass their own stop event)
+
+
+async def run_agent(
+    paths: ClientPaths,
+    stop: asyncio.Event | None = None,
+    *,
+    wall_clock: Callable[[], float] = time.time,
+    tunnel_options: dict[str, float] | None = None,
+) -> None:
+    """Serve the session in `paths.session_file` until `stop` is set (or SIGTERM/SIGINT)."""
+    config, session_file = _load(paths)
+    if stop is None:
+        stop = asyncio.Event()
+        _install_signal_handlers(stop)
+    session_id = session_file.session.id
+    client = UserClient(config.server_url, config.token)
+    credentials = Credentials(
+        client, session_file.session, Path(session_file.private_key_path), wall_clock
+    )
+    state = _StateWriter(paths, session_id)
+    tunnel = Tunnel(
+        credentials.target(),
+        credentials.fresh_target,
+        on_change=state.tunnel_changed,
+        **(tunnel_options or {}),  # type: ignore[arg-type]
+    )
+    proxy = AgentProxy(paths.agent_socket, tunnel)
+    proxy.on_change = state.proxy_changed
+
+    def on_tunnel_change(t: Tunnel) -> None:
+        state.tunnel_changed(t)
+        if isinstance(t.failed, NotFound):
+            proxy.refuse_all(SESSION_ENDED)
+
+    tunnel.on_change = on_tunnel_change
+    state.write()
+    log.info("agent for session %s starting (pid %s)", session_id, os.getpid())
+    renewer: asyncio.Task[None] | None = None
+    try:
+        if credentials.needs_renewal():
+            await _renew_before_start(credentials, proxy, tunnel)
+        await proxy.start()
+        await tunnel.start()
+        renewer = asyncio.create_task(_renew_in_background(credentials, tunnel, stop, wall_clock))
+        await stop.wait()
+        log.info("agent stopping")
+    finally:
+        if renewer is not None:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+        await proxy.stop()
+        await tunnel.close()
+        await client.aclose()
+        state.state.connected = False
+        state.state.connected_since = None
+        state.state.open_connections = 0
+        state.state.last_error = "the agent stopped"
+        state.write()
+        log.info("agent stopped")
+
+
+async def _renew_before_start(credentials: Credentials, proxy: AgentProxy, tunnel: Tunnel) -> None:
+    """A certificate read from an old session file may have expired: renew before connecting."""
+    try:
+        await credentials.renew()
+        tunnel.target = credentials.target()
+    except SessionEnded:
+        proxy.refuse_all(SESSION_ENDED)
+        log.error("the session has ended; answering Docker requests with that")
+    except OffloadError as exc:
+        log.warning("certificate renewal failed: %s", exc.message)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # asyncssh logs every channel at INFO: keep the agent log about what matters.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+
+def main() -> None:
+    _setup_logging()
+    paths = ClientPaths()
+    try:
+        asyncio.run(run_agent(paths))
+    except OffloadError as exc:
+        log.error("agent cannot run: %s", exc)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

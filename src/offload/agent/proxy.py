@@ -1,0 +1,301 @@
+"""The local Docker API socket: each client connection becomes one SSH channel to the engine.
+
+Bytes are spliced unchanged at the asyncio protocol level (no HTTP parsing, no streams, no task
+per chunk), so hijacked attach/exec connections, `docker run -i` and every stream keep full
+fidelity. Half-close travels both ways: the docker CLI's CloseWrite after stdin ends becomes a
+channel EOF, and the engine's EOF becomes a write shutdown on the client socket. A connection
+ends once both directions are done or either side goes away.
+
+When the tunnel is down (or a channel cannot open) the client still gets an answer it can show:
+the request head is read and answered with a 503 whose JSON `message` the docker CLI prints as
+`Error response from daemon: Offload: …`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from offload.agent.tunnel import Tunnel
+from offload.core.errors import OffloadError
+
+log = logging.getLogger(__name__)
+
+# The client socket's write buffer may hold this much before the engine channel is paused.
+CLIENT_WRITE_BUFFER = 4 * 1024 * 1024
+# Bytes buffered from a client while its channel opens, before reading from it pauses.
+PENDING_LIMIT = 4 * 1024 * 1024
+# An HTTP request head larger than this is not worth reading just to refuse it.
+MAX_REQUEST_HEAD = 64 * 1024
+RECONNECT_HINT = "Run `docker offload start` to reconnect."
+
+
+@dataclass(frozen=True)
+class ActivitySnapshot:
+    open_connections: int
+    total_connections: int
+    last_activity: float | None  # on the proxy's clock (monotonic); None: nothing yet
+
+
+class AgentProxy:
+    def __init__(
+        self,
+        socket_path: Path,
+        tunnel: Tunnel,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.socket_path = socket_path
+        self.tunnel = tunnel
+        self._clock = clock
+        self._server: asyncio.AbstractServer | None = None
+        self._pipes: set[_ClientPipe] = set()
+        self._total = 0
+        self._last_activity: float | None = None
+        self._refusal: str | None = None
+        self.on_change: Callable[[AgentProxy], None] | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        directory = self.socket_path.parent
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o700)
+        # A socket file left by an agent that died is stale: nobody else may own this path.
+        self.socket_path.unlink(missing_ok=True)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: _ClientPipe(self), str(self.socket_path), backlog=128
+        )
+        os.chmod(self.socket_path, 0o600)
+        log.info("Docker API socket ready at %s", self.socket_path)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for pipe in list(self._pipes):
+            pipe.abort()
+        self.socket_path.unlink(missing_ok=True)
+        log.info("Docker API socket %s closed", self.socket_path)
+
+    def refuse_all(self, message: str) -> None:
+        """From now on, answer every request with a 503 carrying `message` (e.g. session ended)."""
+        self._refusal = message
+        for pipe in list(self._pipes):
+            pipe.abort()
+
+    # ---- activity -------------------------------------------------------------------------
+
+    def activity_snapshot(self) -> ActivitySnapshot:
+        return ActivitySnapshot(
+            open_connections=len(self._pipes),
+            total_connections=self._total,
+            last_activity=self._last_activity,
+        )
+
+    def _touch(self) -> None:
+        self._last_activity = self._clock()
+
+    def _opened(self, pipe: _ClientPipe) -> None:
+        self._pipes.add(pipe)
+        self._total += 1
+        self._touch()
+        self._notify()
+
+    def _closed(self, pipe: _ClientPipe) -> None:
+        if pipe in self._pipes:
+            self._pipes.discard(pipe)
+            self._touch()
+            self._notify()
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(self)
+            except Exception:
+                log.exception("proxy on_change callback failed")
+
+    def _unavailable_message(self, reason: str | None) -> str:
+        if self._refusal is not None:
+            return self._refusal
+        return f"Offload: {reason or 'the tunnel to the runner is down'}. {RECONNECT_HINT}"
+
+
+class _ClientPipe(asyncio.Protocol):
+    """One docker client connection, spliced onto one engine channel."""
+
+    def __init__(self, proxy: AgentProxy) -> None:
+        self._proxy = proxy
+        self._transport: asyncio.Transport | None = None
+        self._chan: asyncssh.SSHUNIXChannel[bytes] | None = None
+        self._pending = bytearray()  # client bytes that arrived before the channel opened
+        self._client_eof = False
+        self._engine_eof = False
+        self._refusing: str | None = None  # the 503 message, once refusing
+
+    # ---- client socket side ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.set_write_buffer_limits(high=CLIENT_WRITE_BUFFER)
+        self._transport = transport
+        self._proxy._opened(self)
+        proxy = self._proxy
+        if proxy._refusal is not None or not proxy.tunnel.connected:
+            if not proxy.tunnel.connected:
+                proxy.tunnel.kick()
+            self._refuse(proxy._unavailable_message(_tunnel_reason(proxy.tunnel)))
+            return
+        asyncio.get_running_loop().create_task(self._open_channel())
+
+    def data_received(self, data: bytes) -> None:
+        self._proxy._touch()
+        if self._chan is not None:
+            self._chan.write(data)
+            return
+        self._pending += data
+        if self._refusing is not None:
+            self._answer_if_head_complete()
+        elif len(self._pending) > PENDING_LIMIT and self._transport is not None:
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._client_eof = True
+        if self._refusing is not None:
+            self._send_refusal()
+            return True
+        if self._chan is not None:
+            self._chan.write_eof()
+            if self._engine_eof:
+                return False  # both directions done: close
+        return True
+
+    def pause_writing(self) -> None:
+        if self._chan is not None:
+            self._chan.pause_reading()  # the client reads slowly: stop taking engine data
+
+    def resume_writing(self) -> None:
+        if self._chan is not None:
+            self._chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._chan is not None:
+            self._chan.close()
+            self._chan = None
+        self._proxy._closed(self)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # ---- engine channel side --------------------------------------------------------------
+
+    async def _open_channel(self) -> None:
+        try:
+            chan = await self._proxy.tunnel.open_engine_session(lambda: _EngineSide(self))
+        except OffloadError as exc:
+            self._refuse(self._proxy._unavailable_message(exc.message))
+            return
+        if self._transport is None:  # the client left while the channel was opening
+            chan.close()
+            return
+        self._chan = chan
+        if self._pending:
+            chan.write(bytes(self._pending))
+            self._pending.clear()
+            self._transport.resume_reading()
+        if self._client_eof:
+            chan.write_eof()
+
+    def engine_data(self, data: bytes) -> None:
+        self._proxy._touch()
+        if self._transport is not None:
+            self._transport.write(data)
+
+    def engine_eof(self) -> bool:
+        self._engine_eof = True
+        if self._transport is not None and self._transport.can_write_eof():
+            self._transport.write_eof()
+        return not self._client_eof  # False: both directions done, asyncssh closes the channel
+
+    def engine_closed(self) -> None:
+        self._chan = None
+        if self._transport is not None:
+            self._transport.close()  # flushes what the engine sent, then closes
+
+    def pause_client(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_client(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    # ---- refusal --------------------------------------------------------------------------
+
+    def _refuse(self, message: str) -> None:
+        log.info("refusing a Docker API request: %s", message)
+        self._refusing = message
+        if self._transport is not None:
+            self._transport.resume_reading()
+        self._answer_if_head_complete()
+
+    def _answer_if_head_complete(self) -> None:
+        if b"\r\n\r\n" in self._pending or len(self._pending) >= MAX_REQUEST_HEAD:
+            self._send_refusal()
+        elif self._client_eof:
+            self._send_refusal()
+
+    def _send_refusal(self) -> None:
+        if self._transport is None or self._refusing is None:
+            return
+        body = json.dumps({"message": self._refusing}).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        self._transport.write(head + body)
+        self._transport.close()
+        self._pending.clear()
+
+
+class _EngineSide(asyncssh.SSHUNIXSession[bytes]):
+    """The channel's half of a `_ClientPipe`: hands every event to the client side."""
+
+    def __init__(self, pipe: _ClientPipe) -> None:
+        self._pipe = pipe
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._pipe.engine_data(data)
+
+    def eof_received(self) -> bool:
+        return self._pipe.engine_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pipe.engine_closed()
+
+    def pause_writing(self) -> None:
+        self._pipe.pause_client()  # the channel's window is full: stop reading the client
+
+    def resume_writing(self) -> None:
+        self._pipe.resume_client()
+
+
+def _tunnel_reason(tunnel: Tunnel) -> str | None:
+    if tunnel.failed is not None:
+        return tunnel.failed.message.rstrip(".")
+    if tunnel.last_error:
+        return f"the tunnel to the runner is down ({tunnel.last_error})"
+    return None

@@ -1,0 +1,314 @@
+"""The session's one SSH connection to its runner: certificate auth, pinned host key, reconnects.
+
+Nothing from `~/.ssh` is used: no config file, no known_hosts, no agent, no default keys. The
+only host key trusted is the one the control plane pinned for this session's runner, and the only
+client credential is the session key with its CA-signed certificate.
+
+When the connection drops, the tunnel reconnects with capped exponential backoff, asking
+`credentials()` (when given) for a fresh target first, which is where the agent renews its
+certificate. A host key mismatch, a session that no longer exists or a refused sign-in are not
+retried: `failed` says why, and `docker` commands get that reason through the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from offload.core.errors import (
+    NotAuthenticated,
+    NotFound,
+    OffloadError,
+    PermissionDenied,
+    Unreachable,
+)
+from offload.core.schemas import ENGINE_CHANNEL_PATH
+
+log = logging.getLogger(__name__)
+
+# Same tuning as the runner's endpoint (offload.runner.ssh_endpoint): a large window and large
+# packets for uploads; AES-GCM first.
+CHANNEL_WINDOW = 16 * 1024 * 1024
+CHANNEL_MAX_PKTSIZE = 256 * 1024
+ENCRYPTION_ALGS = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+]
+
+
+@dataclass(frozen=True)
+class TunnelTarget:
+    """Where and as whom to connect. `certificate` is the OpenSSH certificate text."""
+
+    host: str
+    port: int
+    host_key: str  # OpenSSH public key line the control plane pinned for this runner
+    username: str  # the session id
+    private_key_path: Path
+    certificate: str
+
+
+class HostKeyMismatch(PermissionDenied):
+    """The runner presented a host key other than the pinned one: possibly an impostor."""
+
+
+class TunnelRefused(PermissionDenied):
+    """The runner refused the session's certificate and fresh credentials did not help."""
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+ChangeCallback = Callable[["Tunnel"], None]
+
+
+class Tunnel:
+    def __init__(
+        self,
+        target: TunnelTarget,
+        credentials: Callable[[], Awaitable[TunnelTarget]] | None = None,
+        *,
+        on_change: ChangeCallback | None = None,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 15.0,
+        connect_timeout_s: float = 15.0,
+        keepalive_interval_s: float = 15.0,
+        keepalive_count_max: int = 3,
+        window: int = CHANNEL_WINDOW,
+        max_pktsize: int = CHANNEL_MAX_PKTSIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target = target
+        self._clock = clock
+        self._credentials = credentials
+        self.on_change = on_change
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.connect_timeout_s = connect_timeout_s
+        self.keepalive_interval_s = keepalive_interval_s
+        self.keepalive_count_max = keepalive_count_max
+        self.window = window
+        self.max_pktsize = max_pktsize
+        self.last_error: str | None = None
+        self.failed: OffloadError | None = None  # set when the tunnel gave up for good
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    # ---- state ----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(self)
+            except Exception:  # a broken observer must not break the tunnel
+                log.exception("tunnel on_change callback failed")
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start keeping the connection up, in the background; returns at once."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._keep_up())
+
+    def kick(self) -> None:
+        """Cut a backoff wait short: someone needs the tunnel now."""
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            await conn.wait_closed()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self._changed()
+
+    async def _keep_up(self) -> None:
+        delay = self.backoff_initial_s
+        fresh_needed = False
+        while not self._closed:
+            try:
+                conn = await self._attempt(fresh_needed)
+            except _Retry as retry:
+                self.last_error = retry.reason
+                log.warning("tunnel to runner: %s; retrying in %.1fs", retry.reason, delay)
+                self._changed()
+                fresh_needed = True
+                await self._backoff(delay)
+                delay = min(delay * 2, self.backoff_max_s)
+                continue
+            except OffloadError as exc:
+                self._give_up(exc)
+                return
+            up_since = self._clock()
+            self._conn, self.last_error = conn, None
+            log.info("tunnel to runner %s:%s up", self.target.host, self.target.port)
+            self._changed()
+            await conn.wait_closed()
+            if self._closed:
+                return
+            self._conn = None
+            self.last_error = "the connection to the runner was lost"
+            log.warning("tunnel to runner lost; reconnecting")
+            self._changed()
+            fresh_needed = True
+            if self._clock() - up_since >= self.backoff_max_s:
+                delay = self.backoff_initial_s
+            else:
+                # Dropped soon after it came up (e.g. the runner refused the session after
+                # sign-in): keep backing off instead of hammering the runner.
+                await self._backoff(delay)
+                delay = min(delay * 2, self.backoff_max_s)
+
+    async def _attempt(self, fresh_needed: bool) -> asyncssh.SSHClientConnection:
+        """One connection attempt; raises `_Retry` for what a later attempt may cure."""
+        if fresh_needed and self._credentials is not None:
+            try:
+                self.target = await self._credentials()
+            except (NotFound, NotAuthenticated, PermissionDenied):
+                raise  # the session or the user's access is gone: retrying cannot help
+            except Exception as exc:
+                raise _Retry(f"cannot renew the session credentials: {_describe(exc)}") from exc
+        try:
+            return await self._connect(self.target)
+        except HostKeyMismatch:
+            raise
+        except TunnelRefused as exc:
+            if self._credentials is None:
+                raise  # nothing would change on the next attempt
+            raise _Retry(exc.message) from exc
+        except (OSError, asyncssh.Error, TimeoutError, OffloadError) as exc:
+            raise _Retry(_describe(exc)) from exc
+
+    def _give_up(self, exc: OffloadError) -> None:
+        self.failed, self.last_error = exc, exc.message
+        log.error("tunnel to runner stopped: %s", exc.message)
+        self._changed()
+
+    async def _backoff(self, delay: float) -> None:
+        self._wake.clear()
+        # Jitter so that many agents of a restarted runner do not reconnect in lockstep.
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay * random.uniform(0.8, 1.2))
+        except TimeoutError:
+            pass
+
+    # ---- connecting -----------------------------------------------------------------------
+
+    async def _connect(self, target: TunnelTarget) -> asyncssh.SSHClientConnection:
+        key = await asyncio.to_thread(asyncssh.read_private_key, target.private_key_path)
+        cert = asyncssh.import_certificate(target.certificate)
+        host_key = asyncssh.import_public_key(target.host_key)
+        try:
+            return await asyncssh.connect(
+                target.host,
+                target.port,
+                username=target.username,
+                # Trust exactly the pinned key, with no host-pattern matching.
+                known_hosts=([host_key], [], []),
+                client_keys=[(key, cert)],
+                agent_path=None,
+                config=[],
+                x509_trusted_certs=None,
+                gss_host=None,
+                password=None,
+                kbdint_auth=False,
+                host_based_auth=False,
+                preferred_auth="publickey",
+                encryption_algs=ENCRYPTION_ALGS,
+                compression_algs=None,
+                keepalive_interval=self.keepalive_interval_s,
+                keepalive_count_max=self.keepalive_count_max,
+                connect_timeout=self.connect_timeout_s,
+                window=self.window,
+                max_pktsize=self.max_pktsize,
+            )
+        except asyncssh.HostKeyNotVerifiable:
+            raise HostKeyMismatch(
+                f"The runner host key does not match the one the control plane pinned "
+                f"for {target.host}:{target.port}: refusing to connect.",
+                "If the runner was reinstalled, run `docker offload start` again to get its "
+                "new key; otherwise tell your administrator, the connection may be intercepted.",
+            ) from None
+        except asyncssh.PermissionDenied:
+            raise _refused(target) from None
+
+    # ---- channels -------------------------------------------------------------------------
+
+    async def open_engine_channel(
+        self,
+    ) -> tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]:
+        """A (reader, writer) pair on a new channel to the session's engine."""
+        conn = self._require_conn()
+        try:
+            return await conn.open_unix_connection(
+                ENGINE_CHANNEL_PATH, encoding=None, window=self.window, max_pktsize=self.max_pktsize
+            )
+        except (asyncssh.Error, OSError) as exc:
+            raise _channel_failed(exc) from None
+
+    async def open_engine_session(
+        self, session_factory: Callable[[], asyncssh.SSHUNIXSession[bytes]]
+    ) -> asyncssh.SSHUNIXChannel[bytes]:
+        """A new channel to the engine driven by `session_factory`'s protocol (no streams)."""
+        conn = self._require_conn()
+        try:
+            chan, _ = await conn.create_unix_connection(
+                session_factory,
+                ENGINE_CHANNEL_PATH,
+                encoding=None,
+                window=self.window,
+                max_pktsize=self.max_pktsize,
+            )
+        except (asyncssh.Error, OSError) as exc:
+            raise _channel_failed(exc) from None
+        return chan
+
+    def _require_conn(self) -> asyncssh.SSHClientConnection:
+        if self._conn is None:
+            if self.failed is not None:
+                raise Unreachable(self.failed.message)
+            self.kick()
+            reason = f" ({self.last_error})" if self.last_error else ""
+            raise Unreachable(f"the tunnel to the runner is down{reason}")
+        return self._conn
+
+
+def _refused(target: TunnelTarget) -> TunnelRefused:
+    return TunnelRefused(
+        f"The runner refused the session certificate for session {target.username}.",
+        "The session may have ended or its certificate expired: run `docker offload start`.",
+    )
+
+
+def _channel_failed(exc: BaseException) -> Unreachable:
+    return Unreachable(f"the runner refused the engine channel ({_describe(exc)})")
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason without secrets (asyncssh and OS errors carry none)."""
+    text: Any = getattr(exc, "message", None) or getattr(exc, "reason", None) or str(exc)
+    text = str(text).strip().splitlines()[0] if text else ""
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__

@@ -1,0 +1,261 @@
+"""The runner's SSH endpoint: session certificates in, that session's engine socket out.
+
+What a client may do once connected, and nothing more:
+
+- authenticate with an OpenSSH *user certificate* signed by the control plane's CA, for the
+  username (= session id) listed among its principals, valid now (plain keys, passwords and
+  keyboard-interactive are refused);
+- open `direct-streamlocal` channels to `ENGINE_CHANNEL_PATH`, which this endpoint connects to the
+  engine socket of the environment bound to that session.
+
+No shells, exec, subsystems, remote forwards or other socket paths. Direct TCP forwards are refused
+for now: published ports will be forwarded into the environment's network namespace later (see
+`_Server.connection_requested`).
+
+Speed: the channel is spliced onto the engine socket at the asyncio protocol level
+(`forward_unix_connection`), so bytes never pass through a stream or a task; windows and packets
+are large so that an upload of hundreds of megabytes is not held back by window updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+import asyncssh
+
+from offload.core.schemas import ENGINE_CHANNEL_PATH
+from offload.runner.driver import Environment
+
+log = logging.getLogger(__name__)
+
+# Tuned against OpenSSH `-L` forwarding (see the report in bench/): a 16 MiB window keeps a
+# fast link busy; 256 KiB packets cut the per-packet crypto and Python overhead. The agent
+# (offload.agent.tunnel) uses the same values for its side of each channel.
+CHANNEL_WINDOW = 16 * 1024 * 1024
+CHANNEL_MAX_PKTSIZE = 256 * 1024
+# AES-GCM first: OpenSSL's AES-NI path is the fastest of asyncssh's ciphers on x86.
+ENCRYPTION_ALGS = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+]
+KEEPALIVE_INTERVAL_S = 15.0
+KEEPALIVE_COUNT_MAX = 3
+LOGIN_TIMEOUT_S = 30.0
+
+# Session ids become an authorized-keys `principals=` pattern: only plain characters, so that no
+# wildcard or quote can widen it.
+_SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+Resolve = Callable[[str], Awaitable[Environment]]
+
+
+class _Server(asyncssh.SSHServer):
+    """One client connection: authentication policy and channel policy."""
+
+    def __init__(self, endpoint: SSHEndpoint) -> None:
+        self._endpoint = endpoint
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._username = ""
+        # Set once authentication succeeded and the session's environment is known.
+        self._env: asyncio.Future[Environment] = asyncio.get_running_loop().create_future()
+
+    # ---- connection ---------------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        self._endpoint._connections.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._endpoint._connections.discard(self._conn)
+        if not self._env.done():
+            self._env.cancel()
+
+    # ---- authentication -----------------------------------------------------------------
+
+    def begin_auth(self, username: str) -> bool:
+        assert self._conn is not None
+        self._username = username
+        if not _SESSION_ID.match(username):
+            # An impossible session id: trust nothing, so every method fails.
+            self._conn.set_authorized_keys(asyncssh.SSHAuthorizedKeys())
+            return True
+        # Why authorized keys and not only validate_ca_key: asyncssh accepts a certificate whose
+        # principal list is empty for any username (OpenSSH refuses those). A `principals=`
+        # option makes asyncssh require the session id among the certificate's principals;
+        # asyncssh still checks the certificate type and validity period against the clock.
+        ca_key = self._endpoint._ca_public_key().strip()
+        entry = f'cert-authority,principals="{username}" {ca_key}\n'
+        self._conn.set_authorized_keys(asyncssh.import_authorized_keys(entry))
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return False  # plain keys: never, only certificates
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return False  # only the authorized-keys CA entry set in begin_auth is trusted
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    async def auth_completed(self) -> None:
+        # Only an authenticated client makes the runner ask the control plane and bind an
+        # environment: an anonymous peer must not be able to trigger either.
+        try:
+            env = await self._endpoint._resolve(self._username)
+        except Exception as exc:  # any failure refuses the connection
+            log.warning("SSH connection for session %s refused: %s", self._username, _reason(exc))
+            self._env.cancel()
+            assert self._conn is not None
+            self._conn.close()
+            return
+        log.info("SSH connection for session %s bound to environment %s", self._username, env.id)
+        self._env.set_result(env)
+
+    # ---- channels -----------------------------------------------------------------------
+
+    def session_requested(self) -> bool:
+        return False  # no shell, exec or subsystem
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
+        # Hook for published ports: a later issue forwards these into the environment's network
+        # namespace (env.netns), for ports the session's containers publish. Refused until then.
+        log.info(
+            "session %s: direct TCP forward to %s:%s refused", self._username, dest_host, dest_port
+        )
+        return False
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return False  # no remote TCP forwards
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        return False  # no remote socket forwards
+
+    def unix_connection_requested(self, dest_path: str):
+        if dest_path != ENGINE_CHANNEL_PATH:
+            log.warning("session %s: channel to %r refused", self._username, dest_path)
+            return False
+        assert self._conn is not None
+        chan = self._conn.create_unix_channel(
+            window=self._endpoint.window, max_pktsize=self._endpoint.max_pktsize
+        )
+        return chan, self._forward_to_engine()
+
+    async def _forward_to_engine(self) -> asyncssh.SSHUNIXSession[bytes]:
+        try:
+            env = await self._env
+        except asyncio.CancelledError:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED, "session is not served by this runner"
+            ) from None
+        assert self._conn is not None
+        # forward_unix_connection splices the channel and the engine socket at protocol level,
+        # with flow control and half-close passed through both ways.
+        forwarder = await self._conn.forward_unix_connection(str(env.engine_socket))
+        return forwarder  # type: ignore[return-value]
+
+
+def _reason(exc: BaseException) -> str:
+    message = getattr(exc, "message", None) or str(exc) or exc.__class__.__name__
+    return message.splitlines()[0]
+
+
+class SSHEndpoint:
+    """The runner's SSH server. `port=0` picks a free port; `.port` tells which after start()."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        host_key: asyncssh.SSHKey,
+        ca_public_key: Callable[[], str],
+        resolve: Resolve,
+        *,
+        keepalive_interval: float = KEEPALIVE_INTERVAL_S,
+        keepalive_count_max: int = KEEPALIVE_COUNT_MAX,
+        window: int = CHANNEL_WINDOW,
+        max_pktsize: int = CHANNEL_MAX_PKTSIZE,
+    ) -> None:
+        self.host = host
+        self._port = port
+        self._host_key = host_key
+        self._ca_public_key = ca_public_key
+        self._resolve = resolve
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_count_max = keepalive_count_max
+        self.window = window
+        self.max_pktsize = max_pktsize
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._connections: set[asyncssh.SSHServerConnection] = set()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def host_public_key(self) -> str:
+        """The OpenSSH public key line clients pin (the control plane hands it out)."""
+        return self._host_key.export_public_key().decode().strip()
+
+    async def start(self) -> None:
+        self._acceptor = await asyncssh.create_server(
+            lambda: _Server(self),
+            self.host,
+            self._port,
+            server_host_keys=[self._host_key],
+            # Nothing from the host's OpenSSH configuration or files applies.
+            config=[],
+            authorized_client_keys=None,
+            x509_trusted_certs=None,
+            gss_host=None,
+            password_auth=False,
+            kbdint_auth=False,
+            host_based_auth=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_scp=False,
+            encryption_algs=ENCRYPTION_ALGS,
+            compression_algs=None,
+            keepalive_interval=self.keepalive_interval,
+            keepalive_count_max=self.keepalive_count_max,
+            login_timeout=LOGIN_TIMEOUT_S,
+            window=self.window,
+            max_pktsize=self.max_pktsize,
+            reuse_address=True,
+        )
+        self._port = self._acceptor.get_port()
+        log.info("SSH endpoint listening on %s:%s", self.host, self._port)
+
+    async def disconnect(self, session_id: str) -> int:
+        """Close every connection of `session_id` (its environment is going away)."""
+        conns = [c for c in self._connections if c.get_extra_info("username") == session_id]
+        await self._close_all(conns)
+        return len(conns)
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection."""
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
+            self._acceptor = None
+        await self._close_all(list(self._connections))
+        log.info("SSH endpoint on %s:%s stopped", self.host, self._port)
+
+    @staticmethod
+    async def _close_all(conns: list[asyncssh.SSHServerConnection]) -> None:
+        for conn in conns:
+            conn.close()
+        await asyncio.gather(*(c.wait_closed() for c in conns), return_exceptions=True)

@@ -1,0 +1,166 @@
+"""The real docker CLI and docker-py through agent socket → tunnel → SSH endpoint → dockerd."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker as docker_py
+import pytest
+
+from offload.core.waiting import wait_until
+from tests.support.images import write_build_context
+
+from .support import Laptop, docker, docker_env, docker_ok
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def container(agent: Laptop, test_image: str) -> Iterator[str]:
+    """A running container printing a numbered line every 0.1 s."""
+    script = "i=0; while true; do echo line$i; i=$((i+1)); sleep 0.1; done"
+    cid = docker_ok(agent, "run", "-d", test_image, "sh", "-c", script).strip()
+    yield cid
+    docker(agent, "rm", "-f", cid)
+
+
+def streaming(agent: Laptop, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["docker", "-H", agent.docker_host, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=docker_env(agent.home),
+    )
+
+
+def read_lines(proc: subprocess.Popen[bytes], count: int, timeout: float = 30) -> list[str]:
+    """`count` lines from a streaming CLI, then stop it; a watchdog kills it if it stalls."""
+    assert proc.stdout is not None
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        lines = [proc.stdout.readline().decode() for _ in range(count)]
+    finally:
+        watchdog.cancel()
+        proc.terminate()
+        proc.wait(10)
+    return lines
+
+
+def test_version_and_ps(agent: Laptop) -> None:
+    assert docker_ok(agent, "version", "--format", "{{.Server.Version}}").startswith("20.10")
+    assert "CONTAINER ID" in docker_ok(agent, "ps")
+
+
+def test_build_then_run(agent: Laptop) -> None:
+    context = write_build_context(agent.home / "ctx")
+    docker_ok(agent, "build", "-q", "-t", "offload-test/built:tunnel", str(context))
+    out = docker_ok(agent, "run", "--rm", "offload-test/built:tunnel")
+    assert out == "hello from offload\n"
+    docker_ok(agent, "rmi", "offload-test/built:tunnel")
+
+
+def test_run_rm_output(agent: Laptop, test_image: str) -> None:
+    out = docker_ok(agent, "run", "--rm", test_image, "sh", "-c", "echo out; echo err >&2")
+    assert out == "out\n"
+
+
+def test_run_interactive_stdin_half_close(agent: Laptop, test_image: str) -> None:
+    # `cat` ends only when the CLI's CloseWrite reaches the container as EOF on its stdin.
+    out = docker_ok(agent, "run", "-i", "--rm", test_image, "cat", input=b"hi\n")
+    assert out == "hi\n"
+
+
+def test_run_interactive_large_stdin(agent: Laptop, test_image: str) -> None:
+    data = os.urandom(3 * 1024 * 1024)
+    result = docker(agent, "run", "-i", "--rm", test_image, "md5sum", input=data)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().split()[0] == hashlib.md5(data).hexdigest()
+
+
+def test_run_tty_under_pty(agent: Laptop, test_image: str) -> None:
+    command = shlex.join(
+        ["docker", "-H", agent.docker_host, "run", "-t", "--rm", test_image, "sh", "-c",
+         "test -t 0 && echo tty-ok"]
+    )  # fmt: skip
+    result = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        capture_output=True,
+        timeout=60,
+        env=docker_env(agent.home),
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert "tty-ok" in result.stdout.decode()
+
+
+def test_exec(agent: Laptop, container: str) -> None:
+    assert docker_ok(agent, "exec", container, "echo", "from-exec") == "from-exec\n"
+    assert docker_ok(agent, "exec", "-i", container, "cat", input=b"piped\n") == "piped\n"
+
+
+def test_logs_follow_streams(agent: Laptop, container: str) -> None:
+    lines = read_lines(streaming(agent, "logs", "-f", container), 5)
+    assert lines[:2] == ["line0\n", "line1\n"]
+    assert all(line.startswith("line") for line in lines)
+
+
+def test_copy_both_ways(agent: Laptop, container: str) -> None:
+    src = agent.home / "payload.bin"
+    payload = os.urandom(2 * 1024 * 1024)
+    src.write_bytes(payload)
+    docker_ok(agent, "cp", str(src), f"{container}:/payload.bin")
+    back = agent.home / "back"
+    back.mkdir(exist_ok=True)
+    docker_ok(agent, "cp", f"{container}:/payload.bin", str(back))
+    assert (back / "payload.bin").read_bytes() == payload
+
+
+def test_events_stream(agent: Laptop, test_image: str) -> None:
+    proc = streaming(agent, "events", "--format", "{{.Type}} {{.Action}}")
+    try:
+        # The subscription is live once the CLI has its connection open: make an event after.
+        wait_until(lambda: agent.proxy and agent.proxy.activity_snapshot().open_connections,
+                   10, "the events stream to open")  # fmt: skip
+        docker_ok(agent, "create", "--name", "ot-events", test_image)
+        lines = read_lines(proc, 1)
+    finally:
+        docker(agent, "rm", "-f", "ot-events")
+    assert lines == ["container create\n"]
+
+
+def test_docker_py(agent: Laptop, test_image: str) -> None:
+    client = docker_py.DockerClient(base_url=agent.docker_host, timeout=60)
+    try:
+        assert client.ping()
+        assert client.containers.run(test_image, ["echo", "py"], remove=True) == b"py\n"
+        assert any(test_image in image.tags for image in client.images.list())
+    finally:
+        client.close()
+
+
+def test_activity_is_tracked(agent: Laptop, container: str) -> None:
+    assert agent.proxy is not None
+    before = agent.proxy.activity_snapshot()
+    proc = streaming(agent, "logs", "-f", container)
+    try:
+        wait_until(lambda: agent.proxy.activity_snapshot().open_connections > before.open_connections,
+                   10, "the logs stream to count as an open connection")  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    after = agent.proxy.activity_snapshot()
+    assert after.total_connections > before.total_connections
+    assert after.last_activity is not None
+    assert before.last_activity is None or after.last_activity > before.last_activity
+
+
+def test_socket_permissions(agent: Laptop) -> None:
+    assert Path(agent.socket).stat().st_mode & 0o777 == 0o600
+    assert Path(agent.socket).parent.stat().st_mode & 0o777 == 0o700
