@@ -1,0 +1,225 @@
+"""The runner's environments: a warm pool, and the binding of environments to sessions.
+
+Warm environments (of `warm_type`) are created ahead so that a session gets an engine in well
+under a second.  Binding is idempotent per session: the SSH endpoint (first connection) and the
+heartbeat (control plane's desired list) may both ask, concurrently, and get the same environment.
+`capacity` bounds everything the runner holds: warm + bound + being created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from offload.core.errors import NoCapacity, OffloadError
+from offload.core.schemas import (
+    INSTANCE_SPECS,
+    AssignedSession,
+    EnvironmentReport,
+    InstanceSpec,
+    InstanceType,
+    RunnerHeartbeat,
+    SessionState,
+)
+from offload.runner.driver import Environment, EnvironmentDriver, EnvState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SpecFor = Callable[[InstanceType], InstanceSpec]
+
+
+def _default_spec_for(instance_type: InstanceType) -> InstanceSpec:
+    return INSTANCE_SPECS[instance_type]
+
+
+class EnvironmentPool:
+    def __init__(
+        self,
+        driver: EnvironmentDriver,
+        size: int,
+        capacity: int,
+        spec_for: SpecFor = _default_spec_for,
+        warm_type: InstanceType = InstanceType.STANDARD,
+    ) -> None:
+        self.driver = driver
+        self.size = size
+        self.capacity = capacity
+        self.spec_for = spec_for
+        self.warm_type = warm_type
+        self._warm: list[Environment] = []
+        self._bound: dict[str, Environment] = {}
+        self._creating = 0
+        self._closed = False
+        self._fill_task: asyncio.Task[None] | None = None
+        # One lock per session id, alive while someone holds or waits on it.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Begin filling the warm pool in the background."""
+        self._schedule_fill()
+
+    async def close(self) -> None:
+        """Stop filling and destroy every environment, warm and bound."""
+        self._closed = True
+        if self._fill_task is not None:
+            self._fill_task.cancel()
+            await asyncio.gather(self._fill_task, return_exceptions=True)
+        envs = self._warm + list(self._bound.values())
+        self._warm.clear()
+        self._bound.clear()
+        await asyncio.gather(*(self._destroy(env) for env in envs))
+
+    # ---- sessions ----------------------------------------------------------------------------
+
+    def get(self, session_id: str) -> Environment | None:
+        return self._bound.get(session_id)
+
+    def bound(self) -> list[Environment]:
+        return list(self._bound.values())
+
+    async def bind(self, session: AssignedSession) -> Environment:
+        """The session's environment: the one it has, else a warm one, else a new one."""
+        async with self._lock(session.session_id):
+            env = self._bound.get(session.session_id)
+            if env is not None:
+                return env
+            env = self._take_warm(session.instance_type) or await self._create(
+                session.instance_type
+            )
+            if self._closed:  # close() ran while we were creating: it cannot see this one
+                await self._destroy(env)
+                raise NoCapacity("The runner is shutting down.", "Start the session again.")
+            env.session_id = session.session_id
+            env.state = EnvState.BOUND
+            self._bound[session.session_id] = env
+        log.info("session %s bound to environment %s", session.session_id, env.id)
+        self._schedule_fill()
+        return env
+
+    async def release(self, session_id: str) -> None:
+        """Destroy the session's environment (nothing of it survives)."""
+        async with self._lock(session_id):
+            env = self._bound.pop(session_id, None)
+            if env is not None:
+                log.info("session %s ended: destroying environment %s", session_id, env.id)
+                await self._destroy(env)
+        self._schedule_fill()
+
+    async def reconcile(self, desired: list[AssignedSession]) -> list[Environment]:
+        """Make the held environments match the control plane's list; return newly bound ones.
+
+        Environments of sessions absent or no longer live are destroyed; live sessions lacking
+        one get one; idle sessions are paused and active ones resumed.
+        """
+        live = {s.session_id: s for s in desired if s.state.live}
+        for session_id in [sid for sid in self._bound if sid not in live]:
+            await self._guarded(f"release {session_id}", self.release(session_id))
+        newly: list[Environment] = []
+        for session in live.values():
+            if session.session_id not in self._bound:
+                env = await self._guarded(f"bind {session.session_id}", self.bind(session))
+                if env is not None:
+                    newly.append(env)
+            await self._guarded(f"pause/resume {session.session_id}", self._follow_state(session))
+        self._schedule_fill()  # a fill that failed earlier gets another try here
+        return newly
+
+    async def _follow_state(self, session: AssignedSession) -> None:
+        if not self.driver.capabilities.pause:
+            return
+        async with self._lock(session.session_id):
+            env = self._bound.get(session.session_id)
+            if env is None:
+                return
+            if session.state == SessionState.IDLE and env.state == EnvState.BOUND:
+                await self.driver.pause(env)
+            elif session.state != SessionState.IDLE and env.state == EnvState.PAUSED:
+                await self.driver.resume(env)
+
+    @staticmethod
+    async def _guarded(what: str, step: Awaitable[T]) -> T | None:
+        # One session's failure must not keep the others from being reconciled.
+        try:
+            return await step
+        except OffloadError as exc:
+            log.error("reconcile: could not %s: %s", what, exc)
+            return None
+
+    def report(self) -> RunnerHeartbeat:
+        envs = [EnvironmentReport(env_id=e.id, session_id=None, state=e.state) for e in self._warm]
+        envs += [
+            EnvironmentReport(env_id=e.id, session_id=sid, state=e.state)
+            for sid, e in self._bound.items()
+        ]
+        return RunnerHeartbeat(capacity=self.capacity, warm=len(self._warm), environments=envs)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        lock = self._locks.get(session_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[session_id] = lock
+        return lock
+
+    @property
+    def _held(self) -> int:
+        return len(self._warm) + len(self._bound) + self._creating
+
+    def _take_warm(self, instance_type: InstanceType) -> Environment | None:
+        if instance_type != self.warm_type or not self._warm:
+            return None
+        return self._warm.pop(0)
+
+    async def _create(self, instance_type: InstanceType) -> Environment:
+        if self._held >= self.capacity:
+            await self._make_room()
+        if self._closed:
+            raise NoCapacity("The runner is shutting down.", "Start the session again.")
+        self._creating += 1
+        try:
+            return await self.driver.create(self.spec_for(instance_type))
+        finally:
+            self._creating -= 1
+
+    async def _make_room(self) -> None:
+        """At capacity: a warm environment of another type gives way, else refuse."""
+        if self._warm:
+            await self._destroy(self._warm.pop())
+            return
+        raise NoCapacity(
+            f"This runner holds its capacity of {self.capacity} environments.",
+            "Try again when a session ends, or add runners with `offload runner`.",
+        )
+
+    async def _destroy(self, env: Environment) -> None:
+        try:
+            await self.driver.destroy(env)
+        except OffloadError as exc:
+            log.error("%s", exc)
+
+    def _schedule_fill(self) -> None:
+        if self._closed or (self._fill_task is not None and not self._fill_task.done()):
+            return
+        self._fill_task = asyncio.create_task(self._fill(), name="warm-pool-fill")
+
+    async def _fill(self) -> None:
+        """Create warm environments until the pool is full or capacity is reached."""
+        while not self._closed and len(self._warm) < self.size and self._held < self.capacity:
+            try:
+                env = await self._create(self.warm_type)
+            except OffloadError as exc:
+                # Refilled on the next bind/release/reconcile: no hot retry loop on a broken host.
+                log.error("could not warm an environment: %s", exc)
+                return
+            if self._closed:
+                await self._destroy(env)
+                return
+            self._warm.append(env)
+            log.info("warm pool: %d/%d", len(self._warm), self.size)
