@@ -13,11 +13,12 @@ an immediate one waits its turn.  Read-only work uses a plain deferred `BEGIN`.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 P = ParamSpec("P")
@@ -30,9 +31,21 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 def make_engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
+    _create_private_file(make_url(url).database)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
     _configure_sqlite(engine)
     return engine
+
+
+def _create_private_file(path: str | None) -> None:
+    """Create the SQLite file owner-only (it holds password and token hashes); SQLite gives its
+    -wal and -shm files the same mode."""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -88,6 +101,7 @@ class Database:
         **kwargs: P.kwargs,
     ) -> T:
         """Run `fn(session, …)` in one write transaction on a worker thread."""
+
         def _call() -> T:
             return self.call(fn, *args, **kwargs)
 

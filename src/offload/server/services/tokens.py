@@ -124,7 +124,7 @@ def check_user_token(db: Db, token: str, now: datetime) -> UserTokenCheck:
     ).first()
     if row is None or row[0].revoked_at is not None:
         raise NotAuthenticated("The API token is not valid or was revoked.")
-    api_token, user = row.tuple()
+    api_token, user = row
     last = api_token.last_used_at
     return UserTokenCheck(
         user=AuthUser(id=user.id, username=user.username),

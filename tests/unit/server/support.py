@@ -1,0 +1,101 @@
+"""Helpers of the control-plane tests (imported by conftest and tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from offload.core import schemas as s
+from offload.core.api_client import RunnerClient, UserClient
+
+PASSWORD = "correct horse battery staple"
+
+
+class FakeClock:
+    """A clock that moves only when a test says so."""
+
+    def __init__(self, start: datetime = datetime(2025, 1, 6, 9, 0, tzinfo=UTC)) -> None:
+        self.current = start
+
+    def __call__(self) -> datetime:
+        return self.current
+
+    def advance(self, seconds: float) -> datetime:
+        self.current += timedelta(seconds=seconds)
+        return self.current
+
+
+@dataclass
+class UserHandle:
+    id: str
+    username: str
+    password: str
+    org: str
+    token: str
+    client: UserClient
+
+
+@dataclass
+class RunnerHandle:
+    id: str
+    name: str
+    token: str
+    client: RunnerClient
+    registered: s.RunnerRegistered
+
+    async def heartbeat(self, wait_s: float = 0, warm: int = 1) -> s.RunnerDesired:
+        report = s.RunnerHeartbeat(capacity=4, warm=warm)
+        return await self.client.heartbeat(self.id, report, wait_s=wait_s)
+
+    async def session_ids(self) -> list[str]:
+        return [item.session_id for item in (await self.heartbeat()).sessions]
+
+
+def new_host_key_line() -> str:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    return key.export_public_key().decode().strip()
+
+
+def public_line(key: asyncssh.SSHKey) -> str:
+    return key.export_public_key().decode().strip()
+
+
+def session_request(key: asyncssh.SSHKey, **changes: Any) -> s.SessionCreate:
+    return s.SessionCreate(client_public_key=public_line(key), client_name="laptop", **changes)
+
+
+async def describe_certificate(text: str, directory: Path) -> dict[str, str | list[str]]:
+    """What OpenSSH itself reads in a certificate (`ssh-keygen -L`), as field -> value(s)."""
+    path = directory / "session-cert.pub"
+    path.write_text(text + "\n")
+    process = await asyncio.create_subprocess_exec(
+        "ssh-keygen",
+        "-L",
+        "-f",
+        str(path),
+        env={**os.environ, "TZ": "UTC"},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    assert process.returncode == 0
+    fields: dict[str, str | list[str]] = {}
+    current = ""
+    for line in out.decode().splitlines()[1:]:
+        key, sep, value = line.strip().partition(": ")
+        if sep and line.startswith("        ") and not line.startswith("                "):
+            current = key
+            fields[key] = value.strip()
+        elif line.strip().endswith(":") and not line.startswith("                "):
+            current = line.strip().rstrip(":")
+            fields[current] = []
+        else:
+            values = fields.setdefault(current, [])
+            assert isinstance(values, list)
+            values.append(line.strip())
+    return fields
