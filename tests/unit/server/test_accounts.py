@@ -9,7 +9,7 @@ from offload.core import schemas as s
 from offload.core.errors import NotAuthenticated
 from offload.server.context import ServerContext
 from offload.server.db.models import ApiToken
-from offload.server.services import tokens
+from offload.server.services import accounts, tokens
 
 from .support import PASSWORD
 
@@ -75,8 +75,6 @@ async def test_a_revoked_token_is_refused(make_user, ctx: ServerContext, http, c
 async def test_accounts_lists_every_organisation_and_the_default(make_user, make_org, ctx):
     user = make_user(org="acme", role=s.Role.OWNER)
     other = make_org("side-project")
-    from offload.server.services import accounts  # the factory has no "second org" knob
-
     with ctx.db.transaction() as db:
         row = accounts.find_user(db, user.username)
         org = accounts.find_org(db, other)

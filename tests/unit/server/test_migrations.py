@@ -16,6 +16,7 @@ from offload.server.app import create_app
 from offload.server.db.engine import Database
 from offload.server.db.migrate import current_revision, head_revision, upgrade_database
 from offload.server.db.models import Base
+from offload.server.services import accounts
 from offload.server.services.ca import CA_KEY_FILENAME
 
 from .support import PASSWORD
@@ -57,8 +58,6 @@ async def test_a_restart_keeps_data_and_the_ca_key(settings: ServerSettings, clo
     try:
         context = restarted.state.context
         assert context.ca.public_key_line() == ca_line
-        from offload.server.services import accounts
-
         answer = await accounts.login(
             context, s.LoginRequest(username=user.username, password=PASSWORD)
         )

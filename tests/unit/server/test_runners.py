@@ -11,10 +11,11 @@ from offload.core import schemas as s
 from offload.core.errors import Conflict, InvalidInput, NotAuthenticated, NotFound
 from offload.core.waiting import async_wait_until
 from offload.server.context import ServerContext
-from offload.server.db.models import Runner
+from offload.server.db.models import Runner, RunnerToken
 from offload.server.services.runners import MAX_WAIT_S, effective_wait
+from offload.server.services.tokens import hash_token
 
-from .support import new_host_key_line, session_request
+from .support import session_request
 
 # A long-poll wait that would fail a test by its length if the wake-up were missing.
 LONG_WAIT_S = 14.0
@@ -45,7 +46,7 @@ async def test_register_again_keeps_the_runner_id(make_runner):
     await again.heartbeat()
 
 
-async def test_register_rejects_a_bad_host_key(make_runner, ctx: ServerContext, app):
+async def test_register_rejects_a_bad_host_key(make_runner):
     runner = await make_runner()
     request = s.RunnerRegister(
         name="bad", ssh_host="h", ssh_port=22, host_key="not a key", capacity=1
@@ -161,9 +162,6 @@ async def test_stop_removes_the_session_from_the_runner_and_wakes_it(
 
 
 async def test_a_revoked_runner_token_is_refused(make_runner, ctx: ServerContext, clock):
-    from offload.server.db.models import RunnerToken
-    from offload.server.services.tokens import hash_token
-
     runner = await make_runner()
     with ctx.db.transaction() as db:
         db.query(RunnerToken).filter_by(
@@ -190,7 +188,3 @@ def _async(condition):
         return condition()
 
     return _check
-
-
-def test_host_key_helper_makes_openssh_lines():
-    assert new_host_key_line().startswith("ssh-ed25519 ")
