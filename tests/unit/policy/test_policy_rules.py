@@ -30,7 +30,7 @@ def judge(area: Path, method: str, uri: str, body: dict[str, Any] | None = None)
     return evaluate(AuthzRequest(method=method, uri=uri, body=body), area)
 
 
-def create(area: Path, uri: str = "/v1.41/containers/create", **host_config: Any) -> Decision:
+def create(area: Path, uri: str = "/v1.41/containers/create", /, **host_config: Any) -> Decision:
     return judge(area, "POST", uri, {"Image": "busybox", "HostConfig": host_config})
 
 
