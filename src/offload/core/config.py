@@ -55,7 +55,8 @@ class RunnerSettings(BaseSettings):
     cgroup_parent: str = "offload"
     dockerd: str = "dockerd"
     dockerd_start_timeout_s: float = Field(default=30.0, gt=0)
-    heartbeat_wait_s: float = Field(default=20.0, ge=0, le=60)
+    # The control plane caps this at half its runner timeout (15 s by default).
+    heartbeat_wait_s: float = Field(default=15.0, ge=0, le=60)
 
 
 class ClientPaths:
