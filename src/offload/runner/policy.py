@@ -44,8 +44,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PLUGIN_DIR = Path("/run/docker/plugins")
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
-# dockerd sends at most a 1 MiB body, base64-encoded inside JSON: 8 MiB is ample.
+# dockerd passes at most a 1 MiB request body, base64-encoded inside JSON: 8 MiB is ample.
 MAX_CALL_BYTES = 8 * 1024 * 1024
+# AuthZRes carries whole JSON responses (a large `docker inspect`): read and dropped, never kept.
+_DISCARD_BODY_OF = "/AuthZPlugin.AuthZRes"
 _READ_CHUNK = 64 * 1024
 
 _INTERNAL_ERROR = Decision(
@@ -237,11 +239,14 @@ async def _read_call(
     if not isinstance(event, h11.Request):
         return None  # ConnectionClosed, or anything h11 did not take for a request
     target = event.target.decode("ascii", "replace")
+    keep = target.split("?", 1)[0] != _DISCARD_BODY_OF
     chunks: list[bytes] = []
     size = 0
     while True:
         event = await _next_event(conn, reader)
         if isinstance(event, h11.Data):
+            if not keep:
+                continue
             size += len(event.data)
             if size > MAX_CALL_BYTES:
                 raise h11.RemoteProtocolError("plugin call body too large")

@@ -153,3 +153,14 @@ async def test_a_socket_served_by_someone_else_is_not_taken(plugin: PolicyPlugin
         await twin.start()
     async with client(plugin) as c:
         assert (await c.post("/Plugin.Activate")).status_code == 200
+
+
+async def test_large_responses_pass_through_the_response_hook(plugin: PolicyPlugin) -> None:
+    # dockerd hands whole JSON responses to AuthZRes: a big `docker inspect` must not fail.
+    big = base64.b64encode(b"x" * (12 * 1024 * 1024)).decode()
+    call = {**authz_call("/v1.41/containers/json"), "ResponseBody": big}
+    async with client(plugin) as c:
+        response = await c.post("/AuthZPlugin.AuthZRes", json=call)
+        assert response.json() == {"Allow": True}
+        # The connection stays usable after the dropped body.
+        assert (await c.post("/Plugin.Activate")).status_code == 200
