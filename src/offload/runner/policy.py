@@ -162,6 +162,8 @@ class PolicyPlugin:
                 conn.start_next_cycle()
         except (h11.ProtocolError, ConnectionError, asyncio.IncompleteReadError):
             pass  # a broken client: drop the connection; dockerd treats that as a refusal
+        except Exception:
+            log.exception("policy %s: a plugin call failed; dropping its connection", self.name)
         finally:
             writer.close()
             with contextlib.suppress(Exception):

@@ -146,6 +146,8 @@ def _decode_request_body(encoded: Any) -> tuple[dict[str, Any] | None, str]:
         return parse_body(raw), ""
     except (ValueError, UnicodeDecodeError):
         return None, "the body is not a JSON object"
+    except RecursionError:
+        return None, "the body is nested too deeply"
 
 
 # ---- reading the URI as dockerd's router does ----------------------------------------------------
@@ -621,7 +623,15 @@ def _missing_body(what: str, error: str) -> _Denied:
 
 def _judge(request: AuthzRequest, mount_area: Path) -> None:
     method = request.method.strip().upper()
-    path, query = split_uri(request.uri)
+    try:
+        path, query = split_uri(request.uri)
+    except ValueError:
+        raise _Denied(
+            "malformed-uri",
+            "a request whose URI cannot be read",
+            "the policy cannot check it",
+            "Send a well-formed request URI.",
+        ) from None
     segments = [s for s in path.split("/") if s]
     _check_not_offered(method, segments)
     if method == "POST" and path == "/build":

@@ -563,3 +563,13 @@ def test_split_uri_strips_the_version_and_keeps_the_query() -> None:
     )
     assert split_uri("/_ping")[0] == "/_ping"
     assert split_uri("/v1.41")[0] == "/"
+
+
+def test_deeply_nested_bodies_are_denied(area: Path) -> None:
+    raw = b'{"HostConfig": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    request = request_from_plugin_call(_call(raw))
+    assert_denied(evaluate(request, area), "nested too deeply")
+
+
+def test_unreadable_uris_are_denied(area: Path) -> None:
+    assert_denied(judge(area, "GET", "http://[broken/v1.41/info"), "URI")
