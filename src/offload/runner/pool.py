@@ -126,11 +126,12 @@ class EnvironmentPool:
                 env = await self._guarded(f"bind {session.session_id}", self.bind(session))
                 if env is not None:
                     newly.append(env)
-            await self._guarded(f"pause/resume {session.session_id}", self._follow_state(session))
+            await self._guarded(f"pause/resume {session.session_id}", self.follow_state(session))
         self._schedule_fill()  # a fill that failed earlier gets another try here
         return newly
 
-    async def _follow_state(self, session: AssignedSession) -> None:
+    async def follow_state(self, session: AssignedSession) -> None:
+        """Pause the environment of an idle session; resume it when the session is back."""
         if not self.driver.capabilities.pause:
             return
         async with self._lock(session.session_id):

@@ -1,0 +1,374 @@
+"""`offload runner`: the runner daemon.
+
+Start-up: check the host (root, dockerd, nsenter, ip, cgroup v1), wipe what a previous runner
+process left, load (or create) the SSH host key, start warming environments, register with the
+control plane (retrying while it is unreachable), then serve the SSH endpoint.
+
+Then one loop: a long-poll heartbeat carries the pool's report and brings back the sessions the
+control plane wants here (`RunnerDesired`); the pool is reconciled with them (unlisted sessions
+wiped, new ones bound, idle ones paused) and every newly bound session is reported ready once.
+The SSH endpoint binds on a session's first connection too; binding is idempotent, so whichever
+comes first wins.  A control plane that restarts or forgets this runner is waited for and
+registered with again.  SIGTERM/SIGINT stop the loop and wipe every environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import asyncssh
+
+from offload.core.api_client import RunnerClient
+from offload.core.config import RunnerSettings
+from offload.core.errors import (
+    Conflict,
+    EnvironmentError_,
+    InvalidInput,
+    NotAuthenticated,
+    NotFound,
+    OffloadError,
+    PermissionDenied,
+    Unreachable,
+)
+from offload.core.schemas import InstanceType, RunnerDesired, RunnerRegister
+from offload.runner import cgroups
+from offload.runner.driver import Environment
+from offload.runner.environment import DockerdDriver, cleanup_orphans
+from offload.runner.pool import EnvironmentPool
+
+if TYPE_CHECKING:
+    from offload.runner.ssh_endpoint import SSHEndpoint
+
+log = logging.getLogger("offload.runner")
+
+T = TypeVar("T")
+
+HOST_KEY_FILE = "ssh_host_ed25519_key"
+INSTALL_FIX = "Install the runner's tools: `apt-get install docker.io iproute2`."
+# Errors that waiting does not cure: the operator must fix the configuration.
+FATAL_AT_REGISTRATION = (NotAuthenticated, PermissionDenied, InvalidInput)
+
+
+# ---- start-up checks ----------------------------------------------------------------------------
+
+
+def check_prerequisites(settings: RunnerSettings) -> None:
+    """Refuse to start on a host where environments cannot work; each error names its fix."""
+    if os.geteuid() != 0:
+        raise EnvironmentError_(
+            "The runner must run as root: it creates network namespaces, cgroups and engines.",
+            "Start it as root (sudo, or a systemd unit without User=).",
+        )
+    if not settings.token:
+        raise NotAuthenticated(
+            "No runner token is configured.",
+            "Set OFFLOAD_RUNNER_TOKEN to a runner token (`offload up` creates one for the "
+            "embedded default).",
+        )
+    if shutil.which(settings.dockerd) is None:
+        raise EnvironmentError_(
+            f"dockerd was not found (looked for {settings.dockerd!r}).",
+            f"{INSTALL_FIX} Or set OFFLOAD_RUNNER_DOCKERD to its path.",
+        )
+    for tool in ("nsenter", "ip"):
+        if shutil.which(tool) is None:
+            raise EnvironmentError_(f"`{tool}` was not found on PATH.", INSTALL_FIX)
+    missing = cgroups.missing_controllers()
+    if len(missing) == len(cgroups.CONTROLLERS):
+        raise EnvironmentError_(
+            "No cgroup v1 controller is mounted under /sys/fs/cgroup: environments cannot be "
+            "limited or frozen.",
+            "Boot with cgroup v1 (systemd.unified_cgroup_hierarchy=0) or mount the controllers "
+            "(`apt-get install cgroupfs-mount && cgroupfs-mount`).",
+        )
+    for controller in missing:
+        log.warning("cgroup v1 controller %s is not mounted: its limit is not enforced", controller)
+
+
+def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
+    """The SSH endpoint's host key; created (ed25519, mode 0600) on first start."""
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            log.warning("host key %s was readable by others: mode set to 0600", path)
+            path.chmod(0o600)
+        return asyncssh.read_private_key(path)
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Created 0600 from the start: no moment where the key is readable by others.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.export_private_key())
+    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
+    log.info("created SSH host key %s", path)
+    return key
+
+
+# ---- backoff ------------------------------------------------------------------------------------
+
+
+class Backoff:
+    """Exponential delays between retries, reset by a success."""
+
+    def __init__(self, initial_s: float = 0.5, max_s: float = 10.0) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self._next = initial_s
+
+    def next(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, self.max_s)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.initial_s
+
+
+async def sleep_or_stop(stop: asyncio.Event, delay_s: float) -> bool:
+    """Wait `delay_s` unless `stop` is set first; True when stopping."""
+    try:
+        await asyncio.wait_for(stop.wait(), delay_s)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def until_stop(stop: asyncio.Event, call: Awaitable[T]) -> T | None:
+    """Await `call`, or give up on it (cancelled) when `stop` is set; None when stopped."""
+    task = asyncio.ensure_future(call)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
+
+
+# ---- the runner ---------------------------------------------------------------------------------
+
+
+class Runner:
+    """This runner as the control plane sees it: registration, heartbeat, session binding."""
+
+    def __init__(
+        self,
+        settings: RunnerSettings,
+        client: RunnerClient,
+        pool: EnvironmentPool,
+        host_key: asyncssh.SSHKey,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.pool = pool
+        self.host_key = host_key
+        self.backoff = backoff or Backoff()
+        self.runner_id: str | None = None
+        self.ca_public_key = ""
+        self.endpoint: SSHEndpoint | None = None
+        self._reported: set[str] = set()  # sessions whose environment the control plane knows
+
+    # ---- registration ----------------------------------------------------------------------
+
+    def registration(self) -> RunnerRegister:
+        return RunnerRegister(
+            name=self.settings.name,
+            ssh_host=self.settings.ssh_host,
+            ssh_port=self.endpoint.port if self.endpoint else self.settings.ssh_port,
+            host_key=self.host_key.export_public_key().decode().strip(),
+            capacity=self.settings.capacity,
+            instance_types=[InstanceType.STANDARD],
+            gpus=self.pool.driver.capabilities.gpus,
+        )
+
+    async def register(self, stop: asyncio.Event) -> bool:
+        """Register, retrying while the control plane is unreachable; False if stopped first."""
+        backoff = Backoff(self.backoff.initial_s, self.backoff.max_s)
+        while not stop.is_set():
+            try:
+                registered = await until_stop(stop, self.client.register(self.registration()))
+            except FATAL_AT_REGISTRATION:
+                raise
+            except OffloadError as exc:
+                delay = backoff.next()
+                log.warning("registration failed: %s Retrying in %.1fs.", exc.message, delay)
+                if await sleep_or_stop(stop, delay):
+                    return False
+                continue
+            if registered is None:
+                return False
+            self.runner_id = registered.id
+            self.ca_public_key = registered.ca_public_key
+            self._reported.clear()  # a new registration: tell it again what is bound
+            log.info("registered with %s as runner %s", self.settings.server_url, registered.id)
+            return True
+        return False
+
+    # ---- the SSH endpoint's view -----------------------------------------------------------
+
+    async def resolve(self, session_id: str) -> Environment:
+        """The environment of a live session assigned here (NotFound otherwise)."""
+        if self.runner_id is None:
+            raise Unreachable(
+                "This runner is not registered with its control plane yet.",
+                "Try again in a few seconds.",
+            )
+        assigned = await self.client.assigned_session(self.runner_id, session_id)
+        env = await self.pool.bind(assigned)
+        await self.pool.follow_state(assigned)
+        await self._report_ready(session_id, env)
+        return env
+
+    # ---- heartbeat -------------------------------------------------------------------------
+
+    async def heartbeat_loop(self, stop: asyncio.Event) -> None:
+        """Long-poll the control plane and reconcile, until `stop`; survives its restarts."""
+        backoff = Backoff(self.backoff.initial_s, self.backoff.max_s)
+        while not stop.is_set():
+            try:
+                desired = await until_stop(stop, self._heartbeat())
+                if desired is None:
+                    return
+                backoff.reset()
+                await self.apply(desired)
+            except NotFound:
+                log.warning("the control plane does not know runner %s: registering again",
+                            self.runner_id)  # fmt: skip
+                if not await self.register(stop):
+                    return
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
+                delay = backoff.next()
+                what = exc.message if isinstance(exc, OffloadError) else repr(exc)
+                log.warning("heartbeat failed: %s Retrying in %.1fs.", what, delay)
+                if not isinstance(exc, OffloadError):
+                    log.debug("heartbeat failure", exc_info=True)
+                if await sleep_or_stop(stop, delay):
+                    return
+
+    async def _heartbeat(self) -> RunnerDesired:
+        assert self.runner_id is not None
+        return await self.client.heartbeat(
+            self.runner_id, self.pool.report(), wait_s=self.settings.heartbeat_wait_s
+        )
+
+    async def apply(self, desired: RunnerDesired) -> None:
+        """Hold what the control plane wants: wipe the rest, bind and report the new."""
+        self.ca_public_key = desired.ca_public_key
+        before = {env.session_id for env in self.pool.bound()}
+        await self.pool.reconcile(desired.sessions)
+        after = {env.session_id: env for env in self.pool.bound() if env.session_id}
+        for session_id in before - after.keys():
+            if session_id and self.endpoint is not None:
+                await self.endpoint.disconnect(session_id)
+        self._reported &= after.keys()
+        for session_id, env in after.items():
+            await self._report_ready(session_id, env)
+
+    async def _report_ready(self, session_id: str, env: Environment) -> None:
+        """Tell the control plane once per session; failures are retried on the next beat."""
+        if session_id in self._reported or self.runner_id is None:
+            return
+        try:
+            await self.client.session_ready(self.runner_id, session_id, env.id)
+        except Conflict as exc:
+            # The control plane holds another environment for it (e.g. from before a runner
+            # restart): retrying cannot help, the next heartbeat decides.
+            log.error("session %s: %s", session_id, exc.message)
+        except OffloadError as exc:
+            log.warning("could not report session %s ready: %s", session_id, exc.message)
+            return
+        self._reported.add(session_id)
+
+
+# ---- entry points -------------------------------------------------------------------------------
+
+
+async def run_runner(settings: RunnerSettings, stop: asyncio.Event | None = None) -> None:
+    """Run the runner until `stop` is set; every environment is wiped on the way out."""
+    stop = stop or asyncio.Event()
+    await asyncio.to_thread(check_prerequisites, settings)
+    await cleanup_orphans(settings)
+    host_key = await asyncio.to_thread(load_or_create_host_key, settings.data_dir / HOST_KEY_FILE)
+    pool = EnvironmentPool(DockerdDriver(settings), settings.pool_size, settings.capacity)
+    client = RunnerClient(settings.server_url, settings.token)
+    runner = Runner(settings, client, pool, host_key)
+    try:
+        await pool.start()  # warming overlaps with registration
+        if not await runner.register(stop):
+            return
+        runner.endpoint = await _start_endpoint(settings, runner, host_key)
+        log.info(
+            "runner %s serving SSH on %s:%s (capacity %d, warm pool %d)",
+            settings.name, settings.ssh_listen_host, runner.endpoint.port,
+            settings.capacity, settings.pool_size,
+        )  # fmt: skip
+        await runner.heartbeat_loop(stop)
+    finally:
+        log.info("runner stopping: wiping every environment")
+        if runner.endpoint is not None:
+            await runner.endpoint.stop()
+        await pool.close()
+        await client.aclose()
+        log.info("runner stopped")
+
+
+async def _start_endpoint(
+    settings: RunnerSettings, runner: Runner, host_key: asyncssh.SSHKey
+) -> SSHEndpoint:
+    from offload.runner.ssh_endpoint import SSHEndpoint  # lazy: asyncssh server side only here
+
+    endpoint = SSHEndpoint(
+        settings.ssh_listen_host,
+        settings.ssh_port,
+        host_key,
+        ca_public_key=lambda: runner.ca_public_key,
+        resolve=runner.resolve,
+    )
+    try:
+        await endpoint.start()
+    except OSError as exc:
+        raise EnvironmentError_(
+            f"The SSH endpoint cannot listen on {settings.ssh_listen_host}:{settings.ssh_port}: "
+            f"{exc.strerror or exc}.",
+            "Free the port or set OFFLOAD_RUNNER_SSH_PORT to another one.",
+        ) from None
+    return endpoint
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # One line per request or SSH packet is noise at INFO.
+    for noisy in ("httpx", "httpcore", "asyncssh"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def _serve_until_signalled(settings: RunnerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run_runner(settings, stop)
+
+
+def main(settings: RunnerSettings | None = None) -> None:
+    """`offload runner`: run in the foreground until SIGTERM/SIGINT, then wipe and exit."""
+    configure_logging()
+    try:
+        asyncio.run(_serve_until_signalled(settings or RunnerSettings()))
+    except OffloadError as exc:
+        log.error("%s", exc)
+        sys.exit(exc.exit_code)

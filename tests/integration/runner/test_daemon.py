@@ -1,0 +1,213 @@
+"""The runner daemon against a real control plane (uvicorn + SQLite), real dockerd and real SSH.
+
+One scenario, because the parts are expensive: the runner registers, a session placed on it
+becomes active through the heartbeat, its engine answers over the SSH endpoint, stopping the
+session wipes its environment, the runner outlives a control-plane restart, and stopping the
+runner wipes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import stat
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncssh
+import pytest
+import pytest_asyncio
+
+from offload.core.api_client import UserClient
+from offload.core.config import ServerSettings
+from offload.core.errors import EnvironmentError_
+from offload.core.schemas import ENGINE_CHANNEL_PATH, SessionCreate, SessionInfo, SessionState
+from offload.core.waiting import async_wait_until
+from offload.runner.daemon import check_prerequisites, load_or_create_host_key, run_runner
+from tests.integration.runner.conftest import MakeSettings, leftovers
+
+uvicorn = pytest.importorskip("uvicorn")
+app_module = pytest.importorskip("offload.server.app")
+bootstrap_module = pytest.importorskip("offload.server.bootstrap")
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ControlPlane:
+    """A real control plane served in the test's loop; can be restarted on the same port."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.url = f"http://127.0.0.1:{settings.port}"
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        app = await asyncio.to_thread(app_module.create_app, self.settings)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.settings.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        await async_wait_until(self._started, 30, "the control plane to serve")
+
+    async def _started(self) -> bool:
+        assert self._server is not None and self._task is not None
+        if self._task.done():
+            self._task.result()  # raise why it could not serve
+        return bool(self._server.started)
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+            self._server = self._task = None
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def control_plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ControlPlane]:
+    settings = ServerSettings(data_dir=tmp_path_factory.mktemp("server"), port=_free_port())
+    plane = ControlPlane(settings)
+    await plane.start()
+    try:
+        yield plane
+    finally:
+        await plane.stop()
+
+
+async def start_session(client: UserClient) -> tuple[SessionInfo, asyncssh.SSHKey]:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    public = key.export_public_key().decode().strip()
+    return await client.create_session(SessionCreate(client_public_key=public)), key
+
+
+async def engine_info_over_ssh(session: SessionInfo, key: asyncssh.SSHKey) -> dict[str, object]:
+    """GET /info on the session's engine through the runner's SSH endpoint (pinned host key)."""
+    assert session.runner is not None and session.certificate is not None
+    certificate = asyncssh.import_certificate(session.certificate)
+    host_key = asyncssh.import_public_key(session.runner.host_key)
+    async with asyncssh.connect(
+        session.runner.ssh_host,
+        session.runner.ssh_port,
+        username=session.id,
+        client_keys=[(key, certificate)],
+        known_hosts=([host_key], [], []),
+        agent_path=None,
+        config=[],
+    ) as conn:
+        reader, writer = await conn.open_unix_connection(ENGINE_CHANNEL_PATH)
+        writer.write(b"GET /info HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+        response = await reader.read()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    if b"chunked" in head.lower():
+        body = _unchunk(body)
+    return json.loads(body)
+
+
+def _unchunk(body: bytes) -> bytes:
+    out, rest = b"", body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out, rest = out + rest[:size], rest[size + 2 :]
+    return out
+
+
+async def state_of(client: UserClient, session_id: str) -> SessionState:
+    return (await client.get_session(session_id)).state
+
+
+async def test_runner_serves_sessions_and_survives_a_control_plane_restart(
+    control_plane: ControlPlane, make_settings: MakeSettings
+) -> None:
+    tokens = await asyncio.to_thread(bootstrap_module.bootstrap, control_plane.settings)
+    settings = make_settings(
+        server_url=control_plane.url,
+        token=tokens.runner_token,
+        name=f"runner-{uuid.uuid4().hex[:6]}",
+        ssh_port=_free_port(),
+        pool_size=1,
+        capacity=3,
+        heartbeat_wait_s=5,
+    )
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_runner(settings, stop))
+    user = UserClient(control_plane.url, tokens.admin_token)
+    try:
+        # A session placed on the runner becomes active through the heartbeat.
+        session, key = await async_wait_until(
+            lambda: _try_start_session(user, runner), 60, "the runner to take sessions"
+        )
+        await async_wait_until(
+            lambda: _is(state_of(user, session.id), SessionState.ACTIVE), 60, "active session"
+        )
+        info = await engine_info_over_ssh(session, key)
+        env_id = Path(str(info["DockerRootDir"])).parent.name
+        assert env_id.startswith("env-")
+
+        # Stopping the session wipes its environment.
+        await user.stop_session(session.id)
+        await async_wait_until(
+            lambda: _is_empty(leftovers(settings, env_id)), 60, "the session's environment wiped"
+        )
+
+        # The runner outlives a control-plane restart and keeps serving.
+        await control_plane.stop()
+        await control_plane.start()
+        second, second_key = await start_session(user)
+        await async_wait_until(
+            lambda: _is(state_of(user, second.id), SessionState.ACTIVE), 60, "second session"
+        )
+        assert (await engine_info_over_ssh(second, second_key))["DockerRootDir"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 120)
+        await user.aclose()
+    # Stopping the runner wipes every environment.
+    envs = settings.data_dir / "envs"
+    assert not envs.exists() or not any(envs.iterdir())
+
+
+async def _try_start_session(
+    user: UserClient, runner: asyncio.Task[None]
+) -> tuple[SessionInfo, asyncssh.SSHKey] | None:
+    from offload.core.errors import NoCapacity
+
+    if runner.done():
+        runner.result()  # the runner died: raise why
+    try:
+        return await start_session(user)
+    except NoCapacity:
+        return None  # not registered yet
+
+
+async def _is(state: object, expected: SessionState) -> bool:
+    return await state == expected  # type: ignore[misc]
+
+
+async def _is_empty(found: list[str]) -> bool:
+    return not found
+
+
+async def test_prerequisites_name_the_fix(make_settings: MakeSettings) -> None:
+    settings = make_settings(token="off_r_x", dockerd="/nonexistent/dockerd")
+    with pytest.raises(EnvironmentError_) as caught:
+        check_prerequisites(settings)
+    assert "apt-get install docker.io iproute2" in caught.value.fix
+
+
+async def test_host_key_is_created_private_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "ssh_host_ed25519_key"
+    created = load_or_create_host_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = load_or_create_host_key(path)
+    assert again.export_public_key() == created.export_public_key()
