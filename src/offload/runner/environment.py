@@ -364,9 +364,7 @@ async def teardown(settings: RunnerSettings, env_id: str, rt: _Runtime | None = 
     env_cgroups = EnvCgroups(settings.cgroup_parent, env_id)
     started = time.monotonic()
     problems: list[str] = []
-    # Containers first: a dockerd asked to stop would otherwise wait out each one's stop timeout.
-    await asyncio.to_thread(env_cgroups.kill, True, KILL_TIMEOUT_S)
-    await _stop_dockerd(paths, rt.process if rt else None)
+    await _stop_dockerd(paths, rt.process if rt else None, env_cgroups)
     left = await asyncio.to_thread(env_cgroups.kill, False, KILL_TIMEOUT_S)
     if left:
         problems.append(f"processes still alive: {left}")
@@ -392,13 +390,18 @@ async def teardown(settings: RunnerSettings, env_id: str, rt: _Runtime | None = 
     log.info("environment %s destroyed in %.2fs", env_id, time.monotonic() - started)
 
 
-async def _stop_dockerd(paths: EnvPaths, process: asyncio.subprocess.Process | None) -> None:
+async def _stop_dockerd(
+    paths: EnvPaths, process: asyncio.subprocess.Process | None, env_cgroups: EnvCgroups
+) -> None:
     """SIGTERM, bounded wait, SIGKILL; by our child handle, else by a pidfile we can verify."""
     pid = process.pid if process else _pid_from_pidfile(paths)
     if pid is None or (process is not None and process.returncode is not None):
         return
     if not _signal(pid, signal.SIGTERM):
         return
+    # Then the containers (each in a child cgroup): a stopping dockerd would otherwise wait out
+    # each one's stop timeout, and once it is stopping it no longer restarts any of them.
+    await asyncio.to_thread(env_cgroups.kill, True, KILL_TIMEOUT_S)
     if process is not None:
         try:
             await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
