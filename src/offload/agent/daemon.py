@@ -34,7 +34,7 @@ from offload.agent.state import AgentState, ClientConfig, SessionFile, read_mode
 from offload.agent.tunnel import Tunnel, TunnelTarget
 from offload.core.api_client import UserClient
 from offload.core.config import ClientPaths
-from offload.core.errors import InvalidInput, NotFound, OffloadError
+from offload.core.errors import Conflict, InvalidInput, NotFound, OffloadError
 from offload.core.schemas import SessionInfo
 
 log = logging.getLogger("offload.agent")
@@ -43,6 +43,7 @@ SESSION_ENDED = "Offload: session ended. Run `docker offload start`."
 # Renew when less than this share of the certificate's validity is left.
 RENEW_FRACTION = 1 / 3
 RENEW_RETRY_S = 30.0
+MIN_RENEW_INTERVAL_S = 60.0
 # Connection counts change on every docker command: write the state file at most this often.
 STATE_WRITE_DELAY_S = 0.5
 
@@ -97,12 +98,18 @@ class Credentials:
             if self.needs_renewal():
                 await self._renew()
             else:
-                self._check_live(await self._client.get_session(self.session.id))
+                self._check_live(await self._get())
             return self.target()
 
     async def renew(self) -> None:
         async with self._lock:
             await self._renew()
+
+    async def _get(self) -> SessionInfo:
+        try:
+            return await self._client.get_session(self.session.id)
+        except NotFound:
+            raise SessionEnded(SESSION_ENDED) from None
 
     async def _renew(self) -> None:
         public_key = await asyncio.to_thread(_public_key_line, self._key_path)
@@ -110,6 +117,9 @@ class Credentials:
             session = await self._client.renew_certificate(self.session.id, public_key)
         except NotFound:
             raise SessionEnded(SESSION_ENDED) from None
+        except Conflict:
+            self._check_live(await self._get())  # an ended session is refused with a Conflict
+            raise
         self._check_live(session)
         if session.runner is None:
             session = session.model_copy(update={"runner": self.session.runner})
@@ -191,10 +201,14 @@ async def _renew_in_background(
     credentials: Credentials, tunnel: Tunnel, stop: asyncio.Event, wall_clock: Callable[[], float]
 ) -> None:
     """Renew the certificate when it enters its last third, so reconnects never wait on it."""
+    minimum = 0.0
     while not stop.is_set():
-        delay = max(0.0, credentials.renew_at() - wall_clock())
+        # At least a minute between renewals: a laptop clock far ahead of the control plane's
+        # would otherwise see every fresh certificate as due and renew in a loop.
+        delay = max(minimum, credentials.renew_at() - wall_clock())
         if await _wait(stop, delay):
             return
+        minimum = MIN_RENEW_INTERVAL_S
         try:
             await credentials.renew()
             tunnel.target = credentials.target()
@@ -261,11 +275,17 @@ async def run_agent(
     log.info("agent for session %s starting (pid %s)", session_id, os.getpid())
     renewer: asyncio.Task[None] | None = None
     try:
-        if credentials.needs_renewal():
-            await _renew_before_start(credentials, proxy, tunnel)
         await proxy.start()
-        await tunnel.start()
-        renewer = asyncio.create_task(_renew_in_background(credentials, tunnel, stop, wall_clock))
+        if await _usable(credentials, tunnel):
+            await tunnel.start()
+            renewer = asyncio.create_task(
+                _renew_in_background(credentials, tunnel, stop, wall_clock)
+            )
+        else:
+            proxy.refuse_all(SESSION_ENDED)
+            state.state.last_error = SESSION_ENDED
+            state.write()
+            log.error("the session has ended; answering Docker requests with that")
         await stop.wait()
         log.info("agent stopping")
     finally:
@@ -283,16 +303,19 @@ async def run_agent(
         log.info("agent stopped")
 
 
-async def _renew_before_start(credentials: Credentials, proxy: AgentProxy, tunnel: Tunnel) -> None:
-    """A certificate read from an old session file may have expired: renew before connecting."""
+async def _usable(credentials: Credentials, tunnel: Tunnel) -> bool:
+    """False if the session has ended. A certificate read from an old session file may have
+    expired: renew it before the first connection."""
+    if not credentials.needs_renewal():
+        return True
     try:
         await credentials.renew()
         tunnel.target = credentials.target()
     except SessionEnded:
-        proxy.refuse_all(SESSION_ENDED)
-        log.error("the session has ended; answering Docker requests with that")
+        return False
     except OffloadError as exc:
-        log.warning("certificate renewal failed: %s", exc.message)
+        log.warning("certificate renewal failed: %s", exc.message)  # the tunnel retries
+    return True
 
 
 def _setup_logging() -> None:

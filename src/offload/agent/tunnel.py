@@ -304,7 +304,8 @@ def _refused(target: TunnelTarget) -> TunnelRefused:
 
 
 def _channel_failed(exc: BaseException) -> Unreachable:
-    return Unreachable(f"the runner refused the engine channel ({_describe(exc)})")
+    reason = exc.reason if isinstance(exc, asyncssh.ChannelOpenError) else _describe(exc)
+    return Unreachable(f"the runner could not open the engine channel ({reason})")
 
 
 def _describe(exc: BaseException) -> str:

@@ -164,7 +164,16 @@ class _Server(asyncssh.SSHServer):
         assert self._conn is not None
         # forward_unix_connection splices the channel and the engine socket at protocol level,
         # with flow control and half-close passed through both ways.
-        forwarder = await self._conn.forward_unix_connection(str(env.engine_socket))
+        try:
+            forwarder = await self._conn.forward_unix_connection(str(env.engine_socket))
+        except asyncssh.ChannelOpenError as exc:
+            log.warning(
+                "session %s: engine of environment %s not answering at %s: %s",
+                self._username, env.id, env.engine_socket, exc.reason,
+            )  # fmt: skip
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED, "the session's engine is not answering"
+            ) from None
         return forwarder  # type: ignore[return-value]
 
 
