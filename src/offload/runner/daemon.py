@@ -319,6 +319,7 @@ async def run_runner(settings: RunnerSettings, stop: asyncio.Event | None = None
             await runner.endpoint.stop()
         await pool.close()
         await client.aclose()
+        await asyncio.to_thread(cgroups.remove_parent, settings.cgroup_parent)
         log.info("runner stopped")
 
 

@@ -25,6 +25,7 @@ from offload.core.config import ServerSettings
 from offload.core.errors import EnvironmentError_
 from offload.core.schemas import ENGINE_CHANNEL_PATH, SessionCreate, SessionInfo, SessionState
 from offload.core.waiting import async_wait_until
+from offload.runner import cgroups
 from offload.runner.daemon import check_prerequisites, load_or_create_host_key, run_runner
 from tests.integration.runner.conftest import MakeSettings, leftovers
 
@@ -175,6 +176,7 @@ async def test_runner_serves_sessions_and_survives_a_control_plane_restart(
     # Stopping the runner wipes every environment.
     envs = settings.data_dir / "envs"
     assert not envs.exists() or not any(envs.iterdir())
+    assert not [h for h in cgroups.mounted_hierarchies() if (h / settings.cgroup_parent).exists()]
 
 
 async def _try_start_session(
