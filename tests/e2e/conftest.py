@@ -22,6 +22,7 @@ import pytest
 
 from offload.agent.state import ClientConfig, write_model
 from offload.core.config import ServerSettings
+from offload.core.schemas import Role
 from offload.core.waiting import wait_until
 from tests.support.images import write_build_context
 
@@ -145,7 +146,9 @@ def make_user(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory):
     def make(org: str = "default") -> User:
         name = f"dev{next(_user_numbers)}-{uuid.uuid4().hex[:4]}"
         home = tmp_path_factory.mktemp(name)
-        token = create_user(deployment.server_settings, name, f"pw-{name}-secret", org, "member")
+        token = create_user(
+            deployment.server_settings, name, f"pw-{name}-secret", org, Role.MEMBER
+        )
         write_model(
             home / ".offload" / "config.json",
             ClientConfig(server_url=deployment.server_url, token=token, default_org=org),
