@@ -16,7 +16,7 @@ import pytest
 from offload.core.waiting import wait_until
 from tests.support.images import write_build_context
 
-from .support import Laptop, docker, docker_env, docker_ok
+from .support import Laptop, LoopThread, docker, docker_env, docker_ok
 
 pytestmark = pytest.mark.slow
 
@@ -173,3 +173,15 @@ def test_streams_count_as_open_connections(agent: Laptop, container: str) -> Non
 def test_socket_permissions(agent: Laptop) -> None:
     assert Path(agent.socket).stat().st_mode & 0o777 == 0o600
     assert Path(agent.socket).parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_tunnel_engine_channel_streams(agent: Laptop, loop_thread: LoopThread) -> None:
+    async def ping() -> bytes:
+        assert agent.tunnel is not None
+        reader, writer = await agent.tunnel.open_engine_channel()
+        writer.write(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+        data = await reader.read()
+        writer.close()
+        return data
+
+    assert loop_thread.run(ping()).endswith(b"\r\n\r\nOK")

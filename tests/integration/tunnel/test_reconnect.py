@@ -19,6 +19,7 @@ from .support import (
     Dockerd,
     Laptop,
     LoopThread,
+    Relay,
     Runner,
     docker,
     docker_ok,
@@ -52,6 +53,7 @@ def start(
     target: TunnelTarget,
     credentials: object = None,
     clock: Callable[[], float] = time.monotonic,
+    **tunnel_options: float,
 ) -> None:
     async def go() -> None:
         laptop.tunnel = Tunnel(
@@ -59,6 +61,7 @@ def start(
             credentials,  # type: ignore[arg-type]
             backoff_initial_s=0.05,
             backoff_max_s=0.3,
+            **tunnel_options,  # type: ignore[arg-type]
         )
         laptop.proxy = AgentProxy(laptop.socket, laptop.tunnel, clock=clock)
         await laptop.proxy.start()
@@ -193,3 +196,27 @@ def test_activity_snapshot_follows_connections_on_its_clock(
         snap = proxy.activity_snapshot()
         assert (snap.open_connections, snap.last_activity) == (1, 300.0)
     wait_until(lambda: proxy.activity_snapshot().open_connections == 0, 10, "none open")
+
+
+def test_keepalives_notice_a_dead_path_on_both_ends(
+    loop_thread: LoopThread, ca: CertificateAuthority, laptop: Laptop, dockerd: Dockerd
+) -> None:
+    runner = Runner(host_key=asyncssh.generate_private_key("ssh-ed25519"), ca=ca)
+    endpoint = loop_thread.run(runner.start(keepalive_interval=0.2, keepalive_count_max=2))
+    relay = Relay(endpoint.port)
+    loop_thread.run(relay.start())
+    try:
+        session = runner.add_session(dockerd.socket)
+        cert = runner.ca.sign(laptop.key, [session])
+        target = target_for(runner, laptop, session, cert)
+        target = TunnelTarget(**{**target.__dict__, "port": relay.port})
+        start(loop_thread, laptop, target, keepalive_interval_s=0.2, keepalive_count_max=2)
+        wait_until(lambda: connected(laptop), 20, "the tunnel to connect")
+        assert len(endpoint._connections) == 1
+
+        relay.frozen = True  # packets vanish; no FIN, no RST
+        wait_until(lambda: not connected(laptop), 20, "the agent's keepalive to give up")
+        wait_until(lambda: not endpoint._connections, 20, "the runner's keepalive to give up")
+    finally:
+        loop_thread.run(relay.stop())
+        loop_thread.run(endpoint.stop())
