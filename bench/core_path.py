@@ -99,10 +99,10 @@ class Bench:
         self.run("docker", "offload", "start", "--timeout", "60s")
 
     def session_engine(self) -> Path:
-        engine_id = self.run("docker", "info", "--format", "{{.ID}}").stdout.strip()
+        engine_id = self.run("docker", "info", "--format", "{{.DockerRootDir}}").stdout.strip()
         for sock in self.run_dir.glob("env-*/docker.sock"):
             probe = subprocess.run(
-                ["docker", "-H", f"unix://{sock}", "info", "--format", "{{.ID}}"],
+                ["docker", "-H", f"unix://{sock}", "info", "--format", "{{.DockerRootDir}}"],
                 capture_output=True,
                 text=True,
             )

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from offload.agent.state import ClientConfig, write_model
 from offload.core.config import ServerSettings
 from offload.core.schemas import Role
 from offload.core.waiting import wait_until
@@ -45,11 +44,16 @@ class User:
     env: dict[str, str] = field(default_factory=dict)
 
     def run(
-        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 120,
+        input: str | None = None,
+        env_extra: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             list(args),
-            env=self.env,
+            env={**self.env, **(env_extra or {})},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -146,14 +150,16 @@ def make_user(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory):
     def make(org: str = "default") -> User:
         name = f"dev{next(_user_numbers)}-{uuid.uuid4().hex[:4]}"
         home = tmp_path_factory.mktemp(name)
-        token = create_user(
-            deployment.server_settings, name, f"pw-{name}-secret", org, Role.MEMBER
-        )
-        write_model(
-            home / ".offload" / "config.json",
-            ClientConfig(server_url=deployment.server_url, token=token, default_org=org),
-        )
+        token = create_user(deployment.server_settings, name, f"pw-{name}-secret", org, Role.MEMBER)
         user = User(name, home, _user_env(home))
+        # As a developer would: `offload login` (token from the environment, not argv).
+        user.run(
+            str(VENV_BIN / "offload"),
+            "login",
+            "--server",
+            deployment.server_url,
+            env_extra={"OFFLOAD_TOKEN": token},
+        )
         created.append(user)
         return user
 

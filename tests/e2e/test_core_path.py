@@ -19,10 +19,11 @@ DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 
 def _engine_of_session(user: User, deployment: Deployment) -> Path:
     """The session engine's own socket on the runner, found by asking each engine for its name."""
-    name = user.docker("info", "--format", "{{.ID}}").stdout.strip()
+    # Engines on one host share an ID (key.json), but each has its own data-root.
+    name = user.docker("info", "--format", "{{.DockerRootDir}}").stdout.strip()
     for sock in environment_sockets(deployment):
         probe = subprocess.run(
-            ["docker", "-H", f"unix://{sock}", "info", "--format", "{{.ID}}"],
+            ["docker", "-H", f"unix://{sock}", "info", "--format", "{{.DockerRootDir}}"],
             capture_output=True,
             text=True,
             timeout=30,

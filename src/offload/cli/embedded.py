@@ -17,7 +17,7 @@ import httpx
 from pydantic import BaseModel
 
 from offload.agent.state import ClientConfig, read_model, write_model
-from offload.cli import processes
+from offload.cli import dockerctx, processes
 from offload.cli.session_ops import Progress, _no_progress
 from offload.core.config import ClientPaths, ServerSettings
 from offload.core.errors import EnvironmentError_, InvalidInput, Unreachable
@@ -147,6 +147,7 @@ def up(
         paths.config_file,
         ClientConfig(server_url=server_url, token=result.admin_token, default_org=org_name),
     )
+    dockerctx.ensure_plugin_installed()  # `docker offload start` is the next command
     return UpResult(server_url, admin, new_password, already_running=False)
 
 

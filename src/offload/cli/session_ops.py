@@ -87,6 +87,7 @@ async def login(
         paths.config_file,
         ClientConfig(server_url=server_url, token=token, default_org=me.default_org),
     )
+    _install_plugin_quietly()  # so that the very next command can be `docker offload start`
     return me
 
 
