@@ -123,10 +123,10 @@ def test_exec_logs_follow_and_cp(make_user, hello_context: Path, tmp_path: Path)
 
     local = tmp_path / "to-container.txt"
     local.write_text("copied in\n")
-    user.docker("cp", str(local), f"{name}:/tmp/in.txt")
-    assert user.docker("exec", name, "cat", "/tmp/in.txt").stdout == "copied in\n"
-    user.docker("exec", name, "sh", "-c", "echo made remotely > /tmp/out.txt")
-    user.docker("cp", f"{name}:/tmp/out.txt", str(tmp_path / "back.txt"))
+    user.docker("cp", str(local), f"{name}:/in.txt")
+    assert user.docker("exec", name, "cat", "/in.txt").stdout == "copied in\n"
+    user.docker("exec", name, "sh", "-c", "echo made remotely > /out.txt")
+    user.docker("cp", f"{name}:/out.txt", str(tmp_path / "back.txt"))
     assert (tmp_path / "back.txt").read_text() == "made remotely\n"
     user.docker("rm", "-f", name)
 
