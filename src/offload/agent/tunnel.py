@@ -62,7 +62,7 @@ class HostKeyMismatch(PermissionDenied):
 
 
 class TunnelRefused(PermissionDenied):
-    """The runner refused the session's certificate and fresh credentials did not help."""
+    """The runner refused the session certificate (expired, revoked CA, or another session)."""
 
 
 class _Retry(Exception):
