@@ -142,6 +142,14 @@ class Bench:
             "  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
             "  Ciphers aes128-gcm@openssh.com\n"
         )
+        # OpenSSH reads ~/.ssh from the passwd entry, not $HOME: docker's ssh:// transport finds
+        # this config through an `ssh` wrapper first on the benchmark's PATH.
+        wrapper_dir = d / "bin"
+        wrapper_dir.mkdir()
+        wrapper = wrapper_dir / "ssh"
+        wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {ssh_dir / "config"} "$@"\n')
+        wrapper.chmod(0o755)
+        self.env["PATH"] = f"{wrapper_dir}:{self.env['PATH']}"
         forwarded = d / "fwd.sock"
         wait_until(lambda: _port_open(port), 10, "sshd")
         tunnel = subprocess.Popen(
