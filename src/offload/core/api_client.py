@@ -30,6 +30,13 @@ def _raise_for_response(response: httpx.Response) -> None:
     raise error_from_body(body)
 
 
+class _Sent:
+    """A partial update: only the fields the caller set travel (a null means "clear")."""
+
+    def __init__(self, model: BaseModel) -> None:
+        self.model = model
+
+
 class _Base:
     def __init__(self, server_url: str, token: str | None, timeout: float = 30.0) -> None:
         self.server_url = server_url.rstrip("/")
@@ -52,12 +59,14 @@ class _Base:
         method: str,
         path: str,
         model: type[M],
-        body: BaseModel | None = None,
+        body: BaseModel | _Sent | None = None,
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> M:
         kwargs: dict[str, Any] = {"params": params}
-        if body is not None:
+        if isinstance(body, _Sent):
+            kwargs["json"] = body.model.model_dump(mode="json", exclude_unset=True)
+        elif body is not None:
             kwargs["json"] = body.model_dump(mode="json")
         if timeout is not None:
             kwargs["timeout"] = timeout
@@ -103,6 +112,43 @@ class UserClient(_Base):
 
     async def stop_session(self, session_id: str) -> s.SessionInfo:
         return await self._call("POST", f"/sessions/{session_id}/stop", s.SessionInfo)
+
+    async def report_activity(self, session_id: str, report: s.ActivityReport) -> s.SessionInfo:
+        return await self._call("POST", f"/sessions/{session_id}/activity", s.SessionInfo, report)
+
+    async def answer_prompt(self, session_id: str, answer: s.PromptAnswer) -> s.SessionInfo:
+        return await self._call("POST", f"/sessions/{session_id}/prompt", s.SessionInfo, answer)
+
+    async def idle_session(self, session_id: str) -> s.SessionInfo:
+        return await self._call("POST", f"/sessions/{session_id}/idle", s.SessionInfo)
+
+    async def my_settings(self) -> s.UserSettings:
+        return await self._call("GET", "/me/settings", s.UserSettings)
+
+    async def update_my_settings(self, update: s.UserSettingsUpdate) -> s.UserSettings:
+        return await self._call("PUT", "/me/settings", s.UserSettings, _Sent(update))
+
+    async def usage(self) -> s.UsageReport:
+        return await self._call("GET", "/usage", s.UsageReport)
+
+    async def org_settings(self, org: str) -> s.OrgSettings:
+        return await self._call("GET", f"/orgs/{org}/settings", s.OrgSettings)
+
+    async def update_org_settings(self, org: str, update: s.OrgSettingsUpdate) -> s.OrgSettings:
+        return await self._call("PUT", f"/orgs/{org}/settings", s.OrgSettings, _Sent(update))
+
+    async def org_billing(self, org: str) -> s.OrgBilling:
+        return await self._call("GET", f"/orgs/{org}/billing", s.OrgBilling)
+
+    async def update_org_billing(self, org: str, update: s.OrgBillingUpdate) -> s.OrgBilling:
+        return await self._call("PUT", f"/orgs/{org}/billing", s.OrgBilling, _Sent(update))
+
+    async def grant_trial_credit(self, org: str, amount_cents: int) -> s.OrgBilling:
+        body = s.TrialCreditGrant(amount_cents=amount_cents)
+        return await self._call("POST", f"/orgs/{org}/billing/trial-credits", s.OrgBilling, body)
+
+    async def org_usage(self, org: str) -> s.OrgUsage:
+        return await self._call("GET", f"/orgs/{org}/usage", s.OrgUsage)
 
 
 class RunnerClient(_Base):

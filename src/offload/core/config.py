@@ -32,6 +32,11 @@ class ServerSettings(BaseSettings):
     runner_timeout_s: float = Field(default=30.0, gt=0)
     min_client_version: str = "0.1.0"
     default_idle_timeout_s: int = Field(default=300, ge=10, le=3600)
+    # How often the lifecycle clock runs (idle, grace, prompts, limits); 0 turns it off (tests
+    # call `lifecycle.tick` themselves).
+    tick_interval_s: float = Field(default=1.0, ge=0)
+    # A prompt (keep / idle now) left unanswered this long makes the session idle.
+    prompt_answer_timeout_s: int = Field(default=120, ge=10, le=3600)
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'offload.db'}"

@@ -13,6 +13,18 @@ User endpoints
   GET  /sessions/{id}                 -> SessionInfo
   POST /sessions/{id}/certificate     CertificateRequest -> SessionInfo (with a fresh certificate)
   POST /sessions/{id}/stop            -> SessionInfo                 (state terminated)
+  POST /sessions/{id}/activity        ActivityReport -> SessionInfo  (the agent: activity seen)
+  POST /sessions/{id}/prompt          PromptAnswer -> SessionInfo    (keep | idle)
+  POST /sessions/{id}/idle            -> SessionInfo                 (go idle now)
+  GET  /me/settings                   -> UserSettings
+  PUT  /me/settings                   UserSettingsUpdate -> UserSettings
+  GET  /usage                         -> UsageReport                 (my insights)
+  GET  /orgs/{org}/settings           -> OrgSettings                 (members read)
+  PUT  /orgs/{org}/settings           OrgSettingsUpdate -> OrgSettings   (owners only)
+  GET  /orgs/{org}/billing            -> OrgBilling                  (members read)
+  PUT  /orgs/{org}/billing            OrgBillingUpdate -> OrgBilling     (owners only)
+  POST /orgs/{org}/billing/trial-credits  TrialCreditGrant -> OrgBilling (owners only)
+  GET  /orgs/{org}/usage              -> OrgUsage                    (this month vs allowance)
 
 Runner endpoints (runner token)
   POST /runners/register                         RunnerRegister -> RunnerRegistered
@@ -123,6 +135,8 @@ class SessionCreate(BaseModel):
     idle_timeout_s: int | None = Field(default=None, ge=10, le=3600)
     client_public_key: str = Field(description="OpenSSH public key line of the agent's key")
     client_name: str = Field(default="", max_length=255, description="hostname of the laptop")
+    # Move the user's live session from another machine to this one (its old key stops working).
+    takeover: bool = False
 
 
 class CertificateRequest(BaseModel):
@@ -154,6 +168,19 @@ class SessionInfo(BaseModel):
     # Only in answers to POST /sessions and /certificate: OpenSSH certificate text.
     certificate: str | None = None
     certificate_valid_before: datetime | None = None
+    # Lifecycle, as the control plane sees it when answering (see docs/activity.md).
+    last_activity_at: datetime | None = None
+    time_until_idle_s: float | None = None  # active sessions: seconds left before idle
+    idle_since: datetime | None = None
+    grace_ends_at: datetime | None = None  # idle sessions: destroyed at this instant
+    prompt: Prompt | None = None  # a question the user should answer (POST …/prompt)
+    fair_use_remaining_s: float | None = None  # of the user's 8 compute hours this UTC day
+    fair_use_policy: FairUsePolicy | None = None
+    billed_s: float | None = None  # this session's billed seconds so far
+    warnings: list[str] = []
+    end_reason: str | None = None
+    # Set once, in the answer that created a session right after the previous one was wiped.
+    replaced_session_notice: str | None = None
 
 
 # ---- runners ----------------------------------------------------------------------------------
@@ -179,6 +206,11 @@ class EnvironmentReport(BaseModel):
     env_id: str
     session_id: str | None = None  # None: a warm, unassigned environment
     state: str  # "warm" | "bound" | "paused" | "destroying"
+    # What the environment's engine holds (bound environments): a running container counts as
+    # activity; images feed the usage insights.
+    running_containers: int = 0
+    containers_total: int = 0
+    images: list[str] = []
 
 
 class RunnerHeartbeat(BaseModel):
@@ -193,6 +225,11 @@ class AssignedSession(BaseModel):
     user: str
     org: str
     instance_type: InstanceType
+    # True while the session is idle: pause the environment's containers; false: unpause them.
+    paused: bool = False
+    # SHA256 fingerprint (`SHA256:…`) of the one client key allowed now; after a takeover,
+    # connections authenticated with another key are to be dropped.
+    client_key_fingerprint: str | None = None
 
 
 class RunnerDesired(BaseModel):
@@ -204,3 +241,168 @@ class RunnerDesired(BaseModel):
 
 class EnvironmentReady(BaseModel):
     env_id: str
+
+
+# ---- lifecycle, settings, billing and usage (issue 3) ----------------------------------------
+
+
+class FairUsePolicy(StrEnum):
+    """What happens once a user has 8 compute hours in a UTC day."""
+
+    WARN = "warn"  # a warning in SessionInfo.warnings; nothing else changes
+    PROMPT = "prompt"  # a keep/idle prompt every hour instead of every 3 hours
+    STOP = "stop"  # the session ends and new ones are refused until the next UTC day
+
+
+class PromptReason(StrEnum):
+    QUIET = "quiet"  # no activity for 3 minutes (or more: see docs/activity.md)
+    LONG_SESSION = "long_session"  # every 3 hours of session
+    FAIR_USE = "fair_use"  # every hour past 8 compute hours in the day (policy `prompt`)
+
+
+class PromptAnswerChoice(StrEnum):
+    KEEP = "keep"
+    IDLE = "idle"
+
+
+class Prompt(BaseModel):
+    id: str
+    reason: PromptReason
+    message: str
+    asked_at: datetime
+    expires_at: datetime  # no answer by then: the session goes idle
+
+
+class PromptAnswer(BaseModel):
+    answer: PromptAnswerChoice
+    prompt_id: str | None = None  # when given, must be the open prompt's id
+
+
+class ActivityReport(BaseModel):
+    """What the agent saw since its last report (see docs/activity.md)."""
+
+    api_calls: int = Field(default=0, ge=0)
+    open_streams: int = Field(default=0, ge=0)
+    building: bool = False
+
+
+class UserSettings(BaseModel):
+    idle_timeout_s: int | None = None  # None: the organisation's default
+    default_org: str | None = None
+
+
+class UserSettingsUpdate(BaseModel):
+    """Only the fields sent change; `idle_timeout_s: null` goes back to the org's default."""
+
+    idle_timeout_s: int | None = None
+    default_org: str | None = None
+
+
+class OrgSettings(BaseModel):
+    org: str
+    offload_enabled: bool = True
+    idle_timeout_default_s: int | None = None  # None: the server's default
+    idle_timeout_locked: bool = False
+    fair_use_policy: FairUsePolicy = FairUsePolicy.PROMPT
+    owners: list[str] = []
+
+
+class OrgSettingsUpdate(BaseModel):
+    """Only the fields sent change."""
+
+    offload_enabled: bool | None = None
+    idle_timeout_default_s: int | None = None
+    idle_timeout_locked: bool | None = None
+    fair_use_policy: FairUsePolicy | None = None
+
+
+class TrialCredit(BaseModel):
+    amount_cents: int
+    granted_at: datetime
+    expires_at: datetime
+    remaining_cents: float | None = None
+
+
+class OrgBilling(BaseModel):
+    org: str
+    # None: the organisation is not metered (the self-hosted default): no limit applies.
+    committed_minutes_per_month: int | None = None
+    on_demand_enabled: bool = False
+    on_demand_limit_cents: int | None = None  # None: no monthly limit
+    rates_cents_per_minute: dict[InstanceType, float] = {}
+    trial_credits: list[TrialCredit] = []
+
+
+class OrgBillingUpdate(BaseModel):
+    """Only the fields sent change; `committed_minutes_per_month: null` makes the org unmetered,
+    `on_demand_limit_cents: null` removes the on-demand limit."""
+
+    committed_minutes_per_month: int | None = Field(default=None, ge=0)
+    on_demand_enabled: bool | None = None
+    on_demand_limit_cents: int | None = Field(default=None, ge=0)
+    rates_cents_per_minute: dict[InstanceType, float] | None = None
+
+
+class TrialCreditGrant(BaseModel):
+    amount_cents: int = Field(gt=0)
+
+
+class OrgUsage(BaseModel):
+    """One organisation's month (UTC calendar month) against its allowance."""
+
+    org: str
+    month_start: datetime
+    used_minutes: float
+    metered: bool
+    committed_minutes: int | None = None
+    committed_left_minutes: float | None = None
+    trial_left_cents: float = 0
+    on_demand_enabled: bool = False
+    on_demand_spent_cents: float = 0
+    on_demand_left_cents: float | None = None  # None: no limit
+    standard_minutes_left: float | None = None  # None: unlimited
+
+
+class SessionSummary(BaseModel):
+    id: str
+    org: str
+    state: SessionState
+    instance_type: InstanceType
+    client_name: str = ""
+    created_at: datetime
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    billed_s: float = 0
+    containers: int = 0
+    end_reason: str | None = None
+
+
+class ImageUse(BaseModel):
+    image: str
+    sessions: int
+
+
+class ActivityEntry(BaseModel):
+    """One stretch of billed use (active, with idle gaps under 5 minutes merged in)."""
+
+    session_id: str
+    start: datetime
+    duration_s: float
+    containers: int
+
+
+class UsageReport(BaseModel):
+    user: str
+    now: datetime
+    total_billed_s: float
+    today_billed_s: float  # this UTC day
+    fair_use_limit_s: float
+    fair_use_remaining_s: float
+    recent_sessions: list[SessionSummary]
+    active_sessions: list[SessionSummary]
+    top_images: list[ImageUse]
+    recent_activity: list[ActivityEntry]
+    orgs: list[OrgUsage]
+
+
+SessionInfo.model_rebuild()

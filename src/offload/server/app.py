@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,13 +14,16 @@ import offload
 from offload.core.config import ServerSettings
 from offload.core.errors import ErrorBody
 from offload.core.schemas import API_PREFIX
-from offload.server.api import ops, runners, sessions, users
+from offload.server.api import ops, orgs, runners, sessions, users
 from offload.server.api.errors import install_error_handlers
 from offload.server.context import Clock, ServerContext, utc_now
 from offload.server.db.engine import Database
 from offload.server.db.migrate import upgrade_database
+from offload.server.services import lifecycle
 from offload.server.services.ca import CertificateAuthority
 from offload.server.services.signals import RunnerSignals
+
+log = logging.getLogger(__name__)
 
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody} for status in (401, 403, 404, 409, 422, 503)
@@ -43,6 +49,19 @@ def build_context(settings: ServerSettings, clock: Clock | None = None) -> Serve
     )
 
 
+async def run_lifecycle_clock(context: ServerContext) -> None:
+    """Apply idle, grace, prompts and limits every `tick_interval_s`, until cancelled.
+
+    A failing tick is logged and retried on the next one: the rules are re-derived from the
+    database each time, so nothing is lost by a skipped tick."""
+    while True:
+        try:
+            await lifecycle.tick(context)
+        except Exception:
+            log.exception("lifecycle tick failed; retrying on the next one")
+        await asyncio.sleep(context.settings.tick_interval_s)
+
+
 def create_app(settings: ServerSettings, clock: Clock | None = None) -> FastAPI:
     """The app, with its database migrated and its CA key loaded (created on first start).
 
@@ -52,8 +71,17 @@ def create_app(settings: ServerSettings, clock: Clock | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
-        context.db.dispose()
+        clock_task = None
+        if settings.tick_interval_s > 0:
+            clock_task = asyncio.create_task(run_lifecycle_clock(context), name="lifecycle")
+        try:
+            yield
+        finally:
+            if clock_task is not None:
+                clock_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await clock_task
+            context.db.dispose()
 
     app = FastAPI(
         title="Offload control plane",
@@ -65,7 +93,7 @@ def create_app(settings: ServerSettings, clock: Clock | None = None) -> FastAPI:
     )
     app.state.context = context
     api = APIRouter(prefix=API_PREFIX, responses=_ERROR_RESPONSES)
-    for module in (users, sessions, runners):
+    for module in (users, sessions, runners, orgs):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(ops.router)

@@ -1,7 +1,8 @@
 """Control-plane tests: a real app on a real SQLite file, reached in-process over ASGI.
 
-Factories (`make_org`, `make_user`, `make_runner`) give every test its own organisation, users
-and runners; `clock` drives time (certificate validity, runner liveness).
+Factories (`make_org`, `make_user`, `make_runner`, `start_active`) give every test its own
+organisation, users, runners and sessions; `clock` drives time (certificate validity, runner
+liveness, the lifecycle) and `tick` runs the lifecycle clock once at the clock's time.
 """
 
 from __future__ import annotations
@@ -21,9 +22,16 @@ from offload.core.api_client import RunnerClient, UserClient
 from offload.core.config import ServerSettings
 from offload.server.app import create_app
 from offload.server.context import ServerContext
-from offload.server.services import accounts, tokens
+from offload.server.services import accounts, lifecycle, tokens
 
-from .support import PASSWORD, FakeClock, RunnerHandle, UserHandle, new_host_key_line
+from .support import (
+    PASSWORD,
+    FakeClock,
+    RunnerHandle,
+    UserHandle,
+    new_host_key_line,
+    session_request,
+)
 
 BASE_URL = "http://offload.test"
 
@@ -198,3 +206,30 @@ def make_runner(
 def client_key() -> asyncssh.SSHKey:
     """The agent's session key (kept on the laptop; only its public half is sent)."""
     return asyncssh.generate_private_key("ssh-ed25519")
+
+
+@pytest.fixture
+def tick(ctx: ServerContext) -> Callable[[], Awaitable[int]]:
+    """`await tick()`: one run of the lifecycle clock at the FakeClock's time."""
+    return lambda: lifecycle.tick(ctx)
+
+
+@pytest.fixture
+def start_active(
+    make_user: Callable[..., UserHandle],
+    make_runner: Callable[..., Awaitable[RunnerHandle]],
+) -> Callable[..., Awaitable[tuple[UserHandle, RunnerHandle, s.SessionInfo]]]:
+    """`await start_active(user=None, runner=None, **SessionCreate fields)`: an active session
+    (created, then made ready by its runner at the clock's time)."""
+
+    async def _start(
+        user: UserHandle | None = None, runner: RunnerHandle | None = None, **changes: Any
+    ) -> tuple[UserHandle, RunnerHandle, s.SessionInfo]:
+        runner = runner or await make_runner()
+        user = user or make_user()
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        created = await user.client.create_session(session_request(key, **changes))
+        await runner.client.session_ready(runner.id, created.id, f"env-{created.id}")
+        return user, runner, await user.client.get_session(created.id)
+
+    return _start

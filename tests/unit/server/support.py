@@ -99,3 +99,30 @@ async def describe_certificate(text: str, directory: Path) -> dict[str, str | li
             assert isinstance(values, list)
             values.append(line.strip())
     return fields
+
+
+BUSY = s.ActivityReport(api_calls=1)
+
+
+async def keep_busy(
+    user: UserHandle,
+    session_id: str,
+    clock: FakeClock,
+    tick: Any,
+    seconds: float,
+    step: float = 1800,
+    answer_prompts: bool = True,
+) -> s.SessionInfo:
+    """Advance `seconds` in steps of `step`: activity, a tick, and "keep" to any prompt."""
+    info = await user.client.get_session(session_id)
+    left = seconds
+    while left > 0:
+        clock.advance(min(step, left))
+        left -= step
+        await user.client.report_activity(session_id, BUSY)
+        await tick()
+        info = await user.client.get_session(session_id)
+        if answer_prompts and info.prompt is not None:
+            answer = s.PromptAnswer(answer=s.PromptAnswerChoice.KEEP, prompt_id=info.prompt.id)
+            info = await user.client.answer_prompt(session_id, answer)
+    return info

@@ -15,6 +15,9 @@ from offload.core.schemas import API_PREFIX
 log = logging.getLogger(__name__)
 
 SCHEMA_FIX = f"Correct the fields named above; the request schemas are at {API_PREFIX}/docs."
+IDLE_TIMEOUT_FIX = (
+    "Choose an idle timeout from 10 s to 1 h (10-3600 seconds), e.g. `--idle-timeout 5m`."
+)
 
 
 def _response(status: int, body: ErrorBody) -> JSONResponse:
@@ -36,9 +39,17 @@ def describe_validation_errors(exc: RequestValidationError) -> str:
     return "Invalid request: " + "; ".join(parts) + "."
 
 
+def _fix_for(exc: RequestValidationError) -> str:
+    """The idle timeout's range is a rule users meet often: name it rather than the schema."""
+    locations = [error.get("loc", ()) for error in exc.errors()]
+    if any(location and location[-1] == "idle_timeout_s" for location in locations):
+        return IDLE_TIMEOUT_FIX
+    return SCHEMA_FIX
+
+
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    error = InvalidInput(describe_validation_errors(exc), SCHEMA_FIX)
+    error = InvalidInput(describe_validation_errors(exc), _fix_for(exc))
     return _response(error.http_status, error.body())
 
 

@@ -37,3 +37,22 @@ async def renew_certificate(
 @router.post("/{session_id}/stop")
 async def stop_session(ctx: Context, user: CurrentUser, session_id: str) -> s.SessionInfo:
     return await sessions.stop_session(ctx, user, session_id)
+
+
+@router.post("/{session_id}/activity")
+async def report_activity(
+    ctx: Context, user: CurrentUser, session_id: str, body: s.ActivityReport
+) -> s.SessionInfo:
+    return await sessions.report_activity(ctx, user, session_id, body)
+
+
+@router.post("/{session_id}/prompt")
+async def answer_prompt(
+    ctx: Context, user: CurrentUser, session_id: str, body: s.PromptAnswer
+) -> s.SessionInfo:
+    return await sessions.answer_prompt(ctx, user, session_id, body)
+
+
+@router.post("/{session_id}/idle")
+async def idle_now(ctx: Context, user: CurrentUser, session_id: str) -> s.SessionInfo:
+    return await sessions.idle_now(ctx, user, session_id)

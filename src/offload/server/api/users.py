@@ -1,4 +1,4 @@
-"""User routes: login, who am I, my organisations, server version."""
+"""User routes: login, who am I, my organisations, my settings, my usage, server version."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from fastapi import APIRouter
 import offload
 from offload.core import schemas as s
 from offload.server.api.deps import Context, CurrentUser
-from offload.server.services import accounts
+from offload.server.services import accounts, org_settings, usage
+from offload.server.services.lifecycle import Rules
 
 router = APIRouter(tags=["users"])
 
@@ -33,3 +34,20 @@ async def version(ctx: Context) -> s.VersionInfo:
         server_version=offload.__version__,
         min_client_version=ctx.settings.min_client_version,
     )
+
+
+@router.get("/me/settings")
+async def my_settings(ctx: Context, user: CurrentUser) -> s.UserSettings:
+    return await ctx.db.read(org_settings.user_settings, user)
+
+
+@router.put("/me/settings")
+async def update_my_settings(
+    ctx: Context, user: CurrentUser, body: s.UserSettingsUpdate
+) -> s.UserSettings:
+    return await ctx.db.run(org_settings.update_user_settings, user, body)
+
+
+@router.get("/usage")
+async def my_usage(ctx: Context, user: CurrentUser) -> s.UsageReport:
+    return await ctx.db.read(usage.user_report, user, ctx.now(), Rules.from_settings(ctx.settings))

@@ -14,7 +14,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, MetaData, String, Text
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from offload.server.db.types import UtcDateTime
@@ -57,6 +57,8 @@ class User(Base):
     default_org_id: Mapped[str | None] = mapped_column(
         String(32), ForeignKey("organizations.id", ondelete="SET NULL")
     )
+    # Personal idle timeout (`start --idle-timeout` default); None: the organisation's default.
+    idle_timeout_s: Mapped[int | None]
 
     default_org: Mapped[Organization | None] = relationship()
     memberships: Mapped[list[Membership]] = relationship(back_populates="user")
@@ -157,7 +159,83 @@ class OffloadSession(Base):
     started_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
     end_reason: Mapped[str | None] = mapped_column(String(255))
+    # Lifecycle (services/lifecycle.py): the quiet clock, the idle moment, the open prompt.
+    last_activity_at: Mapped[datetime | None]
+    idle_since: Mapped[datetime | None]
+    prompt_id: Mapped[str | None] = mapped_column(String(32))
+    prompt_reason: Mapped[str | None] = mapped_column(String(32))  # core.schemas.PromptReason
+    prompt_asked_at: Mapped[datetime | None]
+    prompt_expires_at: Mapped[datetime | None]
+    last_long_prompt_at: Mapped[datetime | None]
+    # Insights fed by the runner's reports.
+    images: Mapped[list[str]] = mapped_column(default=list)
+    containers_max: Mapped[int] = mapped_column(default=0)
+    # The "previous session was wiped after idling" notice was shown (once) to its user.
+    replacement_noticed: Mapped[bool] = mapped_column(Boolean, default=False)
 
     user: Mapped[User] = relationship()
     org: Mapped[Organization] = relationship()
     runner: Mapped[Runner | None] = relationship()
+
+
+class OrgSettingsRow(Base):
+    """An organisation's Offload settings; no row means the defaults."""
+
+    __tablename__ = "org_settings"
+
+    org_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    offload_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    idle_timeout_default_s: Mapped[int | None]
+    idle_timeout_locked: Mapped[bool] = mapped_column(Boolean, default=False)
+    fair_use_policy: Mapped[str] = mapped_column(String(16), default="prompt")
+
+
+class OrgBillingRow(Base):
+    """An organisation's billing terms; no row means unmetered."""
+
+    __tablename__ = "org_billing"
+
+    org_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    committed_minutes_per_month: Mapped[int | None]
+    on_demand_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    on_demand_limit_cents: Mapped[int | None]
+    # InstanceType value -> cents per minute; missing types use the defaults of billing.py.
+    rates_cents_per_minute: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class TrialCreditRow(Base):
+    __tablename__ = "trial_credits"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("organizations.id", ondelete="CASCADE"), index=True
+    )
+    amount_cents: Mapped[int]
+    granted_at: Mapped[datetime]
+
+
+class LedgerInterval(Base):
+    """One billed stretch of a session: opened when it becomes active, closed when it goes idle
+    or ends; reopened (the idle gap billed) when it resumes within the grace period."""
+
+    __tablename__ = "ledger_intervals"
+    __table_args__ = (
+        Index("ix_ledger_intervals_user_start", "user_id", "start"),
+        Index("ix_ledger_intervals_org_start", "org_id", "start"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("sessions.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[str] = mapped_column(String(32), ForeignKey("users.id", ondelete="CASCADE"))
+    org_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("organizations.id", ondelete="CASCADE")
+    )
+    instance_type: Mapped[str] = mapped_column(String(32))
+    start: Mapped[datetime]
+    end: Mapped[datetime | None]  # None: billing now

@@ -86,3 +86,11 @@ class CertificateAuthority:
             comment=session_id,
         )
         return cert.export_certificate("openssh").decode().strip(), valid_before
+
+
+def key_fingerprint(public_key_line: str) -> str | None:
+    """`SHA256:…` of an OpenSSH public key line (what asyncssh and ssh-keygen -l print)."""
+    try:
+        return str(parse_public_key(public_key_line).get_fingerprint("sha256"))
+    except InvalidInput:
+        return None

@@ -17,7 +17,7 @@ from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
 from offload.server.db.models import OffloadSession, Runner
 from offload.server.services import lifecycle
-from offload.server.services.ca import parse_public_key
+from offload.server.services.ca import key_fingerprint, parse_public_key
 from offload.server.services.tokens import AuthRunner
 
 # Upper bound of a long poll: proxies and load balancers tend to cut idle requests at ~60 s.
@@ -43,6 +43,8 @@ def assigned_session_view(row: OffloadSession) -> s.AssignedSession:
         user=row.user.username,
         org=row.org.name,
         instance_type=s.InstanceType(row.instance_type),
+        paused=S(row.state) is S.IDLE,
+        client_key_fingerprint=key_fingerprint(row.client_public_key),
     )
 
 
@@ -95,6 +97,23 @@ def _record_heartbeat_tx(
     runner.last_heartbeat_at = now
     runner.warm = report.warm
     runner.capacity = report.capacity
+    for env in report.environments:
+        if env.session_id is not None:
+            _record_environment(db, runner, env, now)
+
+
+def _record_environment(db: Db, runner: Runner, env: s.EnvironmentReport, now: datetime) -> None:
+    """What a bound environment holds: images and containers for the insights; a running
+    container is activity.  Only while active: an idle session's containers are paused, and a
+    report racing the pause must not wake it."""
+    row = db.get(OffloadSession, env.session_id)
+    if row is None or row.runner_id != runner.id or not S(row.state).live:
+        return
+    if env.images:
+        row.images = sorted(set(row.images) | set(env.images))
+    row.containers_max = max(row.containers_max, env.containers_total, env.running_containers)
+    if env.running_containers > 0 and S(row.state) in (S.ACTIVE, S.STARTING):
+        lifecycle.note_activity(db, row, now)
 
 
 def _desired_tx(db: Db, runner_id: str, ca_public_key: str) -> s.RunnerDesired:
@@ -129,7 +148,7 @@ def _ready_tx(
     changed = row.env_id is None or S(row.state) is S.STARTING
     row.env_id = env_id
     if S(row.state) is S.STARTING:
-        lifecycle.transition(row, S.ACTIVE, now)
+        lifecycle.move(db, row, S.ACTIVE, now, "environment ready")  # billing starts
     return assigned_session_view(row), changed
 
 

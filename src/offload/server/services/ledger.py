@@ -1,0 +1,213 @@
+"""The usage ledger: billed intervals per session, and the totals every limit is measured with.
+
+A session is billed from the moment it becomes active until it goes idle or ends.  When it
+resumes within the grace period, its last interval is reopened, so the idle gap is billed too
+and the whole stretch reads as one continuous interval.  When grace runs out, the interval stays
+closed at the idle moment.
+
+Two layers:
+- pure functions on `Interval` lists (open, close, resume; totals over a window, per UTC day,
+  per UTC month) that property tests hammer;
+- thin database functions that load a session's intervals, apply a pure step and write back,
+  always inside the caller's transaction, so state and ledger change together or not at all.
+
+Days and months are UTC: the fair-use counter resets at 00:00 UTC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session as Db
+
+from offload.server.db.models import LedgerInterval, OffloadSession
+
+# ---- pure ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interval:
+    start: datetime
+    end: datetime | None = None  # None: open, billing now
+
+    @property
+    def is_open(self) -> bool:
+        return self.end is None
+
+    def end_or(self, now: datetime) -> datetime:
+        return self.end if self.end is not None else max(now, self.start)
+
+
+def opened(intervals: Sequence[Interval], at: datetime) -> list[Interval]:
+    """Billing starts at `at` (a no-op while an interval is open)."""
+    if intervals and intervals[-1].is_open:
+        return list(intervals)
+    start = max(at, intervals[-1].end_or(at)) if intervals else at  # never overlap the last one
+    return [*intervals, Interval(start)]
+
+
+def closed(intervals: Sequence[Interval], at: datetime) -> list[Interval]:
+    """Billing stops at `at` (a no-op when nothing is open)."""
+    if not intervals or not intervals[-1].is_open:
+        return list(intervals)
+    last = intervals[-1]
+    return [*intervals[:-1], replace(last, end=max(at, last.start))]
+
+
+def resumed(intervals: Sequence[Interval]) -> list[Interval]:
+    """Billing goes on as if it never stopped: the last interval is reopened (its gap billed)."""
+    if not intervals or intervals[-1].is_open:
+        return list(intervals)
+    return [*intervals[:-1], replace(intervals[-1], end=None)]
+
+
+def seconds_within(
+    intervals: Iterable[Interval], lo: datetime, hi: datetime, now: datetime
+) -> float:
+    """Billed seconds of `intervals` inside [lo, hi); open intervals count up to `now`."""
+    total = 0.0
+    for interval in intervals:
+        start, end = max(interval.start, lo), min(interval.end_or(now), hi)
+        if end > start:
+            total += (end - start).total_seconds()
+    return total
+
+
+def total_seconds(intervals: Iterable[Interval], now: datetime) -> float:
+    return sum((i.end_or(now) - i.start).total_seconds() for i in intervals)
+
+
+def utc_day(at: datetime) -> tuple[datetime, datetime]:
+    """The UTC day holding `at`, as [start, end)."""
+    start = at.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return start, start + timedelta(days=1)
+
+
+def utc_month(at: datetime) -> tuple[datetime, datetime]:
+    """The UTC calendar month holding `at`, as [start, end)."""
+    start = at.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+    return start, end
+
+
+def per_utc_day(intervals: Iterable[Interval], now: datetime) -> dict[date, float]:
+    """Billed seconds per UTC day (an interval across midnight counts on both days)."""
+    days: dict[date, float] = {}
+    for interval in intervals:
+        cursor, end = interval.start, interval.end_or(now)
+        while cursor < end:
+            _, day_end = utc_day(cursor)
+            piece_end = min(end, day_end)
+            key = cursor.astimezone(UTC).date()
+            days[key] = days.get(key, 0.0) + (piece_end - cursor).total_seconds()
+            cursor = piece_end
+    return days
+
+
+def is_well_formed(intervals: Sequence[Interval]) -> bool:
+    """Sorted, non-overlapping, each ending after it starts, only the last one open."""
+    for index, interval in enumerate(intervals):
+        if interval.is_open and index != len(intervals) - 1:
+            return False
+        if interval.end is not None and interval.end < interval.start:
+            return False
+        if index and intervals[index - 1].end_or(interval.start) > interval.start:
+            return False
+    return True
+
+
+# ---- database -----------------------------------------------------------------------------------
+
+
+def _rows(db: Db, session_id: str) -> list[LedgerInterval]:
+    return list(
+        db.scalars(
+            select(LedgerInterval)
+            .where(LedgerInterval.session_id == session_id)
+            .order_by(LedgerInterval.start, LedgerInterval.id)
+        )
+    )
+
+
+def session_intervals(db: Db, session_id: str) -> list[Interval]:
+    return [Interval(row.start, row.end) for row in _rows(db, session_id)]
+
+
+def _apply(db: Db, session: OffloadSession, new: list[Interval]) -> None:
+    """Write `new` over the session's rows: the pure steps only change the last one or append."""
+    rows = _rows(db, session.id)
+    for row, interval in zip(rows, new, strict=False):
+        row.start, row.end = interval.start, interval.end
+    for interval in new[len(rows) :]:
+        db.add(
+            LedgerInterval(
+                session_id=session.id,
+                user_id=session.user_id,
+                org_id=session.org_id,
+                instance_type=session.instance_type,
+                start=interval.start,
+                end=interval.end,
+            )
+        )
+    db.flush()
+
+
+def start_billing(db: Db, session: OffloadSession, at: datetime) -> None:
+    _apply(db, session, opened(session_intervals(db, session.id), at))
+
+
+def stop_billing(db: Db, session: OffloadSession, at: datetime) -> None:
+    _apply(db, session, closed(session_intervals(db, session.id), at))
+
+
+def resume_billing(db: Db, session: OffloadSession) -> None:
+    _apply(db, session, resumed(session_intervals(db, session.id)))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A ledger interval with what pricing needs."""
+
+    session_id: str
+    instance_type: str
+    interval: Interval
+
+
+def _overlapping(lo: datetime, hi: datetime):  # type: ignore[no-untyped-def]
+    return (LedgerInterval.start < hi) & or_(LedgerInterval.end.is_(None), LedgerInterval.end > lo)
+
+
+def user_pieces(db: Db, user_id: str, lo: datetime, hi: datetime) -> list[Piece]:
+    rows = db.scalars(
+        select(LedgerInterval)
+        .where(LedgerInterval.user_id == user_id, _overlapping(lo, hi))
+        .order_by(LedgerInterval.start)
+    )
+    return [Piece(r.session_id, r.instance_type, Interval(r.start, r.end)) for r in rows]
+
+
+def org_pieces(db: Db, org_id: str, lo: datetime, hi: datetime) -> list[Piece]:
+    rows = db.scalars(
+        select(LedgerInterval)
+        .where(LedgerInterval.org_id == org_id, _overlapping(lo, hi))
+        .order_by(LedgerInterval.start)
+    )
+    return [Piece(r.session_id, r.instance_type, Interval(r.start, r.end)) for r in rows]
+
+
+def user_day_seconds(db: Db, user_id: str, now: datetime) -> float:
+    """The user's billed seconds in the UTC day of `now`, across sessions and organisations."""
+    lo, hi = utc_day(now)
+    pieces = user_pieces(db, user_id, lo, hi)
+    return seconds_within((p.interval for p in pieces), lo, hi, now)
+
+
+def session_seconds(db: Db, session_id: str, now: datetime) -> float:
+    return total_seconds(session_intervals(db, session_id), now)

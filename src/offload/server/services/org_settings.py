@@ -1,0 +1,199 @@
+"""Organisation settings and who may change them; personal settings; the idle timeout a new
+session gets.
+
+Settings: Offload enabled for the organisation, the default idle timeout and whether it is locked,
+the fair-use policy.  Members read them; only owners change them (and billing): anyone else gets
+PermissionDenied naming the owners to ask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session as Db
+
+from offload.core import schemas as s
+from offload.core.errors import InvalidInput, PermissionDenied
+from offload.server.db.models import Membership, Organization, OrgSettingsRow, User
+from offload.server.services import accounts, tokens
+
+IDLE_TIMEOUT_MIN_S = 10
+IDLE_TIMEOUT_MAX_S = 3600
+IDLE_TIMEOUT_RANGE = "10 s to 1 h (10-3600 seconds)"
+
+
+@dataclass(frozen=True)
+class OrgPolicy:
+    """An organisation's settings, defaults filled in."""
+
+    offload_enabled: bool = True
+    idle_timeout_default_s: int | None = None
+    idle_timeout_locked: bool = False
+    fair_use_policy: s.FairUsePolicy = s.FairUsePolicy.PROMPT
+
+
+def check_idle_timeout(seconds: int) -> int:
+    if not IDLE_TIMEOUT_MIN_S <= seconds <= IDLE_TIMEOUT_MAX_S:
+        raise InvalidInput(
+            f"An idle timeout of {seconds} s is out of range.",
+            f"Choose an idle timeout from {IDLE_TIMEOUT_RANGE}, e.g. `--idle-timeout 5m`.",
+        )
+    return seconds
+
+
+def describe_seconds(seconds: int) -> str:
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
+# ---- membership and permissions -----------------------------------------------------------------
+
+
+def owner_names(db: Db, org: Organization) -> list[str]:
+    return list(
+        db.scalars(
+            select(User.username)
+            .join(Membership, Membership.user_id == User.id)
+            .where(Membership.org_id == org.id, Membership.role == s.Role.OWNER.value)
+            .order_by(User.username)
+        )
+    )
+
+
+def member_org(db: Db, user_id: str, org_name: str) -> tuple[Organization, s.Role]:
+    """The organisation and the caller's role in it; PermissionDenied if not a member."""
+    org = accounts.find_org(db, org_name)
+    membership = db.get(Membership, (user_id, org.id)) if org else None
+    if org is None or membership is None:
+        raise PermissionDenied(
+            f"You are not a member of organisation {org_name!r}.",
+            "`offload accounts` lists yours; an owner of the organisation can add you.",
+        )
+    return org, s.Role(membership.role)
+
+
+def owned_org(db: Db, user_id: str, org_name: str, what: str) -> Organization:
+    """The organisation, if the caller owns it; else PermissionDenied naming its owners."""
+    org, role = member_org(db, user_id, org_name)
+    if role is not s.Role.OWNER:
+        owners = ", ".join(owner_names(db, org)) or "none"
+        raise PermissionDenied(
+            f"Only owners of {org.name} can change {what}; you are a member.",
+            f"Ask an owner: {owners}.",
+        )
+    return org
+
+
+# ---- settings -----------------------------------------------------------------------------------
+
+
+def policy_of(db: Db, org: Organization) -> OrgPolicy:
+    row = db.get(OrgSettingsRow, org.id)
+    if row is None:
+        return OrgPolicy()
+    return OrgPolicy(
+        offload_enabled=row.offload_enabled,
+        idle_timeout_default_s=row.idle_timeout_default_s,
+        idle_timeout_locked=row.idle_timeout_locked,
+        fair_use_policy=s.FairUsePolicy(row.fair_use_policy),
+    )
+
+
+def settings_view(db: Db, org: Organization) -> s.OrgSettings:
+    policy = policy_of(db, org)
+    return s.OrgSettings(
+        org=org.name,
+        offload_enabled=policy.offload_enabled,
+        idle_timeout_default_s=policy.idle_timeout_default_s,
+        idle_timeout_locked=policy.idle_timeout_locked,
+        fair_use_policy=policy.fair_use_policy,
+        owners=owner_names(db, org),
+    )
+
+
+def update_settings(db: Db, org: Organization, update: s.OrgSettingsUpdate) -> None:
+    row = db.get(OrgSettingsRow, org.id)
+    if row is None:
+        defaults = OrgPolicy()
+        row = OrgSettingsRow(
+            org_id=org.id,
+            offload_enabled=defaults.offload_enabled,
+            idle_timeout_locked=defaults.idle_timeout_locked,
+            fair_use_policy=defaults.fair_use_policy.value,
+        )
+        db.add(row)
+    sent = update.model_fields_set
+    if update.offload_enabled is not None:
+        row.offload_enabled = update.offload_enabled
+    if "idle_timeout_default_s" in sent:
+        seconds = update.idle_timeout_default_s
+        row.idle_timeout_default_s = None if seconds is None else check_idle_timeout(seconds)
+    if update.idle_timeout_locked is not None:
+        row.idle_timeout_locked = update.idle_timeout_locked
+    if update.fair_use_policy is not None:
+        row.fair_use_policy = update.fair_use_policy.value
+    db.flush()
+
+
+# ---- what a new session gets --------------------------------------------------------------------
+
+
+def idle_timeout_for(
+    policy: OrgPolicy, org: Organization, user: User, requested_s: int | None, server_default_s: int
+) -> int:
+    """The idle timeout of a new session: the one asked for, else the user's setting, else the
+    organisation's default, else the server's.  A locked organisation default wins over the
+    user's setting and refuses a different explicit request, saying the locked value."""
+    org_default = policy.idle_timeout_default_s or server_default_s
+    if requested_s is not None:
+        check_idle_timeout(requested_s)
+    if policy.idle_timeout_locked:
+        if requested_s is not None and requested_s != org_default:
+            raise InvalidInput(
+                f"Organisation {org.name} locks the idle timeout at "
+                f"{describe_seconds(org_default)} ({org_default} s); "
+                f"{describe_seconds(requested_s)} cannot be used.",
+                "Start without --idle-timeout, or ask an owner of the organisation to unlock it.",
+            )
+        return org_default
+    return requested_s or user.idle_timeout_s or org_default
+
+
+def check_enabled(db: Db, policy: OrgPolicy, org: Organization) -> None:
+    if not policy.offload_enabled:
+        owners = ", ".join(owner_names(db, org)) or "none"
+        raise PermissionDenied(
+            f"Offload is disabled for organisation {org.name}.",
+            f"Ask an owner of {org.name} ({owners}) to enable it in the organisation's "
+            "settings, or start with another organisation: `docker offload start --account ORG`.",
+        )
+
+
+# ---- personal settings --------------------------------------------------------------------------
+
+
+def user_settings(db: Db, auth: tokens.AuthUser) -> s.UserSettings:
+    user = db.get_one(User, auth.id)
+    return s.UserSettings(
+        idle_timeout_s=user.idle_timeout_s,
+        default_org=user.default_org.name if user.default_org else None,
+    )
+
+
+def update_user_settings(
+    db: Db, auth: tokens.AuthUser, update: s.UserSettingsUpdate
+) -> s.UserSettings:
+    """Only the fields sent change; the default organisation must be one of the user's."""
+    user = db.get_one(User, auth.id)
+    sent = update.model_fields_set
+    if "idle_timeout_s" in sent:
+        seconds = update.idle_timeout_s
+        user.idle_timeout_s = None if seconds is None else check_idle_timeout(seconds)
+    if "default_org" in sent and update.default_org is not None:
+        user.default_org_id = accounts.resolve_org(db, user, update.default_org).id
+    db.flush()
+    return user_settings(db, auth)

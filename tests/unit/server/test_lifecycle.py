@@ -1,0 +1,189 @@
+"""Every lifecycle transition, driven by the FakeClock and `tick` (no real waiting).
+
+Active → idle after the idle timeout, idle → active within grace (billed as continuous), idle →
+terminated after 5 minutes, activity from the agent and from running containers, a late clock.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import asyncssh
+
+from offload.core import schemas as s
+from offload.server.context import ServerContext
+from offload.server.services import ledger, lifecycle
+
+from .support import BUSY, session_request
+
+S = s.SessionState
+
+
+async def _state(user, session_id: str) -> S:
+    return (await user.client.get_session(session_id)).state
+
+
+async def test_an_active_session_goes_idle_after_its_timeout_and_billing_stops(
+    start_active, clock, tick
+):
+    user, runner, info = await start_active(idle_timeout_s=60)
+    t0 = clock()
+    assert info.state is S.ACTIVE
+    assert (info.last_activity_at, info.time_until_idle_s, info.billed_s) == (t0, 60, 0)
+    assert (await runner.heartbeat()).sessions[0].paused is False
+
+    clock.advance(59)
+    await tick()
+    assert await _state(user, info.id) is S.ACTIVE
+    clock.advance(1)
+    await tick()
+
+    idle = await user.client.get_session(info.id)
+    assert idle.state is S.IDLE
+    assert idle.idle_since == t0 + timedelta(seconds=60)
+    assert idle.grace_ends_at == t0 + timedelta(seconds=360)
+    assert idle.time_until_idle_s is None
+    assert idle.billed_s == 60
+    clock.advance(100)
+    assert (await user.client.get_session(info.id)).billed_s == 60  # billing stopped
+    desired = await runner.heartbeat()
+    assert [(x.session_id, x.paused) for x in desired.sessions] == [(info.id, True)]
+
+
+async def test_activity_restarts_the_quiet_clock_and_empty_reports_do_not(
+    start_active, clock, tick
+):
+    user, _, info = await start_active(idle_timeout_s=60)
+    t0 = clock()
+    clock.advance(50)
+    after = await user.client.report_activity(info.id, s.ActivityReport(open_streams=1))
+    assert (after.last_activity_at, after.time_until_idle_s) == (clock(), 60)
+    clock.advance(5)
+    empty = await user.client.report_activity(info.id, s.ActivityReport())
+    assert empty.last_activity_at == t0 + timedelta(seconds=50)
+    clock.advance(54)
+    await tick()
+    assert await _state(user, info.id) is S.ACTIVE
+    clock.advance(1)
+    await tick()
+    assert (await user.client.get_session(info.id)).idle_since == t0 + timedelta(seconds=110)
+
+
+async def test_activity_within_grace_resumes_and_the_gap_is_billed(
+    start_active, clock, tick, ctx: ServerContext
+):
+    user, runner, info = await start_active(idle_timeout_s=60)
+    t0 = clock()
+    clock.advance(60)
+    await tick()
+    assert await _state(user, info.id) is S.IDLE
+
+    clock.advance(299)  # one second before the grace ends
+    resumed = await user.client.report_activity(info.id, s.ActivityReport(building=True))
+
+    assert resumed.state is S.ACTIVE
+    assert resumed.idle_since is None and resumed.grace_ends_at is None
+    assert resumed.billed_s == 359  # continuous: the idle gap is billed
+    assert (await runner.heartbeat()).sessions[0].paused is False
+    clock.advance(41)
+    stopped = await user.client.stop_session(info.id)
+    assert stopped.billed_s == 400
+    with ctx.db.transaction(read_only=True) as db:
+        assert ledger.session_intervals(db, info.id) == [
+            ledger.Interval(t0, t0 + timedelta(seconds=400))
+        ]
+
+
+async def test_after_five_idle_minutes_the_session_ends_and_the_next_start_is_clean(
+    start_active, clock, tick, client_key
+):
+    user, runner, info = await start_active(idle_timeout_s=60)
+    clock.advance(60)
+    await tick()
+    clock.advance(299)
+    await tick()
+    assert await _state(user, info.id) is S.IDLE
+    clock.advance(1)
+    await tick()
+
+    ended = await user.client.get_session(info.id)
+    assert ended.state is S.TERMINATED
+    assert ended.end_reason == lifecycle.END_IDLE_EXPIRED
+    assert ended.billed_s == 60  # closed at the idle moment
+    assert await runner.session_ids() == []  # the runner wipes it
+    late = await user.client.report_activity(info.id, BUSY)  # too late: no resurrection
+    assert late.state is S.TERMINATED
+
+    fresh = await user.client.create_session(session_request(client_key))
+    assert fresh.id != info.id
+    assert fresh.replaced_session_notice and info.id in fresh.replaced_session_notice
+    await user.client.stop_session(fresh.id)
+    again = await user.client.create_session(session_request(client_key))
+    assert again.replaced_session_notice is None  # told once
+
+
+async def test_a_late_clock_stamps_each_step_when_it_was_due(start_active, clock, tick):
+    user, _, info = await start_active(idle_timeout_s=60)
+    t0 = clock()
+    clock.advance(3600)  # the control plane was down
+    await tick()
+    ended = await user.client.get_session(info.id)
+    assert ended.state is S.TERMINATED
+    assert ended.ended_at == t0 + timedelta(seconds=360)
+    assert ended.billed_s == 60
+
+
+async def test_a_start_on_an_idle_session_resumes_it(start_active, clock, tick):
+    user, _, info = await start_active(idle_timeout_s=60)
+    clock.advance(100)
+    await tick()
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    again = await user.client.create_session(session_request(key))
+    assert (again.id, again.state, again.billed_s) == (info.id, S.ACTIVE, 100)
+
+
+async def test_running_containers_count_as_activity_and_feed_insights(start_active, clock, tick):
+    user, runner, info = await start_active(idle_timeout_s=60)
+    clock.advance(50)
+    report = s.RunnerHeartbeat(
+        capacity=4,
+        warm=0,
+        environments=[
+            s.EnvironmentReport(
+                env_id="env-1",
+                session_id=info.id,
+                state="bound",
+                running_containers=1,
+                containers_total=3,
+                images=["busybox:latest", "app:dev"],
+            )
+        ],
+    )
+    await runner.client.heartbeat(runner.id, report)
+    assert (await user.client.get_session(info.id)).last_activity_at == clock()
+    clock.advance(60)
+    await tick()
+    assert await _state(user, info.id) is S.IDLE
+    await runner.client.heartbeat(runner.id, report)  # racing the pause: must not wake it
+    assert await _state(user, info.id) is S.IDLE
+    usage = await user.client.usage()
+    assert [i.image for i in usage.top_images] == ["app:dev", "busybox:latest"]
+    assert usage.recent_sessions[0].containers == 3
+
+
+async def test_idle_now(start_active, clock, tick):
+    user, runner, info = await start_active()
+    clock.advance(30)
+    idle = await user.client.idle_session(info.id)
+    assert (idle.state, idle.billed_s) == (S.IDLE, 30)
+    assert (await runner.heartbeat()).sessions[0].paused is True
+    again = await user.client.idle_session(info.id)  # idempotent
+    assert again.idle_since == idle.idle_since
+
+
+async def test_a_double_tick_changes_nothing_more(start_active, clock, tick, ctx: ServerContext):
+    user, _, info = await start_active(idle_timeout_s=60)
+    clock.advance(60)
+    assert await tick() == 1
+    assert await tick() == 0
+    assert (await user.client.get_session(info.id)).billed_s == 60
