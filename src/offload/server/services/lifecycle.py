@@ -255,7 +255,8 @@ def _prompt_due(facts: Facts, now: datetime, rules: Rules) -> Action | None:
     return None
 
 
-def _after(facts: Facts, action: Action) -> Facts:
+def after(facts: Facts, action: Action) -> Facts:
+    """The facts once `action` is applied (pure: `evaluate` chains actions with it)."""
     if action.kind is ActionKind.GO_IDLE:
         return replace(facts, state=S.IDLE, idle_since=action.at, prompt=None)
     if action.kind is ActionKind.TERMINATE:
@@ -276,7 +277,7 @@ def evaluate(facts: Facts, now: datetime, rules: Rules) -> list[Action]:
         if action is None:
             break
         actions.append(action)
-        facts = _after(facts, action)
+        facts = after(facts, action)
     return actions
 
 
