@@ -22,6 +22,8 @@ from offload.server.services.tokens import AuthRunner
 
 # Upper bound of a long poll: proxies and load balancers tend to cut idle requests at ~60 s.
 MAX_WAIT_S = 60.0
+# Images remembered per session for the usage insights (the top 10 are shown).
+MAX_IMAGES_PER_SESSION = 100
 
 
 def effective_wait(requested_s: float, runner_timeout_s: float) -> float:
@@ -109,8 +111,10 @@ def _record_environment(db: Db, runner: Runner, env: s.EnvironmentReport, now: d
     row = db.get(OffloadSession, env.session_id)
     if row is None or row.runner_id != runner.id or not S(row.state).live:
         return
-    if env.images:
-        row.images = sorted(set(row.images) | set(env.images))
+    new_images = set(env.images) - set(row.images)
+    if new_images:  # bounded: a runaway build loop must not grow the row forever
+        room = max(0, MAX_IMAGES_PER_SESSION - len(row.images))
+        row.images = sorted(set(row.images) | set(sorted(new_images)[:room]))
     row.containers_max = max(row.containers_max, env.containers_total, env.running_containers)
     if env.running_containers > 0 and S(row.state) in (S.ACTIVE, S.STARTING):
         lifecycle.note_activity(db, row, now)
