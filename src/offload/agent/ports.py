@@ -1,0 +1,561 @@
+"""Published ports on the laptop: listen where docker would, forward into the session's namespace.
+
+`PortForwarder` follows the session engine: it lists the running containers' published ports
+(`GET /containers/json`) and re-lists whenever a container event says that set may have changed
+(`GET /events`, type container: start, die, stop, kill, pause, unpause, destroy). Each published
+port becomes a laptop listener on the same host IP and port as docker would bind (`-p 8080:80` on
+0.0.0.0 and `::`, `-p 127.0.0.1:8080:80` on loopback only; `-P`, ranges and compose services are
+just more entries of the same list). Every accepted connection is forwarded through the injected
+`open_tcp(port)`, which the agent wires to a `direct-tcpip` channel of the session's SSH
+connection; the runner maps it to that port inside the session's network namespace. UDP ports
+relay datagrams per client address (`offload.agent.udp_relay`).
+
+A port already taken on the laptop does not stop anything else: it is kept as a `PortConflict`
+naming the container that wanted it (for `offload status` and the log) and tried again at every
+re-list, so it starts forwarding once the port is free. Paused containers keep their forwards,
+as docker keeps their ports bound: a connection during an idle session is activity that resumes it.
+When the engine cannot be reached (tunnel down), listeners stay and the follower retries; the
+engine's state is re-read on every reconnect, so forwards come back after a resume.
+
+The three transports are injected (the module knows nothing about SSH): tests wire them straight
+into a namespace, the agent through its tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import h11
+from pydantic import BaseModel
+
+from offload.agent.udp_relay import IDLE_TIMEOUT_S, UdpForward
+
+log = logging.getLogger(__name__)
+
+Streams = tuple[Any, Any]  # (reader, writer): asyncio or asyncssh streams
+OpenEngine = Callable[[], Awaitable[Streams]]
+OpenPort = Callable[[int], Awaitable[Streams]]
+
+CHUNK = 256 * 1024
+RESYNC_INTERVAL_S = 30.0
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 10.0
+ENGINE_TIMEOUT_S = 30.0
+EVENT_ACTIONS = ("start", "die", "stop", "kill", "pause", "unpause", "destroy")
+EVENTS_PATH = "/events?filters=" + quote(
+    json.dumps({"type": ["container"], "event": list(EVENT_ACTIONS)}, separators=(",", ":"))
+)
+
+
+class ForwardInfo(BaseModel):
+    proto: str  # "tcp" | "udp"
+    host_ip: str  # where the laptop listens
+    port: int
+    container_id: str
+    container_name: str
+    private_port: int
+    open_connections: int = 0
+
+
+class PortConflict(BaseModel):
+    proto: str
+    host_ip: str
+    port: int
+    container_id: str
+    container_name: str
+    reason: str
+
+
+class PortsSnapshot(BaseModel):
+    """What `offload status` shows about published ports."""
+
+    forwards: list[ForwardInfo] = []
+    conflicts: list[PortConflict] = []
+    open_connections: int = 0
+    following: bool = False  # the engine's events are being followed right now
+    last_error: str | None = None
+
+
+# ---- what the engine publishes -------------------------------------------------------------
+
+ListenKey = tuple[str, str, int]  # (proto, laptop host ip, port)
+
+
+@dataclass(frozen=True)
+class WantedPort:
+    proto: str
+    host_ip: str
+    port: int
+    container_id: str
+    container_name: str
+    private_port: int
+
+    @property
+    def key(self) -> ListenKey:
+        return (self.proto, self.host_ip, self.port)
+
+
+def laptop_host_ip(engine_ip: str | None) -> str:
+    """Where to listen on the laptop for a port the engine publishes on `engine_ip`."""
+    return engine_ip or "0.0.0.0"  # older engines leave IP empty for "all addresses"
+
+
+def wanted_ports(containers: list[dict[str, Any]]) -> dict[ListenKey, WantedPort]:
+    """Every published port of a `GET /containers/json` answer, by where it listens."""
+    wanted: dict[ListenKey, WantedPort] = {}
+    for container in containers:
+        names = container.get("Names") or []
+        name = names[0].lstrip("/") if names else container.get("Id", "")[:12]
+        for port in container.get("Ports") or []:
+            public, proto = port.get("PublicPort"), port.get("Type", "tcp")
+            if not isinstance(public, int) or public <= 0 or proto not in ("tcp", "udp"):
+                continue  # exposed but not published
+            item = WantedPort(
+                proto=proto,
+                host_ip=laptop_host_ip(port.get("IP")),
+                port=public,
+                container_id=container.get("Id", ""),
+                container_name=name,
+                private_port=int(port.get("PrivatePort") or 0),
+            )
+            wanted.setdefault(item.key, item)
+    return wanted
+
+
+# ---- laptop sockets ------------------------------------------------------------------------
+
+
+class _Unsupported(Exception):
+    """The laptop has no such address family (e.g. `::` without IPv6): nothing to report."""
+
+
+def bind_socket(proto: str, host_ip: str, port: int) -> socket.socket:
+    """A laptop socket bound like docker-proxy binds: v6 sockets are v6-only, so 0.0.0.0 and ::
+    are two listeners; no SO_REUSEADDR on UDP, where it would let two owners share a port."""
+    family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    try:
+        sock = socket.socket(family, kind)
+    except OSError as exc:
+        raise _Unsupported(str(exc)) from None
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host_ip, port))
+        except OSError as exc:
+            if family == socket.AF_INET6 and host_ip == "::" and exc.errno == errno.EADDRNOTAVAIL:
+                raise _Unsupported(str(exc)) from None
+            raise
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_failure(exc: OSError, port: int) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "the port is already in use on this machine"
+    if exc.errno == errno.EACCES:
+        return f"binding port {port} needs privileges on this machine"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "this machine has no such address"
+    return exc.strerror or str(exc)
+
+
+# ---- one forward ---------------------------------------------------------------------------
+
+
+class _Forward:
+    """A laptop listener for one published port, and its connections."""
+
+    def __init__(self, forwarder: PortForwarder, wanted: WantedPort) -> None:
+        self.forwarder = forwarder
+        self.wanted = wanted
+        self.connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._udp: UdpForward | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        if self.wanted.proto == "tcp":
+            self._server = await asyncio.start_server(self._serve, sock=sock, limit=CHUNK)
+        else:
+            loop = asyncio.get_running_loop()
+            udp = UdpForward(
+                self.wanted.port,
+                self.forwarder._open_udp,
+                idle_timeout_s=self.forwarder.udp_idle_timeout_s,
+                clock=self.forwarder._clock,
+                on_change=self.forwarder._connection_opened,
+            )
+            await loop.create_datagram_endpoint(lambda: udp, sock=sock)
+            self._udp = udp
+
+    @property
+    def open_connections(self) -> int:
+        return self._udp.open_relays if self._udp is not None else self.connections
+
+    def sweep(self) -> None:
+        if self._udp is not None:
+            self._udp.sweep()
+
+    def abort_connections(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    def close(self) -> None:
+        # Live connections are left to end on their own: the container side closes them when it
+        # stops, and a compose re-create on the same port keeps serving the new listener.
+        if self._server is not None:
+            self._server.close()
+        if self._udp is not None:
+            self._udp.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        self.forwarder._connection_opened()
+        try:
+            try:
+                up_reader, up_writer = await self.forwarder._open_tcp(self.wanted.port)
+            except Exception as exc:
+                log.info(
+                    "port %s/tcp (container %s): could not reach it in the session: %s",
+                    self.wanted.port, self.wanted.container_name, _describe(exc),
+                )  # fmt: skip
+                return
+            try:
+                await splice(reader, writer, up_reader, up_writer, self.forwarder._touch)
+            finally:
+                up_writer.close()
+        finally:
+            writer.close()
+            self._writers.discard(writer)
+            self.connections -= 1
+            self.forwarder._connection_closed()
+
+
+async def splice(
+    a_reader: Any, a_writer: Any, b_reader: Any, b_writer: Any, touch: Callable[[], None]
+) -> None:
+    """Copy bytes both ways until both directions ended; an EOF becomes a half-close, an error
+    on either side ends both."""
+
+    def abort() -> None:
+        for w in (a_writer, b_writer):
+            transport = getattr(w, "transport", None)
+            if transport is not None:
+                transport.abort()
+            else:
+                w.close()
+
+    async def pump(reader: Any, writer: Any) -> None:
+        try:
+            while data := await reader.read(CHUNK):
+                touch()
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except Exception:
+            abort()
+
+    await asyncio.gather(pump(a_reader, b_writer), pump(b_reader, a_writer))
+
+
+def _describe(exc: BaseException) -> str:
+    message = getattr(exc, "message", None) or getattr(exc, "reason", None) or str(exc)
+    return (message or exc.__class__.__name__).splitlines()[0]
+
+
+# ---- the forwarder -------------------------------------------------------------------------
+
+
+class PortForwarder:
+    def __init__(
+        self,
+        open_tcp: OpenPort,
+        open_udp: OpenPort,
+        open_engine: OpenEngine,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        resync_interval_s: float = RESYNC_INTERVAL_S,
+        retry_initial_s: float = RETRY_INITIAL_S,
+        retry_max_s: float = RETRY_MAX_S,
+        udp_idle_timeout_s: float = IDLE_TIMEOUT_S,
+    ) -> None:
+        self._open_tcp = open_tcp
+        self._open_udp = open_udp
+        self._open_engine = open_engine
+        self._clock = clock
+        self.resync_interval_s = resync_interval_s
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.udp_idle_timeout_s = udp_idle_timeout_s
+        self._forwards: dict[ListenKey, _Forward] = {}
+        self._conflicts: dict[ListenKey, PortConflict] = {}
+        self._last_activity: float | None = None
+        self._following = False
+        self._last_error: str | None = None
+        self._dirty = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._sync_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.on_change: Callable[[PortForwarder], None] | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Follow the engine in the background (returns at once)."""
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._follow()), loop.create_task(self._reconcile_loop())]
+
+    def kick(self) -> None:
+        """Re-read the engine now (e.g. the tunnel has just reconnected)."""
+        self._wake.set()
+        self._dirty.set()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for forward in self._forwards.values():
+            forward.close()
+            forward.abort_connections()
+        self._forwards.clear()
+        self._conflicts.clear()
+
+    # ---- what status shows ------------------------------------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        return sum(f.open_connections for f in self._forwards.values())
+
+    @property
+    def last_activity(self) -> float | None:
+        """When a forwarded connection last opened, closed or carried bytes (on the clock)."""
+        return self._last_activity
+
+    def snapshot(self) -> PortsSnapshot:
+        forwards = [
+            ForwardInfo(
+                proto=f.wanted.proto,
+                host_ip=f.wanted.host_ip,
+                port=f.wanted.port,
+                container_id=f.wanted.container_id,
+                container_name=f.wanted.container_name,
+                private_port=f.wanted.private_port,
+                open_connections=f.open_connections,
+            )
+            for f in self._forwards.values()
+        ]
+        return PortsSnapshot(
+            forwards=sorted(forwards, key=lambda f: (f.port, f.proto, f.host_ip)),
+            conflicts=sorted(self._conflicts.values(), key=lambda c: (c.port, c.proto, c.host_ip)),
+            open_connections=self.open_connections,
+            following=self._following,
+            last_error=self._last_error,
+        )
+
+    # ---- reconciling ------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """List the engine's published ports and make the laptop listeners match them."""
+        async with self._sync_lock:
+            containers = await asyncio.wait_for(
+                self._engine_get_json("/containers/json"), ENGINE_TIMEOUT_S
+            )
+            await self._apply(wanted_ports(containers))
+            for forward in self._forwards.values():
+                forward.sweep()
+
+    async def _apply(self, wanted: dict[ListenKey, WantedPort]) -> None:
+        changed = False
+        for key in [k for k in self._forwards if k not in wanted]:
+            forward = self._forwards.pop(key)
+            forward.close()
+            log.info(
+                "port %s/%s of %s: forward removed", key[2], key[0], forward.wanted.container_name
+            )
+            changed = True
+        for key in [k for k in self._conflicts if k not in wanted]:
+            del self._conflicts[key]
+            changed = True
+        for key, item in wanted.items():
+            if key in self._forwards:
+                self._forwards[key].wanted = item  # e.g. compose re-created it on the same port
+            else:
+                changed |= await self._listen(item)
+        if changed:
+            self._notify()
+
+    async def _listen(self, item: WantedPort) -> bool:
+        try:
+            sock = bind_socket(item.proto, item.host_ip, item.port)
+        except _Unsupported:
+            return False
+        except OSError as exc:
+            return self._conflict(item, _bind_failure(exc, item.port))
+        forward = _Forward(self, item)
+        try:
+            await forward.start(sock)
+        except OSError as exc:
+            sock.close()
+            return self._conflict(item, _bind_failure(exc, item.port))
+        self._forwards[item.key] = forward
+        self._conflicts.pop(item.key, None)
+        log.info(
+            "port %s:%s/%s forwarded to container %s (%s)",
+            item.host_ip, item.port, item.proto, item.container_name, item.private_port,
+        )  # fmt: skip
+        return True
+
+    def _conflict(self, item: WantedPort, reason: str) -> bool:
+        known = self._conflicts.get(item.key)
+        conflict = PortConflict(
+            proto=item.proto,
+            host_ip=item.host_ip,
+            port=item.port,
+            container_id=item.container_id,
+            container_name=item.container_name,
+            reason=reason,
+        )
+        self._conflicts[item.key] = conflict
+        if known == conflict:
+            return False
+        log.warning(
+            "port %s:%s/%s wanted by container %s is not forwarded: %s. Free the port on this "
+            "machine (it is retried at every change) or publish another one.",
+            item.host_ip, item.port, item.proto, item.container_name, reason,
+        )  # fmt: skip
+        return True
+
+    async def _reconcile_loop(self) -> None:
+        """Re-list when the follower marks a change, and every `resync_interval_s` anyway (retries
+        conflicts, sweeps idle UDP relays, and catches anything an event stream could miss)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self.resync_interval_s)
+            self._dirty.clear()
+            try:
+                await self.sync()
+            except Exception as exc:
+                self._set_error(exc)
+
+    # ---- following the engine ---------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        delay = self.retry_initial_s
+        while True:
+            try:
+                async for event in self._engine_stream(EVENTS_PATH):
+                    if not self._following:
+                        # Subscribed first, listed second: no change can slip in between.
+                        self._following = True
+                        self._last_error = None
+                        delay = self.retry_initial_s
+                        self._dirty.set()
+                        self._notify()
+                    if event is not None and event.get("Action") in EVENT_ACTIONS:
+                        self._dirty.set()
+                raise ConnectionError("the engine ended the event stream")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._set_error(exc)
+            if self._following:
+                self._following = False
+                self._notify()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            delay = min(delay * 2, self.retry_max_s)
+
+    def _set_error(self, exc: BaseException) -> None:
+        message = _describe(exc)
+        if message != self._last_error:
+            log.info("following the session engine's containers: %s", message)
+            self._last_error = message
+            self._notify()
+
+    # ---- a tiny HTTP/1.1 client over the engine channel ----------------------------------
+
+    async def _engine_get_json(self, path: str) -> Any:
+        body = bytearray()
+        async for chunk in self._engine_body(path):
+            body += chunk
+        return json.loads(body)
+
+    async def _engine_stream(self, path: str) -> AsyncIterator[dict[str, Any] | None]:
+        """Yields None once the response has started, then each JSON line as it comes."""
+        pending = b""
+        yielded_start = False
+        async for chunk in self._engine_body(path, stream=True):
+            if not yielded_start:
+                yielded_start = True
+                yield None
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield json.loads(line)
+
+    async def _engine_body(self, path: str, stream: bool = False) -> AsyncIterator[bytes]:
+        reader, writer = await self._open_engine()
+        try:
+            conn = h11.Connection(h11.CLIENT)
+            request = h11.Request(method="GET", target=path, headers=[("Host", "docker")])
+            writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Response):
+                    if event.status_code != 200:
+                        raise ConnectionError(f"the engine answered {event.status_code} to {path}")
+                    if stream:
+                        yield b""  # the stream is open: the caller may list now
+                elif isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    return
+        finally:
+            writer.close()
+
+    # ---- activity ----------------------------------------------------------------------------
+
+    def _touch(self) -> None:
+        self._last_activity = self._clock()
+
+    def _connection_opened(self) -> None:
+        self._touch()
+        self._notify()
+
+    def _connection_closed(self) -> None:
+        self._touch()
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(self)
+            except Exception:
+                log.exception("port forwarder on_change callback failed")

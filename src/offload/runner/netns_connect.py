@@ -1,0 +1,302 @@
+"""Sockets inside an environment's network namespace, for published-port forwards.
+
+A socket belongs to the network namespace it was *created* in, for its whole life, whichever
+thread later uses it. So only `socket()` has to run inside the namespace: one dedicated worker
+thread enters the environment's namespace with setns(2), creates the socket, and switches back to
+the runner's own namespace before it does anything else. Connecting, reading and writing then
+happen on the event loop like any other socket. The event loop's thread never changes namespace.
+
+Published ports are reached at 127.0.0.1 inside the namespace: dockerd's userland proxy
+(`docker-proxy`, on by default in 20.10) listens on the published host IP there (0.0.0.0 for a
+plain `-p`), and loopback connections never pass through the DNAT rules, so they always reach it.
+
+TCP: `forward_tcp_in_netns` returns an asyncssh forwarder that splices an SSH channel onto the
+socket at protocol level (no task, no stream per chunk), which is what the SSH endpoint's
+`connection_requested` hands to asyncssh. `open_connection_in_netns` gives asyncio streams for
+everything else (tests, the benchmark's direct peer).
+
+UDP: SSH has no datagram channel, so a UDP forward is a stream channel carrying length-prefixed
+datagrams (`offload.agent.udp_relay` holds that wire format); `relay_udp_channel` connects such a
+channel to a UDP socket in the namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import asyncssh
+
+from offload.agent.udp_relay import DatagramDecoder, frame_datagram
+from offload.core.errors import NotFound, Unreachable
+from offload.runner.netns import netns_path
+
+log = logging.getLogger(__name__)
+
+CLONE_NEWNET = 0x40000000
+# Where published ports listen inside the namespace (see the module docstring).
+NETNS_LOOPBACK = "127.0.0.1"
+CONNECT_TIMEOUT_S = 10.0
+# Bytes of replies queued towards the laptop before further ones are dropped.
+UDP_MAX_BACKLOG = 1024 * 1024
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"setns(CLONE_NEWNET) failed: {os.strerror(errno)}")
+
+
+class _NetnsWorker:
+    """One thread that creates sockets in other namespaces and always returns to its own.
+
+    A single thread is enough: creating a socket takes microseconds, and connects happen on the
+    event loop. If the thread ever fails to switch back, it is retired (never reused) and the
+    next call starts a fresh one, so no later socket can be created in the wrong namespace.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+
+    def executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="offload-netns")
+            return self._executor
+
+    def retire(self, executor: ThreadPoolExecutor) -> None:
+        with self._lock:
+            if self._executor is executor:
+                self._executor = None
+        executor.shutdown(wait=False)
+
+
+_worker = _NetnsWorker()
+
+
+class _StuckInNamespace(RuntimeError):
+    """The worker thread could not return to the runner's namespace; it must not be reused."""
+
+
+def _socket_in_netns(netns: str, family: int, kind: int) -> socket.socket:
+    """Runs in the worker thread: a socket created inside `netns`, the thread back home."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target)
+            try:
+                return socket.socket(family, kind)
+            finally:
+                try:
+                    _setns(home)
+                except OSError as exc:
+                    raise _StuckInNamespace(str(exc)) from exc
+        finally:
+            os.close(target)
+    finally:
+        os.close(home)
+
+
+async def socket_in_netns(
+    netns: str, kind: int = socket.SOCK_STREAM, family: int = socket.AF_INET
+) -> socket.socket:
+    """A new non-blocking, unconnected socket that lives in network namespace `netns`."""
+    executor = _worker.executor()
+    loop = asyncio.get_running_loop()
+    try:
+        sock = await loop.run_in_executor(executor, _socket_in_netns, netns, family, kind)
+    except FileNotFoundError:
+        raise NotFound(
+            f"Network namespace {netns} does not exist.",
+            "The session's environment is gone: start a new session with `offload start`.",
+        ) from None
+    except _StuckInNamespace:
+        _worker.retire(executor)
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def connect_in_netns(
+    netns: str, host: str, port: int, kind: int = socket.SOCK_STREAM
+) -> socket.socket:
+    """A socket in `netns` connected to host:port there (TCP handshake done, or UDP peer set)."""
+    sock = await socket_in_netns(netns, kind)
+    try:
+        if kind == socket.SOCK_DGRAM:
+            sock.connect((host, port))  # sets the peer only: never blocks
+        else:
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        raise Unreachable(
+            f"Nothing answers on {host}:{port} in the session's network namespace "
+            f"({exc.__class__.__name__}).",
+            "Check that the container publishing this port is running and listening.",
+        ) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_connection_in_netns(
+    netns: str, host: str, port: int, **kwargs: Any
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """asyncio streams of a TCP connection to host:port inside `netns`."""
+    sock = await connect_in_netns(netns, host, port)
+    return await asyncio.open_connection(sock=sock, **kwargs)
+
+
+async def open_datagram_in_netns(
+    netns: str, host: str, port: int, protocol_factory: Any
+) -> tuple[asyncio.DatagramTransport, asyncio.DatagramProtocol]:
+    """A UDP endpoint in `netns` whose peer is host:port there."""
+    sock = await connect_in_netns(netns, host, port, socket.SOCK_DGRAM)
+    loop = asyncio.get_running_loop()
+    return await loop.create_datagram_endpoint(protocol_factory, sock=sock)  # type: ignore[return-value]
+
+
+async def forward_tcp_in_netns(
+    netns: str, port: int, host: str = NETNS_LOOPBACK
+) -> asyncssh.SSHTCPSession[bytes]:
+    """An asyncssh session splicing an SSH channel onto host:port inside `netns`.
+
+    Return it (it is an `SSHTCPSession`) from `SSHServer.connection_requested` through a
+    coroutine; a failure becomes a channel-open failure the client sees.
+    """
+    try:
+        sock = await connect_in_netns(netns, host, port)
+    except (NotFound, Unreachable) as exc:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.message) from None
+    loop = asyncio.get_running_loop()
+    _, peer = await loop.create_connection(asyncssh.SSHForwarder, sock=sock)
+    return asyncssh.SSHForwarder(peer)  # type: ignore[return-value]  # it is an SSHTCPSession at run time
+
+
+class UdpRelay(asyncio.DatagramProtocol):
+    """A UDP socket in the namespace on one side, a framed byte stream on the other.
+
+    `write` sends bytes towards the laptop (an SSH channel's or a stream's write); `feed` takes
+    bytes from the laptop. When the laptop side falls behind by more than `max_backlog` bytes,
+    datagrams from the container are dropped, as a congested network would.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[bytes], None],
+        backlog: Callable[[], int] = lambda: 0,
+        max_backlog: int = UDP_MAX_BACKLOG,
+    ) -> None:
+        self._write = write
+        self._backlog = backlog
+        self._max_backlog = max_backlog
+        self._decoder = DatagramDecoder()
+        self._transport: asyncio.DatagramTransport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Selector datagram transports do not subclass DatagramTransport: cast, do not check.
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def feed(self, data: bytes) -> None:
+        for datagram in self._decoder.feed(data):
+            if self._transport is not None:
+                self._transport.sendto(datagram)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self._backlog() <= self._max_backlog:
+            self._write(frame_datagram(data))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable while nothing listens yet: UDP carries on.
+        log.debug("UDP forward: %s", exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+async def open_udp_relay(
+    netns: str,
+    port: int,
+    write: Callable[[bytes], None],
+    backlog: Callable[[], int] = lambda: 0,
+    host: str = NETNS_LOOPBACK,
+) -> UdpRelay:
+    """A `UdpRelay` whose socket lives in `netns` and talks to host:port there."""
+    _, relay = await open_datagram_in_netns(netns, host, port, lambda: UdpRelay(write, backlog))
+    return relay  # type: ignore[return-value]
+
+
+class _UdpChannelSession(asyncssh.SSHUNIXSession[bytes]):
+    """The SSH channel's side of a `UdpRelay`."""
+
+    def __init__(self) -> None:
+        self._chan: Any = None
+        self.relay: UdpRelay | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._chan is not None:
+            self._chan.write(data)
+
+    def backlog(self) -> int:
+        return int(self._chan.get_write_buffer_size()) if self._chan is not None else 0
+
+    def connection_made(self, chan: Any) -> None:
+        self._chan = chan
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        if self.relay is not None:
+            self.relay.feed(data)
+
+    def eof_received(self) -> bool:
+        return False  # the laptop side is done: close the channel
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._chan = None
+        if self.relay is not None:
+            self.relay.close()
+
+
+async def udp_channel_session(netns: str, port: int) -> asyncssh.SSHUNIXSession[bytes]:
+    """An asyncssh session relaying framed datagrams to port in `netns`.
+
+    Return it from `SSHServer.unix_connection_requested` (through a coroutine) for a
+    `udp_channel_path(port)` channel.
+    """
+    session = _UdpChannelSession()
+    try:
+        session.relay = await open_udp_relay(netns, port, session.write, session.backlog)
+    except (NotFound, Unreachable) as exc:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.message) from None
+    return session
+
+
+async def relay_udp_channel(netns: str, port: int, reader: Any, writer: Any) -> None:
+    """The same relay over (reader, writer) streams; returns when the stream ends."""
+    relay = await open_udp_relay(netns, port, writer.write, writer.transport.get_write_buffer_size)
+    try:
+        while data := await reader.read(65536):
+            relay.feed(data)
+    finally:
+        relay.close()
+        writer.close()

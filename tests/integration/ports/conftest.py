@@ -1,0 +1,105 @@
+"""One dockerd in its own network namespace for the whole area, plus the images the tests run."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from offload.agent.ports import PortForwarder
+from offload.core.waiting import async_wait_until
+from tests.integration.tunnel.support import Dockerd, start_dockerd, stop_dockerd
+from tests.support.images import build_test_image
+
+from .support import DirectTransports, FakeClock, build_udp_echo_image, docker
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def ports_dockerd() -> Iterator[Dockerd]:
+    d = start_dockerd()
+    try:
+        yield d
+    finally:
+        stop_dockerd(d)
+
+
+@pytest.fixture(scope="session")
+def images(ports_dockerd: Dockerd) -> dict[str, str]:
+    return {
+        "busybox": build_test_image(ports_dockerd.host),
+        "udp_echo": build_udp_echo_image(ports_dockerd.host),
+    }
+
+
+class Containers:
+    """Runs containers on the test engine under unique names; removes them all at the end."""
+
+    def __init__(self, dockerd: Dockerd) -> None:
+        self.dockerd = dockerd
+        self.names: list[str] = []
+
+    async def run(self, name: str, *args: str) -> str:
+        unique = f"{name}-{uuid.uuid4().hex[:6]}"
+        self.names.append(unique)
+        await docker(self.dockerd.host, "run", "-d", "--name", unique, *args)
+        return unique
+
+    async def do(self, *args: str) -> str:
+        return (await docker(self.dockerd.host, *args)).out
+
+    async def remove_all(self) -> None:
+        if self.names:
+            await docker(self.dockerd.host, "rm", "-f", *self.names, check=False)
+
+
+@pytest.fixture
+async def containers(ports_dockerd: Dockerd) -> AsyncIterator[Containers]:
+    made = Containers(ports_dockerd)
+    try:
+        yield made
+    finally:
+        await made.remove_all()
+
+
+@pytest.fixture
+async def direct(ports_dockerd: Dockerd) -> AsyncIterator[DirectTransports]:
+    transports = DirectTransports(ports_dockerd)
+    try:
+        yield transports
+    finally:
+        await transports.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def forwarder(direct: DirectTransports, clock: FakeClock) -> AsyncIterator[PortForwarder]:
+    """A forwarder on direct transports, following the engine (fast retries; fake clock for
+    activity and UDP idleness)."""
+    f = PortForwarder(
+        direct.open_tcp,
+        direct.open_udp,
+        direct.open_engine,
+        clock=clock,
+        retry_initial_s=0.05,
+        retry_max_s=0.5,
+        udp_idle_timeout_s=60.0,
+    )
+    await f.start()
+    try:
+        await async_wait_until(
+            lambda: _following(f), 30, "the forwarder to follow the engine's events"
+        )
+        yield f
+    finally:
+        await f.close()
+
+
+async def _following(f: PortForwarder) -> bool:
+    return f.snapshot().following

@@ -1,0 +1,322 @@
+"""Helpers for the port-forwarding tests: free ports, a UDP echo image, the docker CLI, clients.
+
+The dockerd itself comes from the tunnel tests' support (`start_dockerd`: its own netns, short
+paths under /tmp, everything removed at the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import asyncssh
+
+from offload.agent.udp_relay import parse_udp_channel_path, udp_channel_path
+from offload.core.schemas import ENGINE_CHANNEL_PATH, InstanceSpec
+from offload.runner.driver import Environment, EnvState
+from offload.runner.netns_connect import open_connection_in_netns, relay_udp_channel
+from offload.runner.port_gate import PortGate, tcp_forward, udp_forward
+from offload.runner.ssh_endpoint import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, ENCRYPTION_ALGS
+from tests.integration.tunnel.support import Dockerd
+from tests.support.images import TEST_IMAGE
+
+UDP_ECHO_IMAGE = "offload-test/udp-echo:latest"
+# A UDP echo server with only Perl builtins (Debian's perl-base is essential, so always here):
+# busybox-static has no UDP server applet.
+UDP_ECHO = (
+    'socket(S,2,2,17)||die"socket: $!";'
+    'bind(S,pack("Sna4x8",2,$ARGV[0],"\\0"x4))||die"bind: $!";'
+    "while(defined($a=recv(S,$b,65535,0))){send(S,$b,0,$a)}"
+)
+PERL = Path("/usr/bin/perl")
+
+
+def build_udp_echo_image(docker_host: str) -> str:
+    """The busybox test image plus /usr/bin/perl and the libraries it links (same paths)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "rootfs"
+        for path in [PERL, *_linked_libraries(PERL)]:
+            target = root / path.relative_to("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)  # follows symlinks: the file itself lands at that path
+        (Path(tmp) / "Dockerfile").write_text(f"FROM {TEST_IMAGE}\nCOPY rootfs/ /\n")
+        subprocess.run(
+            ["docker", "-H", docker_host, "build", "-q", "-t", UDP_ECHO_IMAGE, tmp],
+            check=True,
+            capture_output=True,
+        )
+    return UDP_ECHO_IMAGE
+
+
+def _linked_libraries(binary: Path) -> list[Path]:
+    out = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines():
+        for word in line.split():
+            if word.startswith("/"):
+                found.append(Path(word))
+                break
+    return found
+
+
+def udp_echo_command(port: int) -> list[str]:
+    return ["perl", "-e", UDP_ECHO, str(port)]
+
+
+def free_ports(count: int, low: int = 20000, high: int = 30000) -> list[int]:
+    """`count` consecutive ports free for TCP and UDP on 0.0.0.0 here, from a random base."""
+    for _ in range(200):
+        base = random.randrange(low, high - count)
+        if all(_free(p) for p in range(base, base + count)):
+            return list(range(base, base + count))
+    raise RuntimeError(f"no {count} consecutive free ports between {low} and {high}")
+
+
+def _free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                return False
+    return True
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+async def docker(host: str, *args: str, check: bool = True) -> Result:
+    """The real docker CLI against the test engine, without blocking the event loop."""
+    proc = await asyncio.create_subprocess_exec(
+        "docker", "-H", host, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    result = Result(proc.returncode or 0, out.decode().strip(), err.decode().strip())
+    if check and result.rc != 0:
+        raise AssertionError(f"docker {' '.join(args)} exited {result.rc}: {result.err}")
+    return result
+
+
+async def http_get(host: str, port: int, path: str = "/index.html") -> tuple[int, bytes]:
+    """One HTTP/1.0 request (busybox httpd closes after each answer): (status, body)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: test\r\n\r\n".encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    return status, body
+
+
+async def serves(host: str, port: int, expected: bytes) -> bool:
+    """True once host:port answers the test page; False while nothing (or not yet) serves it."""
+    try:
+        status, body = await http_get(host, port)
+    except (OSError, TimeoutError):
+        return False
+    return status == 200 and body == expected
+
+
+async def refused(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+class UdpClient(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self.received.put_nowait(data)
+
+
+async def udp_client(host: str, port: int) -> UdpClient:
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_datagram_endpoint(UdpClient, remote_addr=(host, port))
+    return client
+
+
+async def udp_echoes(client: UdpClient, payload: bytes, timeout: float = 0.5) -> bool:
+    """Send `payload`; True if it comes back within `timeout` (UDP may drop: callers retry)."""
+    assert client.transport is not None
+    client.transport.sendto(payload)
+    try:
+        return await asyncio.wait_for(client.received.get(), timeout) == payload
+    except TimeoutError:
+        return False
+
+
+# ---- transports -------------------------------------------------------------------------------
+
+
+class DirectTransports:
+    """The forwarder's three transports wired straight into the test engine's namespace.
+
+    No SSH: the runner-side functions are called in-process (TCP through
+    `open_connection_in_netns`, UDP through `relay_udp_channel` over a socketpair standing in for
+    the SSH channel), so these tests check the forwarding logic on its own.
+    """
+
+    def __init__(self, dockerd: Dockerd) -> None:
+        self.dockerd = dockerd
+        self._relays: set[asyncio.Task[None]] = set()
+
+    async def open_tcp(self, port: int) -> tuple[Any, Any]:
+        return await open_connection_in_netns(self.dockerd.netns, "127.0.0.1", port)
+
+    async def open_udp(self, port: int) -> tuple[Any, Any]:
+        laptop_end, runner_end = socket.socketpair()
+        runner_reader, runner_writer = await asyncio.open_connection(sock=runner_end)
+        task = asyncio.create_task(
+            relay_udp_channel(self.dockerd.netns, port, runner_reader, runner_writer)
+        )
+        self._relays.add(task)
+        task.add_done_callback(self._relays.discard)
+        return await asyncio.open_connection(sock=laptop_end)
+
+    async def open_engine(self) -> tuple[Any, Any]:
+        return await asyncio.open_unix_connection(str(self.dockerd.socket))
+
+    async def close(self) -> None:
+        for task in list(self._relays):
+            task.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+# ---- a stand-in runner endpoint with the port wiring ------------------------------------------
+
+
+class PortsServer(asyncssh.SSHServer):
+    """What `runner/ssh_endpoint._Server` does for ports once wired (see the report): TCP and UDP
+    channels go through the port gate into the session's namespace, `/docker.sock` to its engine.
+    Authentication here is a plain key: the real endpoint's certificate checks are tested there."""
+
+    def __init__(self, env: Environment, gate: PortGate) -> None:
+        self.env = env
+        self.gate = gate
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Any:
+        return (
+            self._conn.create_tcp_channel(window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE),
+            tcp_forward(self.gate, self.env, dest_host, dest_port),
+        )
+
+    def unix_connection_requested(self, dest_path: str) -> Any:
+        if dest_path == ENGINE_CHANNEL_PATH:
+            return self._conn.forward_unix_connection(str(self.env.engine_socket))
+        if parse_udp_channel_path(dest_path) is not None:
+            return udp_forward(self.gate, self.env, dest_path)
+        return False
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+
+
+@dataclass
+class SSHPair:
+    """A stand-in endpoint for one environment and an asyncssh client connected to it."""
+
+    server: asyncssh.SSHAcceptor
+    client: asyncssh.SSHClientConnection
+
+    async def open_tcp(self, port: int) -> tuple[Any, Any]:
+        return await self.client.open_connection(
+            "127.0.0.1", port, window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE
+        )
+
+    async def open_udp(self, port: int) -> tuple[Any, Any]:
+        return await self.client.open_unix_connection(udp_channel_path(port))
+
+    async def open_engine(self) -> tuple[Any, Any]:
+        return await self.client.open_unix_connection(ENGINE_CHANNEL_PATH)
+
+    async def close(self) -> None:
+        self.client.close()
+        await self.client.wait_closed()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def ssh_pair(env: Environment, gate: PortGate, **client_options: Any) -> SSHPair:
+    """Endpoint and client tuned as the real ones are (windows, packets, ciphers)."""
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    server = await asyncssh.create_server(
+        lambda: PortsServer(env, gate),
+        "127.0.0.1",
+        0,
+        server_host_keys=[host_key],
+        authorized_client_keys=asyncssh.import_authorized_keys(
+            client_key.export_public_key().decode()
+        ),
+        config=[],
+        encryption_algs=ENCRYPTION_ALGS,
+        compression_algs=None,
+        window=CHANNEL_WINDOW,
+        max_pktsize=CHANNEL_MAX_PKTSIZE,
+    )
+    client = await asyncssh.connect(
+        "127.0.0.1",
+        server.get_port(),
+        username="session",
+        known_hosts=([host_key.convert_to_public()], [], []),
+        client_keys=[client_key],
+        agent_path=None,
+        config=[],
+        encryption_algs=ENCRYPTION_ALGS,
+        compression_algs=None,
+        window=CHANNEL_WINDOW,
+        max_pktsize=CHANNEL_MAX_PKTSIZE,
+        **client_options,
+    )
+    return SSHPair(server=server, client=client)
+
+
+def environment_of(dockerd: Dockerd) -> Environment:
+    return Environment(
+        id="env-ports",
+        engine_socket=dockerd.socket,
+        mount_area=Path("/nonexistent"),
+        netns=dockerd.netns,
+        spec=InstanceSpec(),
+        state=EnvState.BOUND,
+        session_id="session",
+    )
