@@ -275,11 +275,11 @@ class SSHPair:
         await self.server.wait_closed()
 
 
-async def ssh_pair(env: Environment, gate: PortGate, **client_options: Any) -> SSHPair:
-    """Endpoint and client tuned as the real ones are (windows, packets, ciphers)."""
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-    server = await asyncssh.create_server(
+async def start_ports_server(
+    env: Environment, gate: PortGate, host_key: asyncssh.SSHKey, client_key: asyncssh.SSHKey
+) -> asyncssh.SSHAcceptor:
+    """The stand-in endpoint on a free loopback port, tuned as the real one."""
+    return await asyncssh.create_server(
         lambda: PortsServer(env, gate),
         "127.0.0.1",
         0,
@@ -293,9 +293,15 @@ async def ssh_pair(env: Environment, gate: PortGate, **client_options: Any) -> S
         window=CHANNEL_WINDOW,
         max_pktsize=CHANNEL_MAX_PKTSIZE,
     )
-    client = await asyncssh.connect(
+
+
+async def connect_ports_client(
+    port: int, host_key: asyncssh.SSHKey, client_key: asyncssh.SSHKey, **options: Any
+) -> asyncssh.SSHClientConnection:
+    """A client tuned as the agent's tunnel is."""
+    return await asyncssh.connect(
         "127.0.0.1",
-        server.get_port(),
+        port,
         username="session",
         known_hosts=([host_key.convert_to_public()], [], []),
         client_keys=[client_key],
@@ -305,17 +311,28 @@ async def ssh_pair(env: Environment, gate: PortGate, **client_options: Any) -> S
         compression_algs=None,
         window=CHANNEL_WINDOW,
         max_pktsize=CHANNEL_MAX_PKTSIZE,
-        **client_options,
+        **options,
     )
+
+
+async def ssh_pair(env: Environment, gate: PortGate) -> SSHPair:
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    server = await start_ports_server(env, gate, host_key, client_key)
+    client = await connect_ports_client(server.get_port(), host_key, client_key)
     return SSHPair(server=server, client=client)
 
 
 def environment_of(dockerd: Dockerd) -> Environment:
+    return environment_for(dockerd.socket, dockerd.netns)
+
+
+def environment_for(engine_socket: Path, netns: str) -> Environment:
     return Environment(
         id="env-ports",
-        engine_socket=dockerd.socket,
+        engine_socket=engine_socket,
         mount_area=Path("/nonexistent"),
-        netns=dockerd.netns,
+        netns=netns,
         spec=InstanceSpec(),
         state=EnvState.BOUND,
         session_id="session",

@@ -1,0 +1,90 @@
+"""The same forwards through a real SSH connection, with the runner-side wiring the endpoint gets
+(`PortsServer` in support.py calls `port_gate.tcp_forward` / `udp_forward`, as
+`runner/ssh_endpoint._Server` will): engine, TCP and UDP all cross one asyncssh connection."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncssh
+import pytest
+
+from offload.agent.ports import PortForwarder
+from offload.core.waiting import async_wait_until
+from offload.runner.port_gate import PortGate
+from tests.integration.tunnel.support import Dockerd
+
+from .conftest import Containers
+from .support import (
+    SSHPair,
+    environment_of,
+    free_ports,
+    serves,
+    ssh_pair,
+    udp_client,
+    udp_echo_command,
+    udp_echoes,
+)
+from .test_netns_and_gate import PAGE, httpd_args
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def ssh(ports_dockerd: Dockerd) -> AsyncIterator[SSHPair]:
+    pair = await ssh_pair(environment_of(ports_dockerd), PortGate())
+    try:
+        yield pair
+    finally:
+        await pair.close()
+
+
+async def test_tcp_and_udp_forwards_cross_one_ssh_connection(
+    ssh: SSHPair, images: dict[str, str], containers: Containers
+) -> None:
+    web_port, udp_port = free_ports(2)
+    await containers.run("web", "-p", f"{web_port}:80", *httpd_args(images["busybox"], 80))
+    await containers.run(
+        "echo", "-p", f"{udp_port}:9000/udp", images["udp_echo"], *udp_echo_command(9000)
+    )
+    forwarder = PortForwarder(
+        ssh.open_tcp, ssh.open_udp, ssh.open_engine, retry_initial_s=0.05, retry_max_s=0.5
+    )
+    await forwarder.start()
+    try:
+        await async_wait_until(
+            lambda: serves("127.0.0.1", web_port, PAGE.encode()), 30, "the page through SSH"
+        )
+        client = await udp_client("127.0.0.1", udp_port)
+        try:
+            await async_wait_until(lambda: udp_echoes(client, b"ping"), 30, "a UDP echo")
+        finally:
+            assert client.transport is not None
+            client.transport.close()
+    finally:
+        await forwarder.close()
+
+
+async def test_the_runner_refuses_what_the_session_does_not_publish(
+    ssh: SSHPair, images: dict[str, str], containers: Containers
+) -> None:
+    published, unpublished = free_ports(2)
+    await containers.run("web", "-p", f"{published}:80", *httpd_args(images["busybox"], 80))
+
+    with pytest.raises(asyncssh.ChannelOpenError, match="not published"):
+        await ssh.open_tcp(unpublished)
+    with pytest.raises(asyncssh.ChannelOpenError, match="not published"):
+        await ssh.open_udp(published)  # published for TCP only
+    with pytest.raises(asyncssh.ChannelOpenError, match="127.0.0.1 only"):
+        await ssh.client.open_connection("172.17.0.1", published)
+    with pytest.raises(asyncssh.ChannelOpenError):
+        await ssh.client.open_unix_connection("/udp/not-a-port")
+
+    async def page() -> bool:  # while the published one goes through
+        reader, writer = await ssh.open_tcp(published)
+        writer.write(b"GET /index.html HTTP/1.0\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        return answer.endswith(PAGE.encode())
+
+    await async_wait_until(page, 30, "the published port through SSH")
