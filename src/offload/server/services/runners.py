@@ -2,10 +2,18 @@
 
 A runner token acts only for the runners it registered; a runner sees only the sessions placed
 on it.  Anything else is reported as missing (404), so a runner learns nothing about others.
+
+A registration is a runner (re)starting: `offload runner` wipes every environment left on its
+host before it registers, so the engines of the sessions it served are gone.  Those sessions end
+`failed` ("runner restarted: …") at registration, billed up to the runner's last heartbeat (the
+last moment it was known to hold them), and their agents tell users to start again.  Quietly
+binding a fresh, empty engine to a session that had containers would lose work without a word.
+Sessions still `starting` (no engine bound yet) stay: the runner binds them as usual.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 from sqlalchemy import select
@@ -20,10 +28,13 @@ from offload.server.services import lifecycle
 from offload.server.services.ca import key_fingerprint, parse_public_key
 from offload.server.services.tokens import AuthRunner
 
+log = logging.getLogger(__name__)
+
 # Upper bound of a long poll: proxies and load balancers tend to cut idle requests at ~60 s.
 MAX_WAIT_S = 60.0
 # Images remembered per session for the usage insights (the top 10 are shown).
 MAX_IMAGES_PER_SESSION = 100
+END_RUNNER_RESTARTED = "runner restarted: the session's engine was lost"
 
 
 def effective_wait(requested_s: float, runner_timeout_s: float) -> float:
@@ -79,6 +90,8 @@ def _register_tx(db: Db, auth: AuthRunner, request: s.RunnerRegister, now: datet
     if runner is None:
         runner = Runner(name=request.name, registered_at=now)
         db.add(runner)
+    else:
+        _fail_lost_sessions(db, runner, now)
     runner.ssh_host = request.ssh_host
     runner.ssh_port = request.ssh_port
     runner.host_key = request.host_key.strip()
@@ -90,6 +103,31 @@ def _register_tx(db: Db, auth: AuthRunner, request: s.RunnerRegister, now: datet
     runner.last_heartbeat_at = now
     db.flush()
     return runner.id
+
+
+def _fail_lost_sessions(db: Db, runner: Runner, now: datetime) -> list[str]:
+    """End the live sessions whose engine a restarting runner wiped (see the module docstring).
+
+    A session has an engine once the runner reported it ready (`env_id`).  The end is stamped at
+    the runner's last heartbeat: nothing after it is billed, as the engine may have died then."""
+    rows = db.scalars(
+        select(OffloadSession).where(
+            OffloadSession.runner_id == runner.id,
+            OffloadSession.state.in_(lifecycle.LIVE_STATES),
+            OffloadSession.env_id.is_not(None),
+        )
+    ).all()
+    lost_at = min(now, runner.last_heartbeat_at or now)
+    for row in rows:
+        # Never before the session's own last step: its record must read in time order.
+        marks = [t for t in (lost_at, row.started_at, row.idle_since) if t is not None]
+        lifecycle.move(db, row, S.FAILED, min(now, max(marks)), END_RUNNER_RESTARTED)
+    if rows:
+        log.warning(
+            "runner %s registered again: %d live session(s) lost their engine and failed",
+            runner.name, len(rows),
+        )  # fmt: skip
+    return [row.id for row in rows]
 
 
 def _record_heartbeat_tx(
