@@ -4,12 +4,29 @@ Start-up: check the host (root, dockerd, nsenter, ip, cgroup v1), wipe what a pr
 process left, load (or create) the SSH host key, start warming environments, register with the
 control plane (retrying while it is unreachable), then serve the SSH endpoint.
 
-Then one loop: a long-poll heartbeat carries the pool's report and brings back the sessions the
-control plane wants here (`RunnerDesired`); the pool is reconciled with them (unlisted sessions
-wiped, new ones bound, idle ones paused) and every newly bound session is reported ready once.
+Then two loops:
+
+- the heartbeat: a long poll that carries the pool's report (per bound environment: running
+  containers, containers, images) and brings back the sessions the control plane wants here
+  (`RunnerDesired`).  Each session's allowed client key is handed to the SSH endpoint at once.
+- the reconciler: applies the latest desired list to the pool (unlisted sessions wiped, new ones
+  bound, environments paused while their session is `paused`) and reports each newly bound
+  session ready once.  It runs apart from the heartbeat so that a slow wipe or create never
+  delays the reports that carry other sessions' activity.
+
+Cadence.  A running container is activity, and the control plane stamps it when a heartbeat
+*arrives*; it then holds the poll up to `heartbeat_wait_s` (15 s) unless something changes.  The
+shortest idle timeout is 10 s, so while any bound environment is not paused (its session is
+active: a container may start or run in it at any moment) the poll asks for `ACTIVE_WAIT_S` (4 s)
+instead.  Reports are then at most ~4 s + the engine query bound (2 s) + a round trip apart,
+well inside 10 s.  With every session idle or none bound, the runner long-polls for the full wait
+(nothing it holds is activity; the control plane wakes the poll on any change).
+
 The SSH endpoint binds on a session's first connection too; binding is idempotent, so whichever
 comes first wins.  A control plane that restarts or forgets this runner is waited for and
-registered with again.  SIGTERM/SIGINT stop the loop and wipe every environment.
+registered with again; a registration ends the sessions whose engines this runner held (see
+`offload.server.services.runners`), and the reconciler then wipes them here too.  SIGTERM/SIGINT
+stop the loops and wipe every environment.
 """
 
 from __future__ import annotations
@@ -55,6 +72,9 @@ HOST_KEY_FILE = "ssh_host_ed25519_key"
 INSTALL_FIX = "Install the runner's tools: `apt-get install docker.io iproute2`."
 # Errors that waiting does not cure: the operator must fix the configuration.
 FATAL_AT_REGISTRATION = (NotAuthenticated, PermissionDenied, InvalidInput)
+# Long-poll wait while a bound environment is not paused: below the shortest idle timeout (10 s)
+# with room for the engine queries and a round trip (see the module docstring).
+ACTIVE_WAIT_S = 4.0
 
 
 # ---- start-up checks ----------------------------------------------------------------------------
@@ -167,8 +187,10 @@ class Runner:
         pool: EnvironmentPool,
         host_key: asyncssh.SSHKey,
         backoff: Backoff | None = None,
+        active_wait_s: float = ACTIVE_WAIT_S,
     ) -> None:
         self.settings = settings
+        self.active_wait_s = active_wait_s
         self.client = client
         self.pool = pool
         self.host_key = host_key
@@ -177,6 +199,9 @@ class Runner:
         self.ca_public_key = ""
         self.endpoint: SSHEndpoint | None = None
         self._reported: set[str] = set()  # sessions whose environment the control plane knows
+        # The reconciler's input: the latest desired list, and a flag that it changed.
+        self._latest: RunnerDesired | None = None
+        self._pending = asyncio.Event()
 
     # ---- registration ----------------------------------------------------------------------
 
@@ -224,6 +249,8 @@ class Runner:
                 "Try again in a few seconds.",
             )
         assigned = await self.client.assigned_session(self.runner_id, session_id)
+        if self.endpoint is not None:  # the freshest word on which key holds the session
+            await self.endpoint.set_client_key(session_id, assigned.client_key_fingerprint)
         env = await self.pool.bind(assigned)
         await self.pool.follow_state(assigned)
         await self._report_ready(session_id, env)
@@ -232,7 +259,16 @@ class Runner:
     # ---- heartbeat -------------------------------------------------------------------------
 
     async def heartbeat_loop(self, stop: asyncio.Event) -> None:
-        """Long-poll the control plane and reconcile, until `stop`; survives its restarts."""
+        """Long-poll the control plane until `stop`, survive its restarts; the reconciler runs
+        beside it (see the module docstring)."""
+        reconciler = asyncio.create_task(self._reconcile_loop(), name="runner-reconcile")
+        try:
+            await self._poll_loop(stop)
+        finally:
+            reconciler.cancel()
+            await asyncio.gather(reconciler, return_exceptions=True)
+
+    async def _poll_loop(self, stop: asyncio.Event) -> None:
         backoff = Backoff(self.backoff.initial_s, self.backoff.max_s)
         while not stop.is_set():
             try:
@@ -240,7 +276,7 @@ class Runner:
                 if desired is None:
                     return
                 backoff.reset()
-                await self.apply(desired)
+                await self.receive(desired)
             except NotFound:
                 log.warning("the control plane does not know runner %s: registering again",
                             self.runner_id)  # fmt: skip
@@ -255,11 +291,44 @@ class Runner:
                 if await sleep_or_stop(stop, delay):
                     return
 
+    def poll_wait(self) -> float:
+        """How long the control plane may hold this heartbeat (see the module docstring)."""
+        wait = self.settings.heartbeat_wait_s
+        if self.pool.serving_active_sessions():
+            wait = min(wait, self.active_wait_s)
+        return wait
+
     async def _heartbeat(self) -> RunnerDesired:
         assert self.runner_id is not None
-        return await self.client.heartbeat(
-            self.runner_id, self.pool.report(), wait_s=self.settings.heartbeat_wait_s
-        )
+        wait = self.poll_wait()  # decided before the survey: the survey may take a moment
+        report = await self.pool.survey()
+        return await self.client.heartbeat(self.runner_id, report, wait_s=wait)
+
+    async def receive(self, desired: RunnerDesired) -> None:
+        """Take a desired list: client keys at once (a takeover drops the old machine's
+        connections now), the rest for the reconciler."""
+        self.ca_public_key = desired.ca_public_key
+        if self.endpoint is not None:
+            for session in desired.sessions:
+                await self.endpoint.set_client_key(
+                    session.session_id, session.client_key_fingerprint
+                )
+        self._latest = desired
+        self._pending.set()
+
+    async def _reconcile_loop(self) -> None:
+        """Apply the latest desired list whenever one arrives; a failure waits for the next."""
+        while True:
+            await self._pending.wait()
+            self._pending.clear()
+            desired = self._latest
+            if desired is None:
+                continue
+            try:
+                await self.apply(desired)
+            except Exception as exc:  # noqa: BLE001 - the next desired list tries again
+                what = exc.message if isinstance(exc, OffloadError) else repr(exc)
+                log.error("reconcile failed: %s", what)
 
     async def apply(self, desired: RunnerDesired) -> None:
         """Hold what the control plane wants: wipe the rest, bind and report the new."""

@@ -58,6 +58,8 @@ PLUGIN_DIR = Path("/run/docker/plugins")
 MAX_SOCKET_PATH = 100
 STOP_TIMEOUT_S = 10.0
 KILL_TIMEOUT_S = 10.0
+# Images named in one heartbeat report (the control plane keeps 100 per session).
+MAX_IMAGES_REPORTED = 100
 # Joins the cgroups named by its arguments, then execs the rest: a wrapper rather than a
 # preexec_fn, which is unsafe in a process with threads (asyncio.to_thread's pool).
 JOIN_CGROUPS_AND_EXEC = (
@@ -254,14 +256,21 @@ class DockerdDriver:
     # ---- pause / resume ----------------------------------------------------------------------
 
     async def pause(self, env: Environment) -> None:
-        """Freeze every running container (`docker inspect` then shows State.Paused)."""
-        running = await self._container_ids(env, "running")
-        frozen = [cid for cid in running if await self._container_action(env, cid, "pause")]
+        """Freeze every running container (`docker inspect` then shows State.Paused).
+
+        Idempotent: pausing a paused environment freezes only what runs now (a container that
+        started meanwhile) and keeps the record of what was frozen before."""
         rt = self._runtimes.get(env.id)
-        if rt is not None:
-            rt.paused = frozen
+        frozen = rt.paused if rt is not None else []
+        count = 0
+        for cid in await self._container_ids(env, "running"):
+            if await self._container_action(env, cid, "pause"):
+                # Recorded one by one: a failure half-way still lets resume() thaw these.
+                if cid not in frozen:
+                    frozen.append(cid)
+                count += 1
         env.state = EnvState.PAUSED
-        log.info("environment %s paused (%d containers)", env.id, len(frozen))
+        log.info("environment %s paused (%d containers)", env.id, count)
 
     async def resume(self, env: Environment) -> None:
         """Unpause what pause() froze (all paused containers if this process did not pause)."""
@@ -269,8 +278,8 @@ class DockerdDriver:
         ids = list(rt.paused) if rt is not None else await self._container_ids(env, "paused")
         for cid in ids:
             await self._container_action(env, cid, "unpause")
-        if rt is not None:
-            rt.paused = []
+            if rt is not None:
+                rt.paused.remove(cid)  # a failure half-way: the rest is thawed on the next try
         env.state = EnvState.BOUND if env.session_id else EnvState.WARM
         log.info("environment %s resumed (%d containers)", env.id, len(ids))
 
@@ -491,6 +500,60 @@ def _leftover_env_ids(settings: RunnerSettings) -> set[str]:
             found.update(p.name for p in directory.iterdir() if p.name.startswith(ENV_PREFIX))
     found.update(n for n in cgroups.children(settings.cgroup_parent) if n.startswith(ENV_PREFIX))
     return found
+
+
+# ---- engine contents (the heartbeat's view) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineContents:
+    """What a session's engine holds: a running container is activity (docs/activity.md)."""
+
+    running: int  # running and not paused
+    total: int
+    images: list[str] = field(default_factory=list)  # repo:tag names, deduplicated, sorted
+
+
+async def read_contents(env: Environment, timeout_s: float) -> EngineContents:
+    """One `GET /containers/json?all=1` on the environment's engine, bounded by `timeout_s`.
+
+    Any Environment has an engine socket, so this works for every driver.  Raises
+    EnvironmentError_ when the engine does not answer in time; callers keep what they knew."""
+    try:
+        async with _engine_client(env.engine_socket, timeout=timeout_s) as client:
+            response = await asyncio.wait_for(
+                client.get("/containers/json", params={"all": "1"}), timeout_s
+            )
+        response.raise_for_status()
+        containers = response.json()
+    except (httpx.HTTPError, TimeoutError, ValueError) as exc:
+        raise EnvironmentError_(
+            f"The engine of environment {env.id} did not list its containers "
+            f"({exc.__class__.__name__}).",
+            "Check the environment's dockerd.log on the runner.",
+        ) from None
+    return contents_of(containers)
+
+
+def contents_of(containers: list[dict[str, Any]]) -> EngineContents:
+    """Counts and image names from an engine's container list (`State` is the API's word)."""
+    running = sum(1 for c in containers if c.get("State") == "running")
+    names = {image_name(c) for c in containers}
+    images = sorted(n for n in names if n)[:MAX_IMAGES_REPORTED]
+    return EngineContents(running=running, total=len(containers), images=images)
+
+
+def image_name(container: dict[str, Any]) -> str | None:
+    """`repo:tag` of a container's image; None when the container names its image only by id
+    (the image was untagged, or run by id): an id says nothing in the usage insights."""
+    ref = str(container.get("Image") or "")
+    image_id = str(container.get("ImageID") or "").removeprefix("sha256:")
+    bare = ref.removeprefix("sha256:")
+    if not ref or ref.startswith("sha256:") or (len(bare) >= 12 and image_id.startswith(bare)):
+        return None
+    if "@" in ref or ":" in ref.rsplit("/", 1)[-1]:
+        return ref  # tagged, or pinned by digest
+    return ref + ":latest"
 
 
 # ---- helpers ----------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ Warm environments (of `warm_type`) are created ahead so that a session gets an e
 under a second.  Binding is idempotent per session: the SSH endpoint (first connection) and the
 heartbeat (control plane's desired list) may both ask, concurrently, and get the same environment.
 `capacity` bounds everything the runner holds: warm + bound + being created.
+
+The pool also says what each bound environment's engine holds (`survey`, for the heartbeat):
+running containers are activity on the control plane, so a slow engine must not hold the
+heartbeat back, and a timeout must not make running containers look stopped.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from offload.core.errors import NoCapacity, OffloadError
@@ -22,14 +26,17 @@ from offload.core.schemas import (
     InstanceSpec,
     InstanceType,
     RunnerHeartbeat,
-    SessionState,
 )
 from offload.runner.driver import Environment, EnvironmentDriver, EnvState
+from offload.runner.environment import EngineContents, read_contents
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SpecFor = Callable[[InstanceType], InstanceSpec]
+ReadContents = Callable[[Environment, float], Awaitable[EngineContents]]
+# Per engine, per heartbeat: the heartbeat carries activity and must not wait on a stuck engine.
+ENGINE_QUERY_TIMEOUT_S = 2.0
 
 
 def _default_spec_for(instance_type: InstanceType) -> InstanceSpec:
@@ -44,8 +51,10 @@ class EnvironmentPool:
         capacity: int,
         spec_for: SpecFor = _default_spec_for,
         warm_type: InstanceType = InstanceType.STANDARD,
+        read_contents: ReadContents = read_contents,
     ) -> None:
         self.driver = driver
+        self._read_contents = read_contents
         self.size = size
         self.capacity = capacity
         self.spec_for = spec_for
@@ -53,6 +62,9 @@ class EnvironmentPool:
         self._warm: list[Environment] = []
         self._bound: dict[str, Environment] = {}
         self._creating = 0
+        # Last known contents per bound environment id: what a heartbeat reports for an engine
+        # that does not answer in time.
+        self._contents: dict[str, EngineContents] = {}
         self._closed = False
         self._fill_task: asyncio.Task[None] | None = None
         # One lock per session id, alive while someone holds or waits on it.
@@ -107,6 +119,7 @@ class EnvironmentPool:
         async with self._lock(session_id):
             env = self._bound.pop(session_id, None)
             if env is not None:
+                self._contents.pop(env.id, None)
                 log.info("session %s ended: destroying environment %s", session_id, env.id)
                 await self._destroy(env)
         self._schedule_fill()
@@ -115,7 +128,7 @@ class EnvironmentPool:
         """Make the held environments match the control plane's list; return newly bound ones.
 
         Environments of sessions absent or no longer live are destroyed; live sessions lacking
-        one get one; idle sessions are paused and active ones resumed.
+        one get one; each environment follows its session's `paused` flag.
         """
         live = {s.session_id: s for s in desired if s.state.live}
         for session_id in [sid for sid in self._bound if sid not in live]:
@@ -131,17 +144,35 @@ class EnvironmentPool:
         return newly
 
     async def follow_state(self, session: AssignedSession) -> None:
-        """Pause the environment of an idle session; resume it when the session is back."""
+        """Pause the environment while `session.paused`, resume it when that turns false.
+
+        `paused` is the one source of truth (the control plane sets it while the session is idle
+        within grace).  Idempotent: a paused environment is paused again only if a container
+        runs in it anyway (one started meanwhile), and resumed only once."""
         if not self.driver.capabilities.pause:
             return
         async with self._lock(session.session_id):
             env = self._bound.get(session.session_id)
             if env is None:
                 return
-            if session.state == SessionState.IDLE and env.state == EnvState.BOUND:
+            if session.paused and (env.state != EnvState.PAUSED or self._seen_running(env)):
                 await self.driver.pause(env)
-            elif session.state != SessionState.IDLE and env.state == EnvState.PAUSED:
+                self._forget_running(env)
+            elif not session.paused and env.state == EnvState.PAUSED:
                 await self.driver.resume(env)
+
+    def _seen_running(self, env: Environment) -> bool:
+        known = self._contents.get(env.id)
+        return known is not None and known.running > 0
+
+    def _forget_running(self, env: Environment) -> None:
+        known = self._contents.get(env.id)
+        if known is not None:  # frozen now; the next survey says what runs
+            self._contents[env.id] = EngineContents(0, known.total, known.images)
+
+    def serving_active_sessions(self) -> bool:
+        """Some bound environment is not paused: its containers may run (activity) any time."""
+        return any(env.state != EnvState.PAUSED for env in self._bound.values())
 
     @staticmethod
     async def _guarded(what: str, step: Awaitable[T]) -> T | None:
@@ -152,13 +183,45 @@ class EnvironmentPool:
             log.error("reconcile: could not %s: %s", what, exc)
             return None
 
-    def report(self) -> RunnerHeartbeat:
+    def report(self, contents: Mapping[str, EngineContents] | None = None) -> RunnerHeartbeat:
+        """The heartbeat body: warm and bound environments, with `contents` per bound env id."""
+        contents = contents or {}
         envs = [EnvironmentReport(env_id=e.id, session_id=None, state=e.state) for e in self._warm]
-        envs += [
-            EnvironmentReport(env_id=e.id, session_id=sid, state=e.state)
-            for sid, e in self._bound.items()
-        ]
+        for sid, env in self._bound.items():
+            held = contents.get(env.id)
+            envs.append(
+                EnvironmentReport(
+                    env_id=env.id,
+                    session_id=sid,
+                    state=env.state,
+                    running_containers=held.running if held else 0,
+                    containers_total=held.total if held else 0,
+                    images=held.images if held else [],
+                )
+            )
         return RunnerHeartbeat(capacity=self.capacity, warm=len(self._warm), environments=envs)
+
+    async def survey(self, timeout_s: float = ENGINE_QUERY_TIMEOUT_S) -> RunnerHeartbeat:
+        """The heartbeat body with what each bound engine holds, asked of all at once.
+
+        Each engine gets `timeout_s`; one that does not answer is reported as last seen, so a
+        slow engine neither delays the heartbeat nor makes its running containers vanish."""
+        bound = list(self._bound.values())
+        answers = await asyncio.gather(
+            *(self._read_contents(env, timeout_s) for env in bound), return_exceptions=True
+        )
+        for env, answer in zip(bound, answers, strict=True):
+            if isinstance(answer, EngineContents):
+                if env.session_id in self._bound:  # not released while we asked
+                    self._contents[env.id] = answer
+            elif isinstance(answer, Exception):
+                log.warning("heartbeat: %s", getattr(answer, "message", None) or repr(answer))
+            else:
+                raise answer  # cancellation and the like are not ours to swallow
+        live = {env.id for env in self._bound.values()}
+        for env_id in [e for e in self._contents if e not in live]:
+            del self._contents[env_id]
+        return self.report(self._contents)
 
     # ---- internals ---------------------------------------------------------------------------
 

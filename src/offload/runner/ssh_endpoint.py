@@ -8,6 +8,12 @@ What a client may do once connected, and nothing more:
 - open `direct-streamlocal` channels to `ENGINE_CHANNEL_PATH`, which this endpoint connects to the
   engine socket of the environment bound to that session.
 
+One key per session: the control plane names the fingerprint of the one client key allowed now
+(`AssignedSession.client_key_fingerprint`; it changes on `--takeover` from another machine).  A
+connection whose certified key has another fingerprint is refused after authentication (the
+runner asks the control plane then, so the answer is fresh), and live connections made with
+another key are closed the moment the runner hears of the change (`set_client_key`).
+
 No shells, exec, subsystems, remote forwards or other socket paths. Direct TCP forwards are refused
 for now: published ports will be forwarded into the environment's network namespace later (see
 `_Server.connection_requested`).
@@ -25,6 +31,7 @@ import re
 from collections.abc import Awaitable, Callable
 
 import asyncssh
+from asyncssh.public_key import decode_ssh_certificate  # not re-exported at the top level
 
 from offload.core.schemas import ENGINE_CHANNEL_PATH
 from offload.runner.driver import Environment
@@ -60,6 +67,7 @@ class _Server(asyncssh.SSHServer):
         self._endpoint = endpoint
         self._conn: asyncssh.SSHServerConnection | None = None
         self._username = ""
+        self._key_fingerprint: str | None = None  # of the certified key that authenticated
         # Set once authentication succeeded and the session's environment is known.
         self._env: asyncio.Future[Environment] = asyncio.get_running_loop().create_future()
 
@@ -68,10 +76,12 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         self._endpoint._connections.add(conn)
+        self._note_certified_keys(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
             self._endpoint._connections.discard(self._conn)
+            self._endpoint._keys.pop(self._conn, None)
         if not self._env.done():
             self._env.cancel()
 
@@ -92,6 +102,21 @@ class _Server(asyncssh.SSHServer):
         entry = f'cert-authority,principals="{username}" {ca_key}\n'
         self._conn.set_authorized_keys(asyncssh.import_authorized_keys(entry))
         return True
+
+    def _note_certified_keys(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Remember which key a successful certificate login certified.
+
+        asyncssh keeps the certificate to itself (no hook receives it), so its check is wrapped:
+        the result is unchanged, and the key of the signed, accepted attempt is recorded."""
+        check = conn.validate_public_key
+
+        async def validate(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+            accepted = await check(username, key_data, msg, signature)
+            if accepted and msg:
+                self._key_fingerprint = _certified_key_fingerprint(key_data)
+            return accepted
+
+        conn.validate_public_key = validate  # type: ignore[method-assign]
 
     def public_key_auth_supported(self) -> bool:
         return True
@@ -118,12 +143,24 @@ class _Server(asyncssh.SSHServer):
             env = await self._endpoint._resolve(self._username)
         except Exception as exc:  # any failure refuses the connection
             log.warning("SSH connection for session %s refused: %s", self._username, _reason(exc))
-            self._env.cancel()
-            assert self._conn is not None
-            self._conn.close()
+            self._refuse()
             return
+        assert self._conn is not None
+        if not self._endpoint.key_allowed(self._username, self._key_fingerprint):
+            log.warning(
+                "SSH connection for session %s refused: the session belongs to another client "
+                "key now (taken over from another machine)", self._username,
+            )  # fmt: skip
+            self._refuse()
+            return
+        self._endpoint._keys[self._conn] = self._key_fingerprint
         log.info("SSH connection for session %s bound to environment %s", self._username, env.id)
         self._env.set_result(env)
+
+    def _refuse(self) -> None:
+        self._env.cancel()
+        assert self._conn is not None
+        self._conn.close()
 
     # ---- channels -----------------------------------------------------------------------
 
@@ -177,6 +214,15 @@ class _Server(asyncssh.SSHServer):
         return forwarder  # type: ignore[return-value]
 
 
+def _certified_key_fingerprint(key_data: bytes) -> str | None:
+    """`SHA256:…` of the key inside an OpenSSH certificate blob (the control plane's format:
+    asyncssh's `get_fingerprint("sha256")` of the agent's public key)."""
+    try:
+        return str(decode_ssh_certificate(key_data).key.get_fingerprint("sha256"))
+    except (asyncssh.KeyImportError, ValueError):
+        return None  # not a certificate: plain keys are never accepted anyway
+
+
 def _reason(exc: BaseException) -> str:
     message = getattr(exc, "message", None) or str(exc) or exc.__class__.__name__
     return message.splitlines()[0]
@@ -209,6 +255,10 @@ class SSHEndpoint:
         self.max_pktsize = max_pktsize
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._connections: set[asyncssh.SSHServerConnection] = set()
+        # Authenticated connections, each with the fingerprint of the key it was certified for.
+        self._keys: dict[asyncssh.SSHServerConnection, str | None] = {}
+        # The one client key allowed per session, as the control plane last said.
+        self._allowed: dict[str, str] = {}
 
     @property
     def port(self) -> int:
@@ -248,8 +298,33 @@ class SSHEndpoint:
         self._port = self._acceptor.get_port()
         log.info("SSH endpoint listening on %s:%s", self.host, self._port)
 
+    def key_allowed(self, session_id: str, fingerprint: str | None) -> bool:
+        """Whether a key may serve `session_id` (any key until the control plane names one)."""
+        allowed = self._allowed.get(session_id)
+        return allowed is None or fingerprint == allowed
+
+    async def set_client_key(self, session_id: str, fingerprint: str | None) -> int:
+        """The control plane's word on the one key allowed for `session_id`; connections made
+        with another key are closed (a takeover).  Returns how many were closed."""
+        if fingerprint is None or self._allowed.get(session_id) == fingerprint:
+            return 0
+        self._allowed[session_id] = fingerprint
+        stale = [
+            conn
+            for conn, key in self._keys.items()
+            if conn.get_extra_info("username") == session_id and key != fingerprint
+        ]
+        if stale:
+            log.info(
+                "session %s moved to another client key: closing %d connection(s) of the old one",
+                session_id, len(stale),
+            )  # fmt: skip
+            await self._close_all(stale)
+        return len(stale)
+
     async def disconnect(self, session_id: str) -> int:
         """Close every connection of `session_id` (its environment is going away)."""
+        self._allowed.pop(session_id, None)
         conns = [c for c in self._connections if c.get_extra_info("username") == session_id]
         await self._close_all(conns)
         return len(conns)

@@ -1,9 +1,14 @@
 """The runner daemon against a real control plane (uvicorn + SQLite), real dockerd and real SSH.
 
-One scenario, because the parts are expensive: the runner registers, a session placed on it
-becomes active through the heartbeat, its engine answers over the SSH endpoint, stopping the
-session wipes its environment, the runner outlives a control-plane restart, and stopping the
-runner wipes everything.
+Two scenarios, because the parts are expensive:
+
+- the core path: the runner registers, a session placed on it becomes active through the
+  heartbeat, its engine answers over the SSH endpoint, stopping the session wipes its
+  environment, the runner outlives a control-plane restart, and stopping the runner wipes
+  everything;
+- the session lifecycle (issue 3): a running container is activity, an idle session's containers
+  are paused and thawed when it resumes, a takeover closes the old key's connection and refuses
+  that key, and a runner restart ends the session as failed.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import socket
 import stat
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncssh
@@ -21,13 +27,23 @@ import pytest
 import pytest_asyncio
 
 from offload.core.api_client import UserClient
-from offload.core.config import ServerSettings
+from offload.core.config import RunnerSettings, ServerSettings
 from offload.core.errors import EnvironmentError_
-from offload.core.schemas import ENGINE_CHANNEL_PATH, SessionCreate, SessionInfo, SessionState
+from offload.core.schemas import (
+    ENGINE_CHANNEL_PATH,
+    ActivityReport,
+    InstanceSpec,
+    SessionCreate,
+    SessionInfo,
+    SessionState,
+)
 from offload.core.waiting import async_wait_until
 from offload.runner import cgroups
 from offload.runner.daemon import check_prerequisites, load_or_create_host_key, run_runner
-from tests.integration.runner.conftest import MakeSettings, leftovers
+from offload.runner.driver import Environment
+from offload.runner.environment import EnvPaths
+from tests.integration.runner.conftest import MakeSettings, docker, leftovers
+from tests.support.images import TEST_IMAGE, build_test_image
 
 uvicorn = pytest.importorskip("uvicorn")
 app_module = pytest.importorskip("offload.server.app")
@@ -53,7 +69,15 @@ class ControlPlane:
 
     async def start(self) -> None:
         app = await asyncio.to_thread(app_module.create_app, self.settings)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.settings.port, log_level="warning")
+        # A runner's long poll stays parked on the server after the runner gives up on it: do
+        # not let a stop wait it out.
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.settings.port,
+            log_level="warning",
+            timeout_graceful_shutdown=1,
+        )
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve())
         await async_wait_until(self._started, 30, "the control plane to serve")
@@ -82,18 +106,21 @@ async def control_plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
         await plane.stop()
 
 
-async def start_session(client: UserClient) -> tuple[SessionInfo, asyncssh.SSHKey]:
+async def start_session(
+    client: UserClient, **changes: object
+) -> tuple[SessionInfo, asyncssh.SSHKey]:
     key = asyncssh.generate_private_key("ssh-ed25519")
     public = key.export_public_key().decode().strip()
-    return await client.create_session(SessionCreate(client_public_key=public)), key
+    request = SessionCreate(client_public_key=public, **changes)  # type: ignore[arg-type]
+    return await client.create_session(request), key
 
 
-async def engine_info_over_ssh(session: SessionInfo, key: asyncssh.SSHKey) -> dict[str, object]:
-    """GET /info on the session's engine through the runner's SSH endpoint (pinned host key)."""
+async def connect_ssh(session: SessionInfo, key: asyncssh.SSHKey) -> asyncssh.SSHClientConnection:
+    """An SSH connection to the session's runner with its certificate (pinned host key)."""
     assert session.runner is not None and session.certificate is not None
     certificate = asyncssh.import_certificate(session.certificate)
     host_key = asyncssh.import_public_key(session.runner.host_key)
-    async with asyncssh.connect(
+    return await asyncssh.connect(
         session.runner.ssh_host,
         session.runner.ssh_port,
         username=session.id,
@@ -101,10 +128,20 @@ async def engine_info_over_ssh(session: SessionInfo, key: asyncssh.SSHKey) -> di
         known_hosts=([host_key], [], []),
         agent_path=None,
         config=[],
-    ) as conn:
-        reader, writer = await conn.open_unix_connection(ENGINE_CHANNEL_PATH)
-        writer.write(b"GET /info HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
-        response = await reader.read()
+    )
+
+
+async def engine_info_over_ssh(session: SessionInfo, key: asyncssh.SSHKey) -> dict[str, object]:
+    """GET /info on the session's engine through the runner's SSH endpoint."""
+    async with await connect_ssh(session, key) as conn:
+        return await engine_info(conn)
+
+
+async def engine_info(conn: asyncssh.SSHClientConnection) -> dict[str, object]:
+    reader, writer = await conn.open_unix_connection(ENGINE_CHANNEL_PATH)
+    writer.write(b"GET /info HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+    response = await reader.read()
+    writer.close()
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     if b"chunked" in head.lower():
@@ -180,14 +217,14 @@ async def test_runner_serves_sessions_and_survives_a_control_plane_restart(
 
 
 async def _try_start_session(
-    user: UserClient, runner: asyncio.Task[None]
+    user: UserClient, runner: asyncio.Task[None], **changes: object
 ) -> tuple[SessionInfo, asyncssh.SSHKey] | None:
     from offload.core.errors import NoCapacity
 
     if runner.done():
         runner.result()  # the runner died: raise why
     try:
-        return await start_session(user)
+        return await start_session(user, **changes)
     except NoCapacity:
         return None  # not registered yet
 
@@ -213,3 +250,129 @@ async def test_host_key_is_created_private_and_reused(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     again = load_or_create_host_key(path)
     assert again.export_public_key() == created.export_public_key()
+
+
+# ---- the session lifecycle --------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def lone_control_plane(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[ControlPlane]:
+    """A control plane of its own: no runner of another test can be chosen for its sessions."""
+    settings = ServerSettings(data_dir=tmp_path_factory.mktemp("server"), port=_free_port())
+    plane = ControlPlane(settings)
+    await plane.start()
+    try:
+        yield plane
+    finally:
+        await plane.stop()
+
+
+class RunningRunner:
+    """`run_runner` in a task that a test can stop and start again (a runner restart)."""
+
+    def __init__(self, settings: RunnerSettings) -> None:
+        self.settings = settings
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Task[None]:
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(run_runner(self.settings, self._stop))
+        return self._task
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._stop.set()
+            await asyncio.wait_for(self._task, 120)
+            self._task = None
+
+
+async def test_runner_follows_activity_idle_takeover_and_its_own_restart(
+    lone_control_plane: ControlPlane, make_settings: MakeSettings
+) -> None:
+    plane = lone_control_plane
+    tokens = await asyncio.to_thread(bootstrap_module.bootstrap, plane.settings)
+    settings = make_settings(
+        server_url=plane.url,
+        token=tokens.runner_token,
+        name=f"runner-{uuid.uuid4().hex[:6]}",
+        ssh_port=_free_port(),
+        pool_size=1,
+        capacity=2,
+    )
+    runner = RunningRunner(settings)
+    task = runner.start()
+    user = UserClient(plane.url, tokens.admin_token)
+    try:
+        session, key_a = await async_wait_until(
+            lambda: _try_start_session(user, task, client_name="laptop-a"),
+            60,
+            "the runner to take sessions",
+        )
+        await async_wait_until(
+            lambda: _is(state_of(user, session.id), SessionState.ACTIVE), 60, "active session"
+        )
+        conn_a = await connect_ssh(session, key_a)
+        env = _env_of(settings, await engine_info(conn_a))
+
+        # A running container is activity: the runner's heartbeats alone move the session's
+        # last activity (no agent reports anything here).
+        await asyncio.to_thread(build_test_image, f"unix://{env.engine_socket}")
+        await docker(env, "run", "-d", "--name", "worker", TEST_IMAGE, "sleep", "300")
+        mark = datetime.now(UTC)
+        await async_wait_until(
+            lambda: _activity_after(user, session.id, mark), 30, "running container reported"
+        )
+        usage = await user.usage()
+        assert TEST_IMAGE in [i.image for i in usage.top_images]
+
+        # Idle: the runner pauses the session's containers; activity within grace thaws them.
+        await user.idle_session(session.id)
+        await async_wait_until(lambda: _paused_is(env, "true"), 30, "containers paused")
+        await user.report_activity(session.id, ActivityReport(api_calls=1))
+        await async_wait_until(lambda: _paused_is(env, "false"), 30, "containers thawed")
+
+        # Takeover from another machine: the old key's connection is closed, the old key is
+        # refused though its certificate is still valid, and the new key is served.
+        taken, key_b = await start_session(user, client_name="laptop-b", takeover=True)
+        assert taken.id == session.id
+        await asyncio.wait_for(conn_a.wait_closed(), 30)
+        with pytest.raises((asyncssh.Error, OSError)):
+            await engine_info_over_ssh(session, key_a)
+        assert _env_of(settings, await engine_info_over_ssh(taken, key_b)).id == env.id
+
+        # A runner restart wipes its engines: the session ends failed, saying why.
+        await runner.stop()
+        task = runner.start()
+        ended = await async_wait_until(
+            lambda: _ended(user, session.id), 60, "the session to end after the restart"
+        )
+        assert ended.state is SessionState.FAILED
+        assert ended.end_reason is not None and "runner restarted" in ended.end_reason
+    finally:
+        await runner.stop()
+        await user.aclose()
+    assert leftovers(settings, env.id) == []
+
+
+def _env_of(settings: RunnerSettings, info: dict[str, object]) -> Environment:
+    """The environment behind an engine's /info (its data-root names it), for the docker CLI."""
+    env_id = Path(str(info["DockerRootDir"])).parent.name
+    paths = EnvPaths.of(settings, env_id)
+    return Environment(env_id, paths.socket, paths.mount_area, paths.netns, InstanceSpec())
+
+
+async def _activity_after(user: UserClient, session_id: str, mark: datetime) -> bool:
+    last = (await user.get_session(session_id)).last_activity_at
+    return last is not None and last > mark
+
+
+async def _paused_is(env: Environment, expected: str) -> bool:
+    return (await docker(env, "inspect", "-f", "{{.State.Paused}}", "worker")).out == expected
+
+
+async def _ended(user: UserClient, session_id: str) -> SessionInfo | None:
+    info = await user.get_session(session_id)
+    return None if info.state.live else info

@@ -14,7 +14,14 @@ from offload.core.config import RunnerSettings
 from offload.core.errors import EnvironmentError_
 from offload.runner import cgroups, netns
 from offload.runner.driver import Environment, EnvState
-from offload.runner.environment import DockerdDriver, EnvPaths, cleanup_orphans
+from offload.runner.environment import (
+    DockerdDriver,
+    EnvPaths,
+    cleanup_orphans,
+    contents_of,
+    image_name,
+    read_contents,
+)
 from tests.integration.runner.conftest import SMALL, MakeSettings, docker, leftovers
 from tests.integration.runner.standin_policy import PermissiveStandInPolicy
 from tests.support.images import TEST_IMAGE, build_test_image
@@ -109,6 +116,56 @@ async def test_pause_freezes_running_containers_and_resume_thaws_them(
     assert await paused(env, "frozen-by-idle") == "false"
     # What the user paused stays paused: resume thaws only what pause froze.
     assert await paused(env, "paused-by-user") == "true"
+
+
+async def test_pause_twice_keeps_what_it_froze_and_freezes_newcomers(
+    driver: DockerdDriver, env: Environment
+) -> None:
+    await run_sleeper(env, "first-frozen")
+    await driver.pause(env)
+    await run_sleeper(env, "started-while-paused")  # e.g. a restart policy brought it back
+
+    await driver.pause(env)
+
+    assert await paused(env, "first-frozen") == "true"
+    assert await paused(env, "started-while-paused") == "true"
+    await driver.resume(env)
+    assert await paused(env, "first-frozen") == "false"
+    assert await paused(env, "started-while-paused") == "false"
+
+
+async def test_contents_count_running_not_paused_and_name_images(env: Environment) -> None:
+    await run_sleeper(env, "contents-running")
+    await run_sleeper(env, "contents-paused")
+    await docker(env, "pause", "contents-paused")
+    await docker(env, "create", "--name", "contents-created", TEST_IMAGE)
+    image_id = (await docker(env, "image", "inspect", "-f", "{{.Id}}", TEST_IMAGE)).out
+    await docker(env, "create", "--name", "contents-by-id", image_id.removeprefix("sha256:")[:12])
+    running = (await docker(env, "ps", "-q", "--filter", "status=running")).out.split()
+    everything = (await docker(env, "ps", "-aq")).out.split()
+
+    contents = await read_contents(env, timeout_s=5.0)
+
+    assert contents.running == len(running)  # the paused one is not running
+    assert contents.total == len(everything)
+    # One name per image, repo:tag; a container created by image id names none.
+    assert contents.images == [TEST_IMAGE]
+    await docker(env, "unpause", "contents-paused")
+
+
+async def test_image_names_are_repo_tag_and_never_bare_ids() -> None:
+    image_id = "sha256:" + "ab" * 32
+    assert image_name({"Image": "busybox", "ImageID": image_id}) == "busybox:latest"
+    assert image_name({"Image": "reg:5000/team/app", "ImageID": image_id}) == (
+        "reg:5000/team/app:latest"
+    )
+    assert image_name({"Image": "app:1.2", "ImageID": image_id}) == "app:1.2"
+    assert image_name({"Image": "app@sha256:" + "cd" * 32, "ImageID": image_id}).startswith("app@")
+    assert image_name({"Image": image_id, "ImageID": image_id}) is None
+    assert image_name({"Image": "abababababab", "ImageID": image_id}) is None
+    many = [{"Image": f"img{i}:v", "State": "exited"} for i in range(150)] * 2
+    listed = contents_of(many)
+    assert (listed.running, listed.total, len(listed.images)) == (0, 300, 100)
 
 
 async def test_two_environments_are_isolated(driver: DockerdDriver, env: Environment) -> None:
