@@ -1,0 +1,339 @@
+"""Safe resolution of relative paths inside one root directory, openat-style.
+
+Every operation walks from the root's directory descriptor one component at a time with
+`O_NOFOLLOW | O_DIRECTORY`, so a symlink anywhere in the intermediate components is refused
+instead of followed; the last component is acted on through its parent's descriptor without
+following it either. Paths themselves must be relative, with no empty, `.` or `..` component.
+
+Symlinks this module creates must stay inside the root: their target is relative, climbs with
+leading `..` only as far as the link's own depth allows, and has no `..` after a name (where the
+kernel would climb from wherever an earlier symlink led).
+
+The runner's sync endpoint writes only through this module, so a container that plants
+`../`, absolute names or symlinks into its mount area cannot make the runner write, read or
+link outside that area.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from offload.core.errors import PermissionDenied
+from offload.sync.protocol import Entry
+
+log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_NAME = 255
+_MAX_PATH = 4096
+
+
+class PathRefused(PermissionDenied):
+    """A path or symlink that would leave the synced root: refused, logged, never acted on."""
+
+    code = "path_refused"
+    default_fix = (
+        "Keep synced files inside the mounted directory: no `..`, no absolute paths and no "
+        "symlinks that point outside it."
+    )
+
+
+def split_rel(rel: str) -> list[str]:
+    """The components of a relative path, or PathRefused."""
+    if not isinstance(rel, str) or not rel or len(rel) > _MAX_PATH:
+        raise PathRefused(f"refused path {rel!r}: empty or too long")
+    if rel.startswith("/") or "\0" in rel:
+        raise PathRefused(f"refused path {rel!r}: absolute or with a NUL byte")
+    parts = rel.split("/")
+    for part in parts:
+        if part in ("", ".", "..") or len(part.encode(errors="surrogateescape")) > _MAX_NAME:
+            raise PathRefused(f"refused path {rel!r}: `{part}` is not a plain name")
+    return parts
+
+
+def check_link_target(rel: str, target: str) -> None:
+    """Refuse a symlink at `rel` whose target could resolve outside the root."""
+    depth = len(split_rel(rel)) - 1  # directories between the root and the link
+    if not target or target.startswith("/") or "\0" in target:
+        raise PathRefused(f"refused symlink {rel!r} -> {target!r}: absolute or empty target")
+    climbing = True
+    ups = 0
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not climbing:
+                raise PathRefused(
+                    f"refused symlink {rel!r} -> {target!r}: `..` after a name could climb "
+                    "out through another symlink"
+                )
+            ups += 1
+        else:
+            climbing = False
+    if ups > depth:
+        raise PathRefused(f"refused symlink {rel!r} -> {target!r}: points outside the root")
+
+
+def entry_from_stat(st: os.stat_result, target: str | None = None) -> Entry | None:
+    """The sync entry of a stat result; None for what is never synced (sockets, devices, fifos)."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return Entry("f", st.st_size, st.st_mtime_ns, stat.S_IMODE(mode) & 0o777)
+    if stat.S_ISDIR(mode):
+        return Entry("d", 0, 0, stat.S_IMODE(mode) & 0o777)
+    if stat.S_ISLNK(mode):
+        return Entry("l", 0, 0, 0, target)
+    return None
+
+
+class SafeRoot:
+    """A directory opened once; every path below it is reached without following symlinks."""
+
+    def __init__(self, path: Path, fd: int | None = None) -> None:
+        self.path = Path(path)
+        self.fd = fd if fd is not None else os.open(self.path, _DIR_FLAGS)
+
+    @classmethod
+    def open_child(cls, parent: SafeRoot, name: str, create: bool = True) -> SafeRoot:
+        """`parent/name` as a root of its own (a plain name, never a symlink)."""
+        split_rel(name)
+        if "/" in name:
+            raise PathRefused(f"refused root {name!r}: not a single name")
+        if create:
+            try:
+                os.mkdir(name, 0o755, dir_fd=parent.fd)
+            except FileExistsError:
+                pass
+        fd = _open_dir(parent.fd, name, name)
+        return cls(parent.path / name, fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> SafeRoot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- walking --------------------------------------------------------------------------
+
+    @contextmanager
+    def parent(self, rel: str, create: bool = False) -> Iterator[tuple[int, str]]:
+        """(descriptor of rel's directory, last name); creates missing directories if asked."""
+        parts = split_rel(rel)
+        fd = self.fd
+        opened: list[int] = []
+        try:
+            for i, part in enumerate(parts[:-1]):
+                if create:
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                fd = _open_dir(fd, part, "/".join(parts[: i + 1]))
+                opened.append(fd)
+            yield fd, parts[-1]
+        finally:
+            for d in reversed(opened):
+                os.close(d)
+
+    @contextmanager
+    def directory(self, rel: str) -> Iterator[int]:
+        """A descriptor of the directory `rel` ("" is the root itself)."""
+        if not rel:
+            yield self.fd
+            return
+        with self.parent(rel) as (pfd, name):
+            fd = _open_dir(pfd, name, rel)
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def lstat(self, rel: str) -> os.stat_result | None:
+        try:
+            with self.parent(rel) as (pfd, name):
+                return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def entry(self, rel: str) -> Entry | None:
+        """What `rel` is now, or None if nothing (or nothing syncable) is there."""
+        try:
+            with self.parent(rel) as (pfd, name):
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                target = os.readlink(name, dir_fd=pfd) if stat.S_ISLNK(st.st_mode) else None
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return entry_from_stat(st, target)
+
+    def open_read(self, rel: str) -> int:
+        """A read descriptor on the regular file `rel`; a symlink there is refused, not followed."""
+        with self.parent(rel) as (pfd, name):
+            try:
+                fd = os.open(
+                    name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd
+                )
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise _refused(self, rel, "is a symlink, not a file") from None
+                raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _refused(self, rel, "is not a regular file")
+        return fd
+
+    # ---- writing --------------------------------------------------------------------------
+
+    def create_temp(self, rel: str, counter: int) -> tuple[int, int, str, str]:
+        """(file fd, parent fd, temp name, final name): a new file next to `rel`, to rename over it."""
+        from offload.sync.protocol import TEMP_PREFIX
+
+        with self.parent(rel, create=True) as (pfd, name):
+            own_pfd = os.dup(pfd)
+        tmp = f"{TEMP_PREFIX}{os.getpid()}-{counter}"
+        try:
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=own_pfd,
+            )
+        except BaseException:
+            os.close(own_pfd)
+            raise
+        return fd, own_pfd, tmp, name
+
+    def open_in_place(self, rel: str) -> tuple[int, int, str]:
+        """(file fd, parent fd, name): `rel` truncated for writing in place (single-file mounts)."""
+        with self.parent(rel, create=True) as (pfd, name):
+            own_pfd = os.dup(pfd)
+        try:
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=own_pfd,
+            )
+        except OSError as exc:
+            os.close(own_pfd)
+            if exc.errno == errno.ELOOP:
+                raise _refused(self, rel, "is a symlink, not a file") from None
+            raise
+        return fd, own_pfd, name
+
+    def mkdir(self, rel: str, mode: int) -> None:
+        with self.parent(rel, create=True) as (pfd, name):
+            try:
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise
+            fd = _open_dir(pfd, name, rel)
+            try:
+                os.fchmod(fd, mode & 0o777)
+            finally:
+                os.close(fd)
+
+    def symlink(self, rel: str, target: str, counter: int) -> None:
+        """Create or replace the symlink `rel` (atomically), after checking where it points."""
+        try:
+            check_link_target(rel, target)
+        except PathRefused as exc:
+            log.warning("sync root %s: %s", self.path, exc.message)
+            raise
+        from offload.sync.protocol import TEMP_PREFIX
+
+        with self.parent(rel, create=True) as (pfd, name):
+            tmp = f"{TEMP_PREFIX}{os.getpid()}-{counter}"
+            os.symlink(target, tmp, dir_fd=pfd)
+            try:
+                os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            except BaseException:
+                os.unlink(tmp, dir_fd=pfd)
+                raise
+
+    def set_meta(self, rel: str, mode: int, mtime_ns: int | None) -> None:
+        """Permission bits and (files) mtime of `rel`, without following a symlink there."""
+        with self.parent(rel) as (pfd, name):
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                return
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            if stat.S_ISDIR(st.st_mode):
+                flags |= os.O_DIRECTORY
+            fd = os.open(name, flags, dir_fd=pfd)
+            try:
+                os.fchmod(fd, mode & 0o777)
+                if mtime_ns is not None and stat.S_ISREG(st.st_mode):
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+
+    def remove(self, rel: str) -> bool:
+        """Remove a file, symlink or *empty* directory; False if a non-empty directory stays."""
+        with self.parent(rel) as (pfd, name):
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return True
+            try:
+                if stat.S_ISDIR(st.st_mode):
+                    os.rmdir(name, dir_fd=pfd)
+                else:
+                    os.unlink(name, dir_fd=pfd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.ENOTEMPTY:
+                    return False
+                raise
+        return True
+
+    def move_out(self, rel: str, dest: SafeRoot, dest_name: str) -> None:
+        """Rename `rel` to `dest/dest_name` (same filesystem): how a conflict is kept aside."""
+        split_rel(dest_name)
+        with self.parent(rel) as (pfd, name):
+            os.rename(name, dest_name, src_dir_fd=pfd, dst_dir_fd=dest.fd)
+
+    def names(self, rel: str) -> list[str]:
+        """The names in directory `rel` (empty if it is gone)."""
+        try:
+            with self.directory(rel) as fd:
+                return os.listdir(fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+
+def _open_dir(dir_fd: int, name: str, rel: str) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:
+                raise exc from None
+            if stat.S_ISLNK(st.st_mode):
+                raise PathRefused(
+                    f"refused path {rel!r}: a symlink stands where a directory is expected"
+                ) from None
+        raise
+
+
+def _refused(root: SafeRoot, rel: str, why: str) -> PathRefused:
+    exc = PathRefused(f"refused path {rel!r}: {why}")
+    log.warning("sync root %s: %s", root.path, exc.message)
+    return exc
