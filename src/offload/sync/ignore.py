@@ -7,9 +7,9 @@ directories; `!` re-includes; the last matching pattern wins, and a pattern that
 directory matches everything below it. Unlike `.gitignore`, a pattern without a slash is *not*
 matched at every depth: `*.log` ignores `./x.log`, not `./sub/x.log` (write `**/*.log`).
 
-pathspec's gitwildmatch patterns, anchored at the root with a leading `/`, implement exactly
+pathspec's gitignore patterns, anchored at the root with a leading `/`, implement exactly
 those rules (parent matching, `**`, character classes, last match wins), so each Docker line
-becomes one anchored gitwildmatch pattern. `.offloadignore` is read after `.dockerignore`, so
+becomes one anchored gitignore pattern. `.offloadignore` is read after `.dockerignore`, so
 its `!` lines can bring back what the Docker build context leaves out.
 """
 
@@ -57,7 +57,7 @@ class IgnoreRules:
         anchored = [
             ("!/" + line[1:]) if line.startswith("!") else "/" + line for line in self.lines
         ]
-        self._spec = pathspec.PathSpec.from_lines("gitwildmatch", anchored)
+        self._spec = pathspec.PathSpec.from_lines("gitignore", anchored)
         self.has_exceptions = any(line.startswith("!") for line in self.lines)
 
     @classmethod

@@ -136,7 +136,7 @@ class _LaptopPeer(SyncPeer):
         out.append(Report("recheck", rel))
 
     def on_error(self, rel: str, message: str) -> None:
-        super().on_error(rel, message)
+        log.warning("sync of %s: %s: %s", self._owner.laptop_path, rel or ".", message)
         self._owner._record_error(rel, message)
 
     def on_conflict(self, rel: str, kept_at: str) -> None:

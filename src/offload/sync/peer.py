@@ -224,7 +224,7 @@ class SyncPeer:
     # hooks ----------------------------------------------------------------------------------
 
     def on_error(self, rel: str, message: str) -> None:
-        log.warning("sync %s: %s: %s", self.name, rel, message)
+        """An error applying or reading `rel` (already logged where it happened)."""
 
     def on_conflict(self, rel: str, kept_at: str) -> None:
         log.warning("sync %s: conflict on %s (other version kept at %s)", self.name, rel, kept_at)
@@ -262,8 +262,10 @@ class SyncPeer:
                 self._failed(kind, rel)
                 out.append(Report("error", rel, exc.message))
             except OSError as exc:
+                message = f"{exc.strerror or exc} ({_errname(exc)})"
+                log.warning("sync %s: %s: %s", self.name, rel, message)
                 self._failed(kind, rel)
-                out.append(Report("error", rel, f"{exc.strerror or exc} ({_errname(exc)})"))
+                out.append(Report("error", rel, message))
         return out
 
     def _failed(self, kind: Kind, rel: str) -> None:
@@ -529,6 +531,8 @@ class SyncPeer:
         """Ops that bring the other side from `base` to what these paths are now."""
         deletes: dict[str, Entry] = {}
         adds: dict[str, tuple[Entry, Entry | None]] = {}
+        if "" in paths:  # the watcher lost events: compare everything
+            paths = (paths - {""}) | set(self.base) | set(scan(self.root, self.ignore))
         for rel in paths:
             try:
                 split_rel(rel)

@@ -40,7 +40,7 @@ from offload.sync.protocol import (
     read_one,
 )
 from offload.sync.scanner import scan
-from offload.sync.watcher import DEBOUNCE_MS, STEP_MS, TreeWatcher
+from offload.sync.watcher import SafeTreeWatcher
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ class _RunnerPeer(SyncPeer):
                 return str(mine.path / name)
 
     def on_error(self, rel: str, message: str) -> None:
-        super().on_error(rel, message)
         self.send_reply(jframe(Kind.ERROR, {"p": rel, "message": message}))
 
     def on_conflict(self, rel: str, kept_at: str) -> None:
@@ -87,12 +86,9 @@ class _RunnerPeer(SyncPeer):
 class RemoteEndpoint:
     """Serves sync streams for one mount area (one session's environment)."""
 
-    def __init__(
-        self, mount_area: Path, *, debounce_ms: int = DEBOUNCE_MS, step_ms: int = STEP_MS
-    ) -> None:
+    def __init__(self, mount_area: Path, *, batch_ms: int = 5) -> None:
         self.mount_area = Path(mount_area)
-        self.debounce_ms = debounce_ms
-        self.step_ms = step_ms
+        self.batch_ms = batch_ms
         self.active: set[str] = set()  # subdirs being served now
 
     async def serve(self, reader: ByteReader, writer: ByteWriter) -> None:
@@ -118,7 +114,7 @@ class RemoteEndpoint:
         loop = asyncio.get_running_loop()
         area = await loop.run_in_executor(None, SafeRoot, self.mount_area)
         root: SafeRoot | None = None
-        watcher: TreeWatcher | None = None
+        watcher: SafeTreeWatcher | None = None
         peer: _RunnerPeer | None = None
         try:
             root = await loop.run_in_executor(None, SafeRoot.open_child, area, subdir)
@@ -127,9 +123,7 @@ class RemoteEndpoint:
                 in_place=ignore.only is not None,
             )  # fmt: skip
             if not read_only:
-                watcher = TreeWatcher(
-                    root.path, peer.mark_dirty, debounce_ms=self.debounce_ms, step_ms=self.step_ms
-                )
+                watcher = SafeTreeWatcher(root, ignore, peer.mark_dirty, batch_ms=self.batch_ms)
                 await peer.call(watcher.start)  # before the scan: nothing written is missed
             manifest = await peer.call(scan, root, ignore)
             peer.base = dict(manifest)

@@ -1,21 +1,39 @@
-"""Change events of one directory tree, from watchfiles' Rust notifier (inotify on Linux).
+"""Change events of one synced tree, delivered as sets of relative paths to the event loop.
 
-`RustNotify` is used directly rather than through `watchfiles.awatch` for one reason: its
-constructor returns once the watches are in place, so a sync can start watching *before* it
-scans and miss nothing in between. Each watcher blocks one dedicated thread (not the shared
-default executor, which many idle watchers would starve).
+Two watchers, one interface (`start()` blocking until the watches are in place, `run(loop)`,
+`stop()`):
+
+- `TreeWatcher` (the laptop): watchfiles' Rust notifier, which also works on macOS. It is used
+  through `RustNotify` directly rather than `awatch` because its constructor returns once the
+  watches are set, so a sync can watch *before* it scans and miss nothing. notify follows
+  symlinks in recursive mode (watchfiles 1.3 has no switch for it) and then reports a change
+  under the link's path; events are mapped back to the real path inside the root, and events
+  outside it are dropped.
+- `SafeTreeWatcher` (the runner): inotify through `inotify_simple`, never following a symlink.
+  A container can plant `ln -s / x` in its mount area; notify would then recursively watch the
+  whole host. Here every directory is opened with the no-follow walk of `SafeRoot` and watched
+  through `/proc/self/fd/N`, so only real directories inside the area are ever watched.
+
+Each watcher blocks one dedicated thread (not the shared default executor, which many idle
+watchers would starve).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from inotify_simple import INotify
+from inotify_simple import flags as iflags
 from watchfiles._rust_notify import RustNotify
+
+from offload.sync.ignore import IgnoreRules
+from offload.sync.paths import PathRefused, SafeRoot
 
 log = logging.getLogger(__name__)
 
@@ -23,35 +41,24 @@ log = logging.getLogger(__name__)
 # an editor's save lands in one batch and a single edit is visible within tens of ms.
 DEBOUNCE_MS = 100
 STEP_MS = 10
+FULL_RESCAN = ""  # delivered when events were lost: compare the whole tree
+
+OnPaths = Callable[[set[str]], None]
 
 
-class TreeWatcher:
-    """Calls `on_paths(set of relative paths)` on the event loop for every batch of changes."""
-
-    def __init__(
-        self,
-        root: Path,
-        on_paths: Callable[[set[str]], None],
-        *,
-        debounce_ms: int = DEBOUNCE_MS,
-        step_ms: int = STEP_MS,
-    ) -> None:
-        self.root = Path(os.path.realpath(root))
+class _ThreadedWatcher:
+    def __init__(self, name: str, on_paths: OnPaths) -> None:
+        self._name = name
         self._on_paths = on_paths
-        self._debounce_ms = debounce_ms
-        self._step_ms = step_ms
         self._stop = threading.Event()
-        self._notify: RustNotify | None = None
         self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Blocking (sets up the watches): call from a worker thread for big trees."""
-        self._notify = RustNotify([str(self.root)], False, False, 50, True, True)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def run(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start delivering events to `loop` from a dedicated thread."""
+        self._loop = loop
         self._thread = threading.Thread(
-            target=self._deliver, args=(loop,), name=f"offload-watch-{self.root.name}", daemon=True
+            target=self._deliver, name=f"offload-watch-{self._name}", daemon=True
         )
         self._thread.start()
 
@@ -60,13 +67,50 @@ class TreeWatcher:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        self._close()
+
+    def _emit(self, paths: set[str]) -> bool:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._on_paths, paths)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            return False
+        return True
+
+    def _deliver(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+class TreeWatcher(_ThreadedWatcher):
+    """The laptop's watcher (watchfiles)."""
+
+    def __init__(
+        self,
+        root: Path,
+        on_paths: OnPaths,
+        *,
+        debounce_ms: int = DEBOUNCE_MS,
+        step_ms: int = STEP_MS,
+    ) -> None:
+        super().__init__(Path(root).name, on_paths)
+        self.root = os.path.realpath(root)
+        self._debounce_ms = debounce_ms
+        self._step_ms = step_ms
+        self._notify: RustNotify | None = None
+
+    def start(self) -> None:
+        self._notify = RustNotify([self.root], False, False, 50, True, True)
+
+    def _close(self) -> None:
         if self._notify is not None:
             self._notify.close()
             self._notify = None
 
-    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _deliver(self) -> None:
         assert self._notify is not None
-        prefix = str(self.root) + "/"
         while not self._stop.is_set():
             try:
                 changes = self._notify.watch(self._debounce_ms, self._step_ms, 0, self._stop)
@@ -77,9 +121,141 @@ class TreeWatcher:
                 if changes == "stop":
                     return
                 continue
-            paths = {p[len(prefix) :] for _, p in changes if p.startswith(prefix)}
-            if paths:
+            paths = self._relative({p for _, p in changes})
+            if paths and not self._emit(paths):
+                return
+
+    def _relative(self, paths: set[str]) -> set[str]:
+        prefix = self.root + "/"
+        real_dirs: dict[str, str] = {}
+        out: set[str] = set()
+        for path in paths:
+            parent, name = os.path.split(path)
+            real = real_dirs.get(parent)
+            if real is None:
+                real = real_dirs[parent] = os.path.realpath(parent)
+            full = f"{real}/{name}"
+            if full.startswith(prefix):
+                out.add(full[len(prefix) :])
+            elif real == self.root:
+                out.add(name)
+        return out
+
+
+_MASK = (
+    iflags.CREATE
+    | iflags.DELETE
+    | iflags.MODIFY
+    | iflags.CLOSE_WRITE
+    | iflags.ATTRIB
+    | iflags.MOVED_FROM
+    | iflags.MOVED_TO
+    | iflags.ONLYDIR
+)
+
+
+class SafeTreeWatcher(_ThreadedWatcher):
+    """The runner's watcher: inotify on real directories only, reached without following links."""
+
+    def __init__(
+        self, root: SafeRoot, ignore: IgnoreRules, on_paths: OnPaths, *, batch_ms: int = 5
+    ) -> None:
+        super().__init__(root.path.name, on_paths)
+        self._root = root
+        self._ignore = ignore
+        self._batch_ms = batch_ms
+        self._inotify: INotify | None = None
+        self._dirs: dict[int, str] = {}  # watch descriptor -> relative directory ("" = root)
+        self._lock = threading.Lock()
+        self._full = False  # out of watches: fall back to... nothing better than a full rescan
+
+    def start(self) -> None:
+        self._inotify = INotify(inheritable=False)
+        self._watch_tree("")
+
+    def _close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+
+    def _watch_tree(self, rel: str) -> None:
+        try:
+            with self._root.directory(rel) as fd:
+                self._watch_fd(fd, rel)
+        except (FileNotFoundError, NotADirectoryError, PathRefused):
+            return  # gone, or a symlink now: not watched
+
+    def _watch_fd(self, fd: int, rel: str) -> None:
+        assert self._inotify is not None
+        try:
+            wd = self._inotify.add_watch(f"/proc/self/fd/{fd}", _MASK)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC and not self._full:
+                self._full = True
+                log.warning(
+                    "out of inotify watches under %s: changes below %r go unseen",
+                    self._root.path,
+                    rel,
+                )
+            return
+        self._dirs[wd] = rel
+        try:
+            names = [e.name for e in os.scandir(fd) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return
+        for name in names:
+            sub = f"{rel}/{name}" if rel else name
+            if self._ignore.prune(sub):
+                continue
+            try:
+                child = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError:
+                continue  # gone, or swapped for a symlink
+            try:
+                self._watch_fd(child, sub)
+            finally:
+                os.close(child)
+
+    def _forget(self, rel: str) -> None:
+        assert self._inotify is not None
+        prefix = rel + "/"
+        for wd, path in list(self._dirs.items()):
+            if path == rel or path.startswith(prefix):
+                del self._dirs[wd]
                 try:
-                    loop.call_soon_threadsafe(self._on_paths, paths)
-                except RuntimeError:  # the loop is closed: nobody listens any more
+                    self._inotify.rm_watch(wd)
+                except OSError:
+                    pass
+
+    def _deliver(self) -> None:
+        assert self._inotify is not None
+        while not self._stop.is_set():
+            try:
+                events = self._inotify.read(timeout=200, read_delay=self._batch_ms)
+            except OSError:
+                if self._stop.is_set():
                     return
+                log.exception("watching %s failed", self._root.path)
+                return
+            paths: set[str] = set()
+            for wd, mask, _, name in events:
+                if mask & iflags.Q_OVERFLOW:
+                    paths.add(FULL_RESCAN)
+                    continue
+                if mask & iflags.IGNORED:
+                    self._dirs.pop(wd, None)
+                    continue
+                base = self._dirs.get(wd)
+                if base is None or not name:
+                    continue
+                rel = f"{base}/{name}" if base else name
+                paths.add(rel)
+                if mask & iflags.ISDIR:
+                    if mask & (iflags.MOVED_FROM | iflags.DELETE):
+                        self._forget(rel)
+                    elif mask & (iflags.CREATE | iflags.MOVED_TO) and not self._ignore.prune(rel):
+                        self._watch_tree(rel)
+            if paths and not self._emit(paths):
+                return

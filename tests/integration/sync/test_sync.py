@@ -1,0 +1,204 @@
+"""Two-way sync over a real SSH link: initial sync, edits both ways, deletes, renames, `:ro`,
+ignore rules and status. Every wait is on a condition with a bound."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from offload.core.waiting import async_wait_until
+from offload.sync.status import SyncState
+
+from .support import SyncLink
+
+WAIT = 15.0
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_tree(root: Path) -> None:
+    (root / "src" / "pkg").mkdir(parents=True)
+    (root / "src" / "pkg" / "mod.py").write_text("print('hi')\n")
+    (root / "run.sh").write_text("#!/bin/sh\necho run\n")
+    os.chmod(root / "run.sh", 0o755)
+    (root / "empty" / "nested").mkdir(parents=True)
+    os.symlink("src/pkg/mod.py", root / "link-to-file")
+    os.symlink("../src", root / "empty" / "link-to-dir")
+    for i in range(200):
+        (root / "src" / f"f{i}.txt").write_text(f"file {i}\n" * (i + 1))
+
+
+async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        return bool(condition())
+
+    await async_wait_until(check, WAIT, what, interval=0.01)
+
+
+def same_content(a: Path, b: Path) -> bool:
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+
+
+async def test_initial_sync_copies_everything(link: SyncLink, laptop: Path) -> None:
+    make_tree(laptop)
+    big = laptop / "big.bin"
+    with big.open("wb") as fh:
+        for _ in range(50):
+            fh.write(os.urandom(1 << 20))
+    sync = await link.start_sync(laptop)
+    remote = link.remote()
+    # start() returns once everything is there: no wait needed.
+    assert sha256(remote / "big.bin") == sha256(big)
+    assert (remote / "src" / "pkg" / "mod.py").read_text() == "print('hi')\n"
+    assert os.stat(remote / "run.sh").st_mode & 0o777 == 0o755
+    assert os.stat(remote / "run.sh").st_mtime_ns == os.stat(laptop / "run.sh").st_mtime_ns
+    assert (remote / "empty" / "nested").is_dir() and not any(
+        (remote / "empty" / "nested").iterdir()
+    )
+    assert os.readlink(remote / "link-to-file") == "src/pkg/mod.py"
+    assert os.readlink(remote / "empty" / "link-to-dir") == "../src"
+    assert len(list((remote / "src").glob("f*.txt"))) == 200
+    status = sync.status()
+    assert status.state == SyncState.SYNCED and status.pending_files == 0 and not status.errors
+    assert status.remote_path == str(remote)
+    assert not [p for p in remote.rglob("*") if p.name.startswith(".offload-tmp-")]
+
+
+async def test_edits_travel_both_ways(link: SyncLink, laptop: Path) -> None:
+    make_tree(laptop)
+    await link.start_sync(laptop)
+    remote = link.remote()
+
+    (laptop / "src" / "pkg" / "mod.py").write_text("print('edited on the laptop')\n")
+    await until(
+        lambda: same_content(laptop / "src/pkg/mod.py", remote / "src/pkg/mod.py"), "laptop edit"
+    )
+
+    (remote / "out").mkdir()
+    (remote / "out" / "result.txt").write_text("written by the container\n")
+    await until(
+        lambda: same_content(remote / "out/result.txt", laptop / "out/result.txt"),
+        "container write",
+    )
+
+    os.chmod(laptop / "src" / "f1.txt", 0o750)
+    await until(lambda: os.stat(remote / "src/f1.txt").st_mode & 0o777 == 0o750, "exec bit")
+
+    os.symlink("pkg/mod.py", laptop / "src" / "new-link")
+    await until(lambda: os.path.islink(remote / "src/new-link"), "new symlink")
+    assert os.readlink(remote / "src" / "new-link") == "pkg/mod.py"
+
+    (laptop / "fresh" / "deep").mkdir(parents=True)
+    await until(lambda: (remote / "fresh" / "deep").is_dir(), "new empty directories")
+
+
+async def test_deletes_and_renames(link: SyncLink, laptop: Path) -> None:
+    make_tree(laptop)
+    await link.start_sync(laptop)
+    remote = link.remote()
+
+    (laptop / "src" / "f0.txt").unlink()
+    await until(lambda: not (remote / "src/f0.txt").exists(), "file delete")
+
+    (laptop / "src" / "f2.txt").rename(laptop / "src" / "renamed.txt")
+    await until(
+        lambda: (
+            same_content(laptop / "src/renamed.txt", remote / "src/renamed.txt")
+            and not (remote / "src/f2.txt").exists()
+        ),
+        "file rename",
+    )
+
+    (laptop / "src").rename(laptop / "moved")
+    await until(
+        lambda: not (remote / "src").exists() and (remote / "moved/pkg/mod.py").is_file(),
+        "directory rename",
+    )
+    assert len(list((remote / "moved").glob("f*.txt"))) == 198
+
+    # the container deletes and renames too
+    (remote / "moved" / "f10.txt").unlink()
+    (remote / "moved" / "f11.txt").rename(remote / "moved" / "eleven.txt")
+    await until(
+        lambda: (
+            not (laptop / "moved/f10.txt").exists()
+            and same_content(remote / "moved/eleven.txt", laptop / "moved/eleven.txt")
+            and not (laptop / "moved/f11.txt").exists()
+        ),
+        "container delete and rename",
+    )
+
+    for p in sorted((laptop / "empty").rglob("*"), reverse=True):
+        p.unlink() if p.is_symlink() or p.is_file() else p.rmdir()
+    (laptop / "empty").rmdir()
+    await until(lambda: not (remote / "empty").exists(), "tree delete")
+
+
+async def test_read_only_mount_syncs_one_way(link: SyncLink, laptop: Path) -> None:
+    make_tree(laptop)
+    sync = await link.start_sync(laptop, read_only=True)
+    remote = link.remote()
+    (remote / "container-wrote.txt").write_text("should stay on the runner")
+    (laptop / "laptop-wrote.txt").write_text("goes to the runner")
+    await until(lambda: (remote / "laptop-wrote.txt").exists(), "laptop change")
+    await sync.flush()
+    assert not (laptop / "container-wrote.txt").exists()
+
+
+async def test_ignore_rules(link: SyncLink, laptop: Path) -> None:
+    make_tree(laptop)
+    (laptop / ".dockerignore").write_text("*.log\nbuild\n**/*.tmp\n")
+    (laptop / ".offloadignore").write_text("!keep.log\n")
+    (laptop / "a.log").write_text("ignored")
+    (laptop / "keep.log").write_text("kept by .offloadignore")
+    (laptop / "build").mkdir()
+    (laptop / "build" / "out.o").write_text("ignored")
+    (laptop / "src" / "x.tmp").write_text("ignored")
+    (laptop / "src" / "y.log").write_text("not ignored: *.log is for the root only")
+    sync = await link.start_sync(laptop)
+    remote = link.remote()
+    assert (remote / ".dockerignore").exists() and (remote / "keep.log").exists()
+    assert (remote / "src" / "y.log").exists()
+    assert not (remote / "a.log").exists() and not (remote / "build").exists()
+    assert not (remote / "src" / "x.tmp").exists()
+
+    # ignored both ways: the container's build output stays on the runner
+    (remote / "build").mkdir()
+    (remote / "build" / "big.o").write_text("runner only")
+    (laptop / "b.log").write_text("ignored")
+    (laptop / "marker.txt").write_text("not ignored")
+    await until(lambda: (remote / "marker.txt").exists(), "a change after the ignored ones")
+    await sync.flush()
+    assert not (remote / "b.log").exists()
+    assert not (laptop / "build" / "big.o").exists()
+
+
+async def test_status_reports_pending_and_errors(link: SyncLink, laptop: Path) -> None:
+    (laptop / "a.txt").write_text("a")
+    sync = await link.start_sync(laptop)
+    assert sync.status().state == SyncState.SYNCED
+
+    # A change noticed and not yet confirmed is pending (marked the way the watcher does).
+    assert sync._peer is not None
+    sync._peer.mark_dirty({"a.txt"})
+    snapshot = sync.status()
+    assert snapshot.state == SyncState.PENDING and snapshot.pending_files >= 1
+    await sync.flush()
+    await until(lambda: sync.status().pending_files == 0, "pending drained")
+
+    os.symlink("/etc/passwd", laptop / "escape")  # the runner refuses to create it
+    await until(lambda: sync.status().errors, "the refused symlink reported")
+    snapshot = sync.status()
+    assert snapshot.state == SyncState.ERROR
+    assert snapshot.errors[-1].path == "escape" and "outside" in snapshot.errors[-1].message
+    assert not os.path.lexists(link.remote() / "escape")
