@@ -6,9 +6,12 @@ after `offload start` wrote the session file. It
 - connects the session's tunnel and keeps it up, renewing the session certificate before it
   expires (in the background, and on every reconnect when it is close to expiry);
 - serves the Docker API on `ClientPaths.agent_socket`;
+- tells the control plane about Docker activity (`offload.agent.activity`) and follows the
+  session's lifecycle: tunnel suspended while idle, resumed, or a new session once the old one
+  was wiped (`offload.agent.keeper`);
 - writes `AgentState` to `ClientPaths.agent_state_file` whenever something changes, for
   `offload status` and `offload start`;
-- once the control plane says the session is gone, answers every Docker request with
+- once the user stopped the session elsewhere, answers every Docker request with
   "Offload: session ended…" until it is stopped (SIGTERM/SIGINT).
 
 Certificates and tokens never reach the log.
@@ -29,6 +32,14 @@ from pathlib import Path
 import asyncssh
 from asyncssh.public_key import SSHOpenSSHCertificate
 
+from offload.agent.activity import ActivityReporter, ActivityTracker
+from offload.agent.keeper import (
+    SESSION_ENDED,
+    AgentSettings,
+    SessionEnded,
+    SessionKeeper,
+    SessionMoved,
+)
 from offload.agent.proxy import AgentProxy
 from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
 from offload.agent.tunnel import Tunnel, TunnelTarget
@@ -39,17 +50,14 @@ from offload.core.schemas import SessionInfo
 
 log = logging.getLogger("offload.agent")
 
-SESSION_ENDED = "Offload: session ended. Run `docker offload start`."
+__all__ = ["SESSION_ENDED", "Credentials", "SessionEnded", "certificate_validity", "run_agent"]
+
 # Renew when less than this share of the certificate's validity is left.
 RENEW_FRACTION = 1 / 3
 RENEW_RETRY_S = 30.0
 MIN_RENEW_INTERVAL_S = 60.0
 # Connection counts change on every docker command: write the state file at most this often.
 STATE_WRITE_DELAY_S = 0.5
-
-
-class SessionEnded(NotFound):
-    """The control plane no longer knows this session as live."""
 
 
 class Credentials:
@@ -67,6 +75,8 @@ class Credentials:
         self._key_path = private_key_path
         self._wall_clock = wall_clock
         self._lock = asyncio.Lock()
+        # This laptop's name: a live session held by another name was taken over.
+        self.client_name: str | None = None
 
     def target(self) -> TunnelTarget:
         session = self.session
@@ -128,7 +138,9 @@ class Credentials:
 
     def _check_live(self, session: SessionInfo) -> None:
         if not session.state.live:
-            raise SessionEnded(SESSION_ENDED)
+            raise SessionEnded(SESSION_ENDED, session)
+        if self.client_name and session.client_name and session.client_name != self.client_name:
+            raise SessionMoved(session.client_name)
 
 
 def certificate_validity(certificate: str) -> tuple[float, float]:
@@ -144,7 +156,7 @@ def _public_key_line(key_path: Path) -> str:
     return asyncssh.read_private_key(key_path).export_public_key().decode().strip()
 
 
-class _StateWriter:
+class StateWriter:
     """Keeps `agent.json` in step with the tunnel and proxy, without writing on every byte."""
 
     def __init__(self, paths: ClientPaths, session_id: str) -> None:
@@ -161,6 +173,7 @@ class _StateWriter:
     def tunnel_changed(self, tunnel: Tunnel) -> None:
         was = self.state.connected
         self.state.connected = tunnel.connected
+        self.state.suspended = tunnel.suspended
         self.state.last_error = tunnel.last_error
         if tunnel.connected and not was:
             self.state.connected_since = datetime.now(UTC)
@@ -198,11 +211,20 @@ def _load(paths: ClientPaths) -> tuple[ClientConfig, SessionFile]:
 
 
 async def _renew_in_background(
-    credentials: Credentials, tunnel: Tunnel, stop: asyncio.Event, wall_clock: Callable[[], float]
+    credentials: Credentials,
+    tunnel: Tunnel,
+    keeper: SessionKeeper,
+    stop: asyncio.Event,
+    wall_clock: Callable[[], float],
 ) -> None:
     """Renew the certificate when it enters its last third, so reconnects never wait on it."""
     minimum = 0.0
     while not stop.is_set():
+        if keeper.ended is not None or keeper.moved_to is not None:
+            # Nothing to renew until a Docker request starts a new session.
+            if await _wait(stop, RENEW_RETRY_S):
+                return
+            continue
         # At least a minute between renewals: a laptop clock far ahead of the control plane's
         # would otherwise see every fresh certificate as due and renew in a loop.
         delay = max(minimum, credentials.renew_at() - wall_clock())
@@ -211,9 +233,10 @@ async def _renew_in_background(
         minimum = MIN_RENEW_INTERVAL_S
         try:
             await credentials.renew()
-            tunnel.target = credentials.target()
-        except SessionEnded:
-            return  # the tunnel's next reconnect learns it too; nothing left to renew
+            if not tunnel.suspended:
+                tunnel.target = credentials.target()
+        except (SessionEnded, SessionMoved) as exc:
+            keeper.tunnel_gave_up(exc)
         except OffloadError as exc:
             log.warning("certificate renewal failed: %s", exc.message)
             if await _wait(stop, RENEW_RETRY_S):
@@ -244,9 +267,11 @@ async def run_agent(
     *,
     wall_clock: Callable[[], float] = time.time,
     tunnel_options: dict[str, float] | None = None,
+    settings: AgentSettings | None = None,
 ) -> None:
     """Serve the session in `paths.session_file` until `stop` is set (or SIGTERM/SIGINT)."""
     config, session_file = _load(paths)
+    settings = settings or AgentSettings()
     if stop is None:
         stop = asyncio.Event()
         _install_signal_handlers(stop)
@@ -255,63 +280,90 @@ async def run_agent(
     credentials = Credentials(
         client, session_file.session, Path(session_file.private_key_path), wall_clock
     )
-    state = _StateWriter(paths, session_id)
+    state = StateWriter(paths, session_id)
     tunnel = Tunnel(
         credentials.target(),
         credentials.fresh_target,
         on_change=state.tunnel_changed,
         **(tunnel_options or {}),  # type: ignore[arg-type]
     )
-    proxy = AgentProxy(paths.agent_socket, tunnel)
+    tracker = ActivityTracker(stream_after_s=settings.stream_after_s)
+    proxy = AgentProxy(paths.agent_socket, tunnel, tracker=tracker)
     proxy.on_change = state.proxy_changed
+    keeper = SessionKeeper(
+        paths=paths,
+        session_file=session_file,
+        client=client,
+        credentials=credentials,
+        tunnel=tunnel,
+        tracker=tracker,
+        state=state,
+        refuse_all=proxy.refuse_all,
+        settings=settings,
+    )
+    proxy.gate = keeper
+    reporter = ActivityReporter(
+        tracker,
+        keeper.send_report,
+        min_interval_s=settings.report_min_interval_s,
+        keepalive_s=settings.keepalive_report_s,
+    )
+
+    def on_quiet(quiet: bool) -> None:
+        state.state.activity_quiet = quiet
+        state.write()
+
+    reporter.on_quiet = on_quiet
 
     def on_tunnel_change(t: Tunnel) -> None:
         state.tunnel_changed(t)
-        if isinstance(t.failed, NotFound):
-            proxy.refuse_all(SESSION_ENDED)
+        if t.failed is not None:
+            keeper.tunnel_gave_up(t.failed)
 
     tunnel.on_change = on_tunnel_change
     state.write()
     log.info("agent for session %s starting (pid %s)", session_id, os.getpid())
-    renewer: asyncio.Task[None] | None = None
+    background: list[asyncio.Task[None]] = []
     try:
         await proxy.start()
-        if await _usable(credentials, tunnel):
+        if await _usable(credentials, tunnel, keeper):
             await tunnel.start()
-            renewer = asyncio.create_task(
-                _renew_in_background(credentials, tunnel, stop, wall_clock)
-            )
-        else:
-            proxy.refuse_all(SESSION_ENDED)
-            state.state.last_error = SESSION_ENDED
-            state.write()
-            log.error("the session has ended; answering Docker requests with that")
+        background = [
+            asyncio.create_task(
+                _renew_in_background(credentials, tunnel, keeper, stop, wall_clock)
+            ),
+            asyncio.create_task(reporter.run()),
+            asyncio.create_task(keeper.poll()),
+        ]
         await stop.wait()
         log.info("agent stopping")
     finally:
-        if renewer is not None:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await keeper.close()
         await proxy.stop()
         await tunnel.close()
         await client.aclose()
         state.state.connected = False
         state.state.connected_since = None
         state.state.open_connections = 0
+        state.state.suspended = False
         state.state.last_error = "the agent stopped"
         state.write()
         log.info("agent stopped")
 
 
-async def _usable(credentials: Credentials, tunnel: Tunnel) -> bool:
-    """False if the session has ended. A certificate read from an old session file may have
-    expired: renew it before the first connection."""
+async def _usable(credentials: Credentials, tunnel: Tunnel, keeper: SessionKeeper) -> bool:
+    """False if the session has ended (the keeper knows then). A certificate read from an old
+    session file may have expired: renew it before the first connection."""
     if not credentials.needs_renewal():
         return True
     try:
         await credentials.renew()
         tunnel.target = credentials.target()
-    except SessionEnded:
+    except (SessionEnded, SessionMoved) as exc:
+        keeper.tunnel_gave_up(exc)
         return False
     except OffloadError as exc:
         log.warning("certificate renewal failed: %s", exc.message)  # the tunnel retries
@@ -326,6 +378,8 @@ def _setup_logging() -> None:
     )
     # asyncssh logs every channel at INFO: keep the agent log about what matters.
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    # httpx logs every request at INFO: the session poll alone would fill the log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def main() -> None:

@@ -9,6 +9,11 @@ ends once both directions are done or either side goes away.
 When the tunnel is down (or a channel cannot open) the client still gets an answer it can show:
 the request head is read and answered with a 503 whose JSON `message` the docker CLI prints as
 `Error response from daemon: Offload: …`.
+
+Every chunk is also shown to the connection's `ConnectionWatch` (offload.agent.activity), which
+peeks at request lines and response heads to tell what counts as activity. While the session is
+idle (tunnel suspended) or has ended, a new connection is held while the `gate` wakes the session
+up (resume, or a new session), then spliced as usual: the user's command just works.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import asyncssh
 
+from offload.agent.activity import ActivityTracker
 from offload.agent.tunnel import Tunnel
 from offload.core.errors import OffloadError
 
@@ -45,6 +52,15 @@ class ActivitySnapshot:
     last_activity: float | None  # on the proxy's clock (monotonic); None: nothing yet
 
 
+class Gate(Protocol):
+    """Wakes the session up before a connection is spliced (the agent's SessionKeeper)."""
+
+    def needs_wake(self) -> bool: ...
+
+    async def wake(self) -> None:
+        """Make the tunnel usable; an OffloadError is the client's answer."""
+
+
 class AgentProxy:
     def __init__(
         self,
@@ -52,10 +68,14 @@ class AgentProxy:
         tunnel: Tunnel,
         *,
         clock: Callable[[], float] = time.monotonic,
+        tracker: ActivityTracker | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.tunnel = tunnel
         self._clock = clock
+        self.tracker = tracker or ActivityTracker(clock)
+        self.gate = gate
         self._server: asyncio.AbstractServer | None = None
         self._pipes: set[_ClientPipe] = set()
         self._total = 0
@@ -141,6 +161,7 @@ class _ClientPipe(asyncio.Protocol):
         self._client_eof = False
         self._engine_eof = False
         self._refusing: str | None = None  # the 503 message, once refusing
+        self._watch = proxy.tracker.opened()
 
     # ---- client socket side ---------------------------------------------------------------
 
@@ -150,15 +171,20 @@ class _ClientPipe(asyncio.Protocol):
         self._transport = transport
         self._proxy._opened(self)
         proxy = self._proxy
+        loop = asyncio.get_running_loop()
+        if proxy._refusal is None and proxy.gate is not None and proxy.gate.needs_wake():
+            loop.create_task(self._wake_then_open(proxy.gate))
+            return
         if proxy._refusal is not None or not proxy.tunnel.connected:
             if not proxy.tunnel.connected:
                 proxy.tunnel.kick()
             self._refuse(proxy._unavailable_message(_tunnel_reason(proxy.tunnel)))
             return
-        asyncio.get_running_loop().create_task(self._open_channel())
+        loop.create_task(self._open_channel())
 
     def data_received(self, data: bytes) -> None:
         self._proxy._touch()
+        self._watch.client_bytes(data)
         if self._chan is not None:
             self._chan.write(data)
             return
@@ -192,6 +218,7 @@ class _ClientPipe(asyncio.Protocol):
         if self._chan is not None:
             self._chan.close()
             self._chan = None
+        self._watch.closed()
         self._proxy._closed(self)
 
     def abort(self) -> None:
@@ -199,6 +226,21 @@ class _ClientPipe(asyncio.Protocol):
             self._transport.abort()
 
     # ---- engine channel side --------------------------------------------------------------
+
+    async def _wake_then_open(self, gate: Gate) -> None:
+        """Hold the request (its bytes wait in `_pending`) while the session wakes up."""
+        try:
+            await gate.wake()
+        except OffloadError as exc:
+            fix = f" {exc.fix}" if exc.fix else ""
+            self._refuse(f"Offload: {exc.message.rstrip('.')}.{fix}")
+            return
+        if self._transport is None:
+            return  # the client gave up meanwhile
+        if self._proxy._refusal is not None:
+            self._refuse(self._proxy._refusal)
+            return
+        await self._open_channel()
 
     async def _open_channel(self) -> None:
         try:
@@ -219,6 +261,7 @@ class _ClientPipe(asyncio.Protocol):
 
     def engine_data(self, data: bytes) -> None:
         self._proxy._touch()
+        self._watch.engine_bytes(data)
         if self._transport is not None:
             self._transport.write(data)
 

@@ -3,6 +3,7 @@
 - config.json   `ClientConfig`  server URL, API token, default organisation (written by login/up)
 - session.json  `SessionFile`   the live session the CLI started, for the agent to connect to
 - run/agent.json `AgentState`   what the agent is doing, for `offload status`
+- run/notice-shown              the session whose replaced-session notice `offload status` showed
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from offload.core.schemas import SessionInfo
+from offload.core.config import ClientPaths
+from offload.core.schemas import Prompt, SessionInfo
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -31,6 +33,9 @@ class SessionFile(BaseModel):
     private_key_path: str
     account: str | None = None
     previous_docker_context: str | None = None
+    # What `start` asked for, so that the agent asks the same when it replaces an ended session.
+    client_name: str | None = None
+    idle_timeout_s: int | None = None
 
 
 class AgentState(BaseModel):
@@ -42,6 +47,24 @@ class AgentState(BaseModel):
     connected_since: datetime | None = None
     last_error: str | None = None
     open_connections: int = 0
+    # The session as the control plane last described it (answers to reports and polls).
+    session_state: str | None = None
+    suspended: bool = False  # tunnel closed while the session is idle
+    as_of: datetime | None = None  # when that answer came (laptop clock)
+    time_until_idle_s: float | None = None
+    fair_use_remaining_s: float | None = None
+    prompt: Prompt | None = None
+    warnings: list[str] = []
+    # Set when the agent replaced an ended session; `offload status` shows it once.
+    replaced_session_notice: str | None = None
+    moved_to: str | None = None  # the machine that took the session over
+    # True once every Docker request seen has been reported and nothing is in flight.
+    activity_quiet: bool = True
+
+
+def notice_marker(paths: ClientPaths) -> Path:
+    """Holds the id of the session whose replaced-session notice was already shown."""
+    return paths.agent_state_file.parent / "notice-shown"
 
 
 def write_model(path: Path, model: BaseModel) -> None:

@@ -8,6 +8,9 @@ When the connection drops, the tunnel reconnects with capped exponential backoff
 `credentials()` (when given) for a fresh target first, which is where the agent renews its
 certificate. A host key mismatch, a session that no longer exists or a refused sign-in are not
 retried: `failed` says why, and `docker` commands get that reason through the proxy.
+
+While the session is idle the agent `suspend`s the tunnel (connection closed, no reconnects) and
+`resume`s it when the next Docker request arrives.
 """
 
 from __future__ import annotations
@@ -106,7 +109,10 @@ class Tunnel:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._state_changed = asyncio.Event()
         self._closed = False
+        # Suspended while the session is idle: no connection and no reconnecting until resumed.
+        self.suspended = False
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -115,6 +121,7 @@ class Tunnel:
         return self._conn is not None
 
     def _changed(self) -> None:
+        self._state_changed.set()
         if self.on_change is not None:
             try:
                 self.on_change(self)
@@ -125,7 +132,7 @@ class Tunnel:
 
     async def start(self) -> None:
         """Start keeping the connection up, in the background; returns at once."""
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._keep_up())
 
     def kick(self) -> None:
@@ -135,15 +142,54 @@ class Tunnel:
     async def close(self) -> None:
         self._closed = True
         self._wake.set()
+        await self._stop_keeping_up()
+        self._changed()
+
+    async def suspend(self) -> None:
+        """Close the connection and stop reconnecting (the session went idle); `resume` undoes."""
+        self.suspended = True
+        await self._stop_keeping_up()
+        self.last_error = None
+        log.info("tunnel to runner suspended")
+        self._changed()
+
+    async def resume(self, target: TunnelTarget | None = None) -> None:
+        """Connect again after `suspend` or a give-up (optionally to a new target)."""
+        if target is not None:
+            self.target = target
+        self.suspended = False
+        self.failed = None
+        self.last_error = None
+        await self.start()
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Until the connection is up; raises what made the tunnel give up, or Unreachable."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._conn is None:
+            if self.failed is not None:
+                raise self.failed
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                reason = f" ({self.last_error})" if self.last_error else ""
+                raise Unreachable(
+                    f"the tunnel to the runner did not come up within {timeout:g}s{reason}"
+                )
+            self._state_changed.clear()
+            try:
+                await asyncio.wait_for(self._state_changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    async def _stop_keeping_up(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
             await conn.wait_closed()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        self._changed()
 
     async def _keep_up(self) -> None:
         delay = self.backoff_initial_s
@@ -288,6 +334,8 @@ class Tunnel:
 
     def _require_conn(self) -> asyncssh.SSHClientConnection:
         if self._conn is None:
+            if self.suspended:
+                raise Unreachable("the tunnel is suspended while the session is idle")
             if self.failed is not None:
                 raise Unreachable(self.failed.message)
             self.kick()
