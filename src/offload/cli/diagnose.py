@@ -205,6 +205,16 @@ async def _agent_check(paths: ClientPaths, session: SessionFile | None) -> Check
             "the agent is not running",
             f"Run `docker offload start` to reconnect; its log is {paths.agent_log}.",
         )
+    if agent.suspended or agent.session_state in ("terminated", "failed"):
+        # Pinging would wake the session up (resume, or a new session): report what the agent
+        # says instead.
+        what = "idle, tunnel suspended" if agent.suspended else "ended"
+        return Check(
+            "agent",
+            "pass",
+            f"pid {agent.pid}, session {what}: the next docker command "
+            + ("resumes it" if agent.suspended else "starts a new one"),
+        )
     if not await ping_engine(paths.agent_socket):
         return Check(
             "agent",

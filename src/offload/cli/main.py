@@ -21,8 +21,9 @@ from rich.table import Table
 from offload import __version__
 from offload.cli import embedded, session_ops
 from offload.cli.durations import format_duration, parse_bounded_duration, parse_duration
+from offload.core import schemas as sch
 from offload.core.config import DEFAULT_SERVER_PORT, DEFAULT_SSH_PORT, ClientPaths
-from offload.core.errors import OffloadError
+from offload.core.errors import InvalidInput, OffloadError
 
 T = TypeVar("T")
 
@@ -74,7 +75,8 @@ def _print_json(data: Any) -> None:
 @app.command()
 def start(
     account: Annotated[
-        str | None, typer.Option("--account", "-a", help="Organisation that pays (see `accounts`).")
+        str | None,
+        typer.Option("--account", "--org", "-a", help="Organisation that pays (see `accounts`)."),
     ] = None,
     gpu: Annotated[bool, typer.Option("--gpu", "-g", help="Ask for a GPU runner.")] = False,
     idle_timeout: Annotated[
@@ -84,6 +86,10 @@ def start(
     timeout: Annotated[
         str, typer.Option(help="How long to wait for the remote engine, e.g. 10s, 1m.")
     ] = "10s",
+    takeover: Annotated[
+        bool,
+        typer.Option("--takeover", help="Move your live session from another machine to this one."),
+    ] = False,
 ) -> None:
     """Start a session: a remote engine becomes your docker context `offload`."""
     paths = _paths()
@@ -97,7 +103,13 @@ def start(
         engine_timeout = parse_duration(timeout, "--timeout")
         with err.status("Starting Offload…") as spinner:
             return await session_ops.start(
-                paths, account, gpu, idle_s, engine_timeout, lambda m: spinner.update(m + "…")
+                paths,
+                account,
+                gpu,
+                idle_s,
+                engine_timeout,
+                lambda m: spinner.update(m + "…"),
+                takeover=takeover,
             )
 
     result = _run(work)
@@ -107,6 +119,8 @@ def start(
     if result.already_running:
         out.print(f"Offload is already started: session [bold]{session.id}[/].")
         return
+    if session.replaced_session_notice:
+        out.print(f"[bold]Note:[/] {session.replaced_session_notice}", highlight=False)
     runner = session.runner.name if session.runner else "?"
     out.print(f"[green]✓[/] Offload started: session [bold]{session.id}[/] on runner {runner}.")
     if result.context_switched:
@@ -170,6 +184,7 @@ def _show_status(data: dict[str, Any], format: OutputFormat) -> None:
         _print_json(data)
     else:
         out.print(_status_table(data))
+        _print_lifecycle(data)
         if data["agent"]["last_error"] and data["session_id"]:
             err.print(f"[yellow]Agent:[/] {data['agent']['last_error']}")
         if data["session_id"] and not data["agent"]["running"]:
@@ -178,12 +193,41 @@ def _show_status(data: dict[str, Any], format: OutputFormat) -> None:
             err.print("[yellow]Note:[/] DOCKER_HOST is set and overrides the docker context.")
 
 
+def _print_lifecycle(data: dict[str, Any]) -> None:
+    """What needs the user: the one-time notice, an open prompt, warnings."""
+    if data.get("replaced_session_notice"):
+        out.print(f"[bold]Note:[/] {data['replaced_session_notice']}", highlight=False)
+    prompt = data.get("prompt")
+    if prompt:
+        out.print(f"[bold yellow]Prompt:[/] {prompt['message']}", highlight=False)
+        out.print(
+            "  Answer with [bold]offload keep[/] (keep the session) or [bold]offload idle[/] "
+            f"(idle now); no answer by {_clock_time(prompt['expires_at'])} means idle.",
+            highlight=False,
+        )
+    for warning in data.get("warnings") or []:
+        out.print(f"[yellow]Warning:[/] {warning}", highlight=False)
+
+
+def _clock_time(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso).astimezone().strftime("%H:%M:%S")
+
+
+def _optional_duration(seconds: float | None) -> str | None:
+    return format_duration(seconds) if seconds is not None else None
+
+
 def _status_table(data: dict[str, Any]) -> Table:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
     uptime = data.get("uptime_s")
     idle = data.get("idle_timeout_s")
+    grace = data.get("grace_ends_at")
     rows = [
         ("Account", data["account"]),
         ("State", data["state"]),
@@ -191,6 +235,13 @@ def _status_table(data: dict[str, Any]) -> Table:
         ("Started", data["session_start"]),
         ("Uptime", format_duration(uptime) if uptime is not None else None),
         ("Idle timeout", format_duration(idle) if idle else None),
+        ("Time until idle", _optional_duration(data.get("time_until_idle_s"))),
+        (
+            "Wiped at",
+            f"{_clock_time(grace)} unless a docker command resumes it" if grace else None,
+        ),
+        ("Fair use left", _optional_duration(data.get("fair_use_remaining_s"))),
+        ("Billed", _optional_duration(data.get("billed_s"))),
         ("GPU", "yes" if data["gpu"] else "no"),
         ("Control plane", data["server"]),
         ("Runner", data["runner"]),
@@ -202,6 +253,226 @@ def _status_table(data: dict[str, Any]) -> Table:
     for label, value in rows:
         table.add_row(label, "-" if value in (None, "") else str(value))
     return table
+
+
+# ---- lifecycle: prompts, usage, settings ----------------------------------------------------------
+
+
+@app.command()
+def keep() -> None:
+    """Keep the session going: answers the pending prompt with "keep"."""
+    result = _run(lambda: session_ops.keep(_paths()))
+    session = result.session
+    if result.answered is not None:
+        out.print(f"[green]✓[/] Kept session [bold]{session.id}[/] going.")
+    else:
+        out.print(f"No prompt was pending; session [bold]{session.id}[/] keeps going.")
+    if session.time_until_idle_s is not None:
+        out.print(
+            f"  It goes idle after {format_duration(session.time_until_idle_s)} without activity."
+        )
+
+
+@app.command()
+def idle() -> None:
+    """Let the session go idle now: containers paused, billing stops; docker commands resume it."""
+    result = _run(lambda: session_ops.idle(_paths()))
+    session = result.session
+    out.print(f"[green]✓[/] Session [bold]{session.id}[/] is idle; billing stopped.")
+    if session.grace_ends_at is not None:
+        out.print(
+            f"  Its environment is kept until {_clock_time(session.grace_ends_at.isoformat())}; "
+            "any docker command before then resumes it."
+        )
+
+
+@app.command()
+def usage(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Your recent sessions and total time, top images, active sessions and this month's usage."""
+    report = _run(lambda: session_ops.usage(_paths()))
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+        return
+    from offload.cli import usage_view
+
+    for renderable in usage_view.render(report):
+        out.print(renderable)
+
+
+def _idle_timeout_setting(text: str | None, option: str) -> tuple[bool, int | None]:
+    """(given, seconds): "default" or "none" clears the setting (back to the org's default)."""
+    if text is None:
+        return False, None
+    if text.strip().lower() in ("default", "none", "unset"):
+        return True, None
+    return True, int(parse_bounded_duration(text, option, 10, 3600))
+
+
+@app.command()
+def settings(
+    idle_timeout: Annotated[
+        str | None,
+        typer.Option(
+            help="Your idle timeout for new sessions: 10s to 1h (e.g. 15m), or `default` for "
+            "your organisation's."
+        ),
+    ] = None,
+    default_org: Annotated[
+        str | None, typer.Option(help="The organisation that pays when `start` names none.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show or change your personal settings (idle timeout, default organisation)."""
+
+    def work() -> Coroutine[Any, Any, sch.UserSettings]:
+        given, seconds = _idle_timeout_setting(idle_timeout, "--idle-timeout")
+        update = sch.UserSettingsUpdate()
+        if given:
+            update.idle_timeout_s = seconds
+        if default_org is not None:
+            update.default_org = default_org
+        return session_ops.settings(_paths(), update)
+
+    result = _run(work)
+    if as_json:
+        _print_json(result.model_dump(mode="json"))
+        return
+    timeout = result.idle_timeout_s
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "Idle timeout",
+        format_duration(timeout) if timeout else "your organisation's default",
+    )
+    table.add_row("Default organisation", result.default_org or "-")
+    out.print(table)
+
+
+# ---- organisation settings and billing (owners change, members read) --------------------------
+
+org_app = typer.Typer(
+    help="Organisation settings and billing: members read, owners change.",
+    no_args_is_help=True,
+)
+app.add_typer(org_app, name="org")
+
+
+def _optional_int(text: str | None, option: str) -> tuple[bool, int | None]:
+    """(given, value): `none` clears."""
+    if text is None:
+        return False, None
+    if text.strip().lower() in ("none", "unlimited", "default"):
+        return True, None
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInput(
+            f"{option}: '{text}' is not a whole number.", f"e.g. {option} 600, or `none`."
+        ) from None
+    if value < 0:
+        raise InvalidInput(f"{option}: {value} is negative.", "Use 0 or more, or `none`.")
+    return True, value
+
+
+@org_app.command("settings")
+def org_settings(
+    org: Annotated[str | None, typer.Argument(help="Organisation (default: yours).")] = None,
+    enable: Annotated[
+        bool | None, typer.Option("--enable/--disable", help="Turn Offload on/off for members.")
+    ] = None,
+    idle_timeout_default: Annotated[
+        str | None, typer.Option(help="Members' default idle timeout (10s to 1h), or `default`.")
+    ] = None,
+    lock_idle_timeout: Annotated[
+        bool | None,
+        typer.Option("--lock-idle-timeout/--unlock-idle-timeout", help="Members cannot choose."),
+    ] = None,
+    fair_use: Annotated[
+        sch.FairUsePolicy | None,
+        typer.Option(help="Beyond 8 compute hours a day: warn, prompt or stop."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show (members) or change (owners) an organisation's Offload settings."""
+
+    def work() -> Coroutine[Any, Any, sch.OrgSettings]:
+        update = sch.OrgSettingsUpdate()
+        if enable is not None:
+            update.offload_enabled = enable
+        given, seconds = _idle_timeout_setting(idle_timeout_default, "--idle-timeout-default")
+        if given:
+            update.idle_timeout_default_s = seconds
+        if lock_idle_timeout is not None:
+            update.idle_timeout_locked = lock_idle_timeout
+        if fair_use is not None:
+            update.fair_use_policy = fair_use
+        return session_ops.org_settings(_paths(), org, update)
+
+    result = _run(work)
+    if as_json:
+        _print_json(result.model_dump(mode="json"))
+        return
+    timeout = result.idle_timeout_default_s
+    rows = [
+        ("Organisation", result.org),
+        ("Offload", "enabled" if result.offload_enabled else "disabled"),
+        ("Idle timeout default", format_duration(timeout) if timeout else "server default"),
+        ("Idle timeout locked", "yes" if result.idle_timeout_locked else "no"),
+        ("Fair use beyond 8 h/day", result.fair_use_policy.value),
+        ("Owners", ", ".join(result.owners) or "-"),
+    ]
+    _print_rows(rows)
+
+
+@org_app.command("billing")
+def org_billing(
+    org: Annotated[str | None, typer.Argument(help="Organisation (default: yours).")] = None,
+    committed_minutes: Annotated[
+        str | None, typer.Option(help="Committed minutes per month, or `none` (unmetered).")
+    ] = None,
+    on_demand: Annotated[
+        bool | None, typer.Option("--on-demand/--no-on-demand", help="Allow on-demand usage.")
+    ] = None,
+    on_demand_limit_cents: Annotated[
+        str | None, typer.Option(help="Monthly on-demand spend limit in cents, or `none`.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show (members) or change (owners) an organisation's billing, with this month's usage."""
+
+    def work() -> Coroutine[Any, Any, tuple[sch.OrgBilling, sch.OrgUsage]]:
+        update = sch.OrgBillingUpdate()
+        given, minutes = _optional_int(committed_minutes, "--committed-minutes")
+        if given:
+            update.committed_minutes_per_month = minutes
+        if on_demand is not None:
+            update.on_demand_enabled = on_demand
+        given, cents = _optional_int(on_demand_limit_cents, "--on-demand-limit-cents")
+        if given:
+            update.on_demand_limit_cents = cents
+        return session_ops.org_billing(_paths(), org, update)
+
+    billing, month = _run(work)
+    if as_json:
+        _print_json(
+            {"billing": billing.model_dump(mode="json"), "usage": month.model_dump(mode="json")}
+        )
+        return
+    from offload.cli import usage_view
+
+    _print_rows(usage_view.billing_rows(billing, month))
+
+
+def _print_rows(rows: list[tuple[str, Any]]) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in rows:
+        table.add_row(label, "-" if value in (None, "") else str(value))
+    out.print(table)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""What `offload start|stop|status|login|accounts|version` do; the Typer commands only print.
+"""What `offload start|stop|status|keep|idle|usage|settings|org|login|accounts|version` do; the
+Typer commands only print.
 
 Each function returns plain data (pydantic models / dataclasses) or raises an OffloadError
 carrying the fix, so the same logic serves `offload …` and `docker offload …`.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +19,15 @@ import asyncssh
 import httpx
 
 from offload import __version__
-from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
+from offload.agent.keeper import client_name
+from offload.agent.state import (
+    AgentState,
+    ClientConfig,
+    SessionFile,
+    notice_marker,
+    read_model,
+    write_model,
+)
 from offload.cli import dockerctx, processes
 from offload.core import schemas as s
 from offload.core.api_client import UserClient
@@ -110,6 +118,7 @@ async def start(
     idle_timeout_s: int | None,
     engine_timeout_s: float,
     progress: Progress = _no_progress,
+    takeover: bool = False,
 ) -> StartResult:
     config = load_config(paths)
     if gpu:
@@ -121,16 +130,22 @@ async def start(
     async with user_client(config) as client:
         running = await _reusable_session(paths, client)
         if running is not None:
+            # Starting on the machine holding the session is activity: the ping through the
+            # agent wakes an idle session (resume within grace).
+            await wait_for_engine(paths, engine_timeout_s)
             return StartResult(running, paths.agent_socket, False, plugin, already_running=True)
         progress("Requesting a session from the control plane")
         key = _new_client_key(paths)
+        # No --account: the control plane picks the user's default organisation (a personal
+        # setting, `offload settings --default-org`).
         session = await client.create_session(
             s.SessionCreate(
-                org=account or config.default_org,
+                org=account,
                 gpu=gpu,
                 idle_timeout_s=idle_timeout_s,
                 client_public_key=key.export_public_key().decode().strip(),
                 client_name=_hostname(),
+                takeover=takeover,
             )
         )
     previous = _previous_context(paths)
@@ -141,6 +156,8 @@ async def start(
             private_key_path=str(paths.key_file),
             account=session.org,
             previous_docker_context=previous,
+            client_name=_hostname(),
+            idle_timeout_s=idle_timeout_s,
         ),
     )
     runner = session.runner.name if session.runner else "?"
@@ -167,7 +184,12 @@ async def _reusable_session(paths: ClientPaths, client: UserClient) -> s.Session
         session = await client.get_session(agent.session_id)
     except NotFound:
         session = None
-    if session is not None and session.state.live and agent.connected:
+    if (
+        session is not None
+        and session.state.live
+        and session.client_name in ("", _hostname())
+        and (agent.connected or agent.suspended)
+    ):
         return session
     processes.terminate(agent.pid)  # a stale agent holds the socket: replace it
     return None
@@ -209,7 +231,8 @@ async def wait_for_engine(paths: ClientPaths, timeout_s: float) -> None:
                 last_problem = "the agent exited"
                 break
             last_problem = agent.last_error or "the tunnel is not connected yet"
-            if agent.connected and await ping_engine(paths.agent_socket):
+            ready = agent.connected or agent.suspended  # a ping wakes a suspended agent
+            if ready and await ping_engine(paths.agent_socket):
                 return
         await asyncio.sleep(0.05)
     raise Unreachable(
@@ -293,7 +316,10 @@ def state_label(session: s.SessionInfo | None, agent_alive: bool) -> str:
 
 
 async def status(paths: ClientPaths) -> dict[str, Any]:
-    """Everything `offload status` shows, as a JSON-ready dict (keys are the --format json API)."""
+    """Everything `offload status` shows, as a JSON-ready dict (keys are the --format json API).
+
+    The control plane's answer is the truth about the session (a GET: never activity); the
+    agent's state file fills in when the control plane cannot be reached."""
     config = load_config(paths)
     agent = read_model(paths.agent_state_file, AgentState)
     agent_alive = agent is not None and processes.is_alive(agent.pid)
@@ -308,6 +334,7 @@ async def status(paths: ClientPaths) -> dict[str, Any]:
             server_error = exc.message
     now = datetime.now(UTC)
     live = session is not None and session.state.live
+    lifecycle = _lifecycle(session if live else None, agent if agent_alive else None, now)
     return {
         "account": session.org if session else config.default_org,
         "state": state_label(session, agent_alive),
@@ -317,7 +344,7 @@ async def status(paths: ClientPaths) -> dict[str, Any]:
         else None,
         "uptime_s": _uptime(session, now) if live else None,
         "idle_timeout_s": session.idle_timeout_s if live and session else None,
-        "time_until_idle_s": None,  # reported by the activity tracker (lifecycle issue)
+        **lifecycle,
         "gpu": bool(session.gpu) if live and session else False,
         "server": config.server_url,
         "runner": _runner_label(session) if live else None,
@@ -326,13 +353,165 @@ async def status(paths: ClientPaths) -> dict[str, Any]:
             "running": agent_alive,
             "pid": agent.pid if agent_alive and agent else None,
             "connected": bool(agent and agent_alive and agent.connected),
+            "suspended": bool(agent and agent_alive and agent.suspended),
             "last_error": agent.last_error if agent else None,
             "log": str(paths.agent_log),
         },
+        "replaced_session_notice": _notice_once(paths, agent if agent_alive else None),
         "docker_context": dockerctx.current_context(),
         "docker_host_env": os.environ.get("DOCKER_HOST"),
         "server_error": server_error,
     }
+
+
+def _lifecycle(
+    session: s.SessionInfo | None, agent: AgentState | None, now: datetime
+) -> dict[str, Any]:
+    """Time until idle, prompt, warnings and fair use: from the control plane, else the agent."""
+    if session is not None:
+        return {
+            "time_until_idle_s": session.time_until_idle_s,
+            "idle_since": _iso(session.idle_since),
+            "grace_ends_at": _iso(session.grace_ends_at),
+            "prompt": session.prompt.model_dump(mode="json") if session.prompt else None,
+            "warnings": list(session.warnings),
+            "fair_use_remaining_s": session.fair_use_remaining_s,
+            "fair_use_policy": session.fair_use_policy.value if session.fair_use_policy else None,
+            "billed_s": session.billed_s,
+        }
+    if agent is None or agent.session_state is None:
+        return {
+            "time_until_idle_s": None,
+            "idle_since": None,
+            "grace_ends_at": None,
+            "prompt": None,
+            "warnings": [],
+            "fair_use_remaining_s": None,
+            "fair_use_policy": None,
+            "billed_s": None,
+        }
+    elapsed = (now - agent.as_of).total_seconds() if agent.as_of else 0.0
+    until_idle = agent.time_until_idle_s
+    return {
+        "time_until_idle_s": max(0.0, until_idle - elapsed) if until_idle is not None else None,
+        "idle_since": None,
+        "grace_ends_at": None,
+        "prompt": agent.prompt.model_dump(mode="json") if agent.prompt else None,
+        "warnings": list(agent.warnings),
+        "fair_use_remaining_s": agent.fair_use_remaining_s,
+        "fair_use_policy": None,
+        "billed_s": None,
+    }
+
+
+def _notice_once(paths: ClientPaths, agent: AgentState | None) -> str | None:
+    """The agent's replaced-session notice, the first time status is asked after it."""
+    if agent is None or not agent.replaced_session_notice:
+        return None
+    marker = notice_marker(paths)
+    try:
+        if marker.read_text().strip() == agent.session_id:
+            return None
+    except FileNotFoundError:
+        pass
+    marker.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    marker.write_text(agent.session_id + "\n")
+    return agent.replaced_session_notice
+
+
+# ---- lifecycle: keep, idle, usage, settings ---------------------------------------------------
+
+
+async def _current(client: UserClient) -> s.SessionInfo:
+    try:
+        return await client.current_session()
+    except NotFound:
+        raise NotFound(
+            "You have no live Offload session.", "Start one with `docker offload start`."
+        ) from None
+
+
+@dataclass
+class PromptResult:
+    session: s.SessionInfo
+    answered: s.Prompt | None  # the prompt that was open, if any
+
+
+async def keep(paths: ClientPaths) -> PromptResult:
+    """Answer "keep going" to the open prompt (or just keep an idle session going)."""
+    async with user_client(load_config(paths)) as client:
+        session = await _current(client)
+        prompt = session.prompt
+        answer = s.PromptAnswer(
+            answer=s.PromptAnswerChoice.KEEP, prompt_id=prompt.id if prompt else None
+        )
+        return PromptResult(await client.answer_prompt(session.id, answer), prompt)
+
+
+async def idle(paths: ClientPaths) -> PromptResult:
+    """Go idle now (answering the open prompt with "idle" if there is one)."""
+    async with user_client(load_config(paths)) as client:
+        session = await _current(client)
+        prompt = session.prompt
+        if prompt is not None:
+            answer = s.PromptAnswer(answer=s.PromptAnswerChoice.IDLE, prompt_id=prompt.id)
+            return PromptResult(await client.answer_prompt(session.id, answer), prompt)
+        if session.state is s.SessionState.IDLE:
+            return PromptResult(session, None)
+        return PromptResult(await client.idle_session(session.id), None)
+
+
+async def usage(paths: ClientPaths) -> s.UsageReport:
+    async with user_client(load_config(paths)) as client:
+        return await client.usage()
+
+
+async def settings(paths: ClientPaths, update: s.UserSettingsUpdate | None) -> s.UserSettings:
+    """Show, or change (only the fields set in `update`), the personal settings."""
+    config = load_config(paths)
+    async with user_client(config) as client:
+        if update is None or not update.model_fields_set:
+            return await client.my_settings()
+        result = await client.update_my_settings(update)
+    if "default_org" in update.model_fields_set and result.default_org != config.default_org:
+        write_model(
+            paths.config_file, config.model_copy(update={"default_org": result.default_org})
+        )
+    return result
+
+
+async def org_default(paths: ClientPaths, org: str | None) -> str:
+    """The organisation named, else the user's default one."""
+    if org:
+        return org
+    async with user_client(load_config(paths)) as client:
+        me = await client.me()
+    if me.default_org is None:
+        raise InvalidInput(
+            "You have no default organisation.",
+            "Name one: `offload org settings ORG` (`offload accounts` lists yours).",
+        )
+    return me.default_org
+
+
+async def org_settings(
+    paths: ClientPaths, org: str | None, update: s.OrgSettingsUpdate | None
+) -> s.OrgSettings:
+    name = await org_default(paths, org)
+    async with user_client(load_config(paths)) as client:
+        if update is None or not update.model_fields_set:
+            return await client.org_settings(name)
+        return await client.update_org_settings(name, update)
+
+
+async def org_billing(
+    paths: ClientPaths, org: str | None, update: s.OrgBillingUpdate | None
+) -> tuple[s.OrgBilling, s.OrgUsage]:
+    name = await org_default(paths, org)
+    async with user_client(load_config(paths)) as client:
+        if update is not None and update.model_fields_set:
+            await client.update_org_billing(name, update)
+        return await client.org_billing(name), await client.org_usage(name)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -377,4 +556,4 @@ async def version(paths: ClientPaths) -> dict[str, Any]:
 
 
 def _hostname() -> str:
-    return socket.gethostname()
+    return client_name()
