@@ -186,3 +186,7 @@ def environment_sockets(deployment: Deployment) -> set[Path]:
 
 def wait_gone(path: Path, timeout: float = 60) -> None:
     wait_until(lambda: not path.exists(), timeout, f"{path} to disappear")
+
+
+# The clocked deployment's fixtures (tests/e2e/test_lifecycle.py), defined next to it.
+from tests.e2e.clocked import clocked, make_laptop  # noqa: E402, F401
