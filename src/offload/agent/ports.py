@@ -32,7 +32,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import h11
@@ -44,9 +44,12 @@ log = logging.getLogger(__name__)
 
 Streams = tuple[Any, Any]  # (reader, writer): asyncio or asyncssh streams
 OpenEngine = Callable[[], Awaitable[Streams]]
-OpenPort = Callable[[int], Awaitable[Streams]]
+OpenUdp = Callable[[int], Awaitable[Streams]]
+# open_tcp(port, protocol_factory): connect the protocol the factory makes to `port` in the
+# session, e.g. `conn.create_connection(factory, "127.0.0.1", port)` (asyncssh) or
+# `loop.create_connection(factory, sock=...)`; it returns once connected and raises if it cannot.
+OpenTcp = Callable[[int, Callable[[], Any]], Awaitable[Any]]
 
-CHUNK = 256 * 1024
 RESYNC_INTERVAL_S = 30.0
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 10.0
@@ -187,16 +190,15 @@ class _Forward:
     def __init__(self, forwarder: PortForwarder, wanted: WantedPort) -> None:
         self.forwarder = forwarder
         self.wanted = wanted
-        self.connections = 0
-        self._writers: set[asyncio.StreamWriter] = set()
+        self.pipes: set[_LocalSide] = set()
         self._server: asyncio.AbstractServer | None = None
         self._udp: UdpForward | None = None
 
     async def start(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         if self.wanted.proto == "tcp":
-            self._server = await asyncio.start_server(self._serve, sock=sock, limit=CHUNK)
+            self._server = await loop.create_server(lambda: _LocalSide(self), sock=sock)
         else:
-            loop = asyncio.get_running_loop()
             udp = UdpForward(
                 self.wanted.port,
                 self.forwarder._open_udp,
@@ -209,15 +211,15 @@ class _Forward:
 
     @property
     def open_connections(self) -> int:
-        return self._udp.open_relays if self._udp is not None else self.connections
+        return self._udp.open_relays if self._udp is not None else len(self.pipes)
 
     def sweep(self) -> None:
         if self._udp is not None:
             self._udp.sweep()
 
     def abort_connections(self) -> None:
-        for writer in list(self._writers):
-            writer.transport.abort()
+        for pipe in list(self.pipes):
+            pipe.abort()
 
     def close(self) -> None:
         # Live connections are left to end on their own: the container side closes them when it
@@ -227,56 +229,135 @@ class _Forward:
         if self._udp is not None:
             self._udp.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._writers.add(writer)
-        self.forwarder._connection_opened()
+
+class _LocalSide(asyncio.Protocol):
+    """One laptop connection, spliced at protocol level onto one far-side connection.
+
+    No stream and no task per chunk: bytes go from `data_received` straight to the other side's
+    `write`, with flow control (pause/resume reading) and half-close passed through both ways.
+    The client is not read until the far side is open, so nothing needs buffering meanwhile.
+    """
+
+    def __init__(self, forward: _Forward) -> None:
+        self._forward = forward
+        self._touch = forward.forwarder._touch
+        self._transport: asyncio.Transport | None = None
+        self._far: Any = None  # the far side's transport (asyncio transport or SSH channel)
+        self._local_eof = False
+        self._far_eof = False
+
+    # local socket events
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.pause_reading()
+        self._forward.pipes.add(self)
+        self._forward.forwarder._connection_opened()
+        asyncio.get_running_loop().create_task(self._open_far())
+
+    def data_received(self, data: bytes) -> None:
+        self._touch()
+        self._far.write(data)
+
+    def eof_received(self) -> bool:
+        self._local_eof = True
+        if self._far is not None:
+            self._far.write_eof()
+        return not self._far_eof  # False: both directions done, asyncio closes the socket
+
+    def pause_writing(self) -> None:
+        if self._far is not None:
+            self._far.pause_reading()  # the laptop client reads slowly: stop taking far data
+
+    def resume_writing(self) -> None:
+        if self._far is not None:
+            self._far.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._far is not None:
+            self._far.close()
+        if self in self._forward.pipes:
+            self._forward.pipes.discard(self)
+            self._forward.forwarder._connection_closed()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def _open_far(self) -> None:
         try:
-            try:
-                up_reader, up_writer = await self.forwarder._open_tcp(self.wanted.port)
-            except Exception as exc:
-                log.info(
-                    "port %s/tcp (container %s): could not reach it in the session: %s",
-                    self.wanted.port, self.wanted.container_name, _describe(exc),
-                )  # fmt: skip
-                return
-            try:
-                await splice(reader, writer, up_reader, up_writer, self.forwarder._touch)
-            finally:
-                up_writer.close()
-        finally:
-            writer.close()
-            self._writers.discard(writer)
-            self.connections -= 1
-            self.forwarder._connection_closed()
+            await self._forward.forwarder._open_tcp(
+                self._forward.wanted.port, lambda: _FarSide(self)
+            )
+        except Exception as exc:
+            log.info(
+                "port %s/tcp (container %s): could not reach it in the session: %s",
+                self._forward.wanted.port, self._forward.wanted.container_name, _describe(exc),
+            )  # fmt: skip
+            if self._transport is not None:
+                self._transport.close()
+
+    # far side events (from _FarSide)
+    def far_opened(self, far: Any) -> None:
+        if self._transport is None:  # the client left while the far side was opening
+            far.close()
+            return
+        self._far = far
+        self._transport.resume_reading()
+
+    def far_data(self, data: bytes) -> None:
+        self._touch()
+        if self._transport is not None:
+            self._transport.write(data)
+
+    def far_eof(self) -> bool:
+        self._far_eof = True
+        if self._transport is not None and self._transport.can_write_eof():
+            self._transport.write_eof()
+        return not self._local_eof
+
+    def far_closed(self) -> None:
+        self._far = None
+        if self._transport is not None:
+            self._transport.close()  # flushes what the far side sent, then closes
+
+    def pause_local(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_local(self) -> None:
+        if self._transport is not None and self._far is not None:
+            self._transport.resume_reading()
 
 
-async def splice(
-    a_reader: Any, a_writer: Any, b_reader: Any, b_writer: Any, touch: Callable[[], None]
-) -> None:
-    """Copy bytes both ways until both directions ended; an EOF becomes a half-close, an error
-    on either side ends both."""
+class _FarSide:
+    """The far half of a `_LocalSide`: both an asyncio `Protocol` and an asyncssh `SSHTCPSession`
+    (their callbacks match except for the `datatype` argument asyncssh adds), so `open_tcp` may
+    connect it with `loop.create_connection` or `SSHClientConnection.create_connection`."""
 
-    def abort() -> None:
-        for w in (a_writer, b_writer):
-            transport = getattr(w, "transport", None)
-            if transport is not None:
-                transport.abort()
-            else:
-                w.close()
+    def __init__(self, local: _LocalSide) -> None:
+        self._local = local
 
-    async def pump(reader: Any, writer: Any) -> None:
-        try:
-            while data := await reader.read(CHUNK):
-                touch()
-                writer.write(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-        except Exception:
-            abort()
+    def connection_made(self, transport: Any) -> None:
+        self._local.far_opened(transport)
 
-    await asyncio.gather(pump(a_reader, b_writer), pump(b_reader, a_writer))
+    def data_received(self, data: bytes, datatype: Any = None) -> None:
+        self._local.far_data(data)
+
+    def eof_received(self) -> bool:
+        return self._local.far_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._local.far_closed()
+
+    def pause_writing(self) -> None:
+        self._local.pause_local()  # the far side's window or buffer is full
+
+    def resume_writing(self) -> None:
+        self._local.resume_local()
+
+    def session_started(self) -> None:  # asyncssh calls this after connection_made
+        pass
 
 
 def _describe(exc: BaseException) -> str:
@@ -290,8 +371,8 @@ def _describe(exc: BaseException) -> str:
 class PortForwarder:
     def __init__(
         self,
-        open_tcp: OpenPort,
-        open_udp: OpenPort,
+        open_tcp: OpenTcp,
+        open_udp: OpenUdp,
         open_engine: OpenEngine,
         *,
         clock: Callable[[], float] = time.monotonic,

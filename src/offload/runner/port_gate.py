@@ -31,6 +31,7 @@ from offload.runner.netns_connect import forward_tcp_in_netns, udp_channel_sessi
 log = logging.getLogger(__name__)
 
 CACHE_TTL_S = 2.0
+STALE_S = 10.0
 ENGINE_TIMEOUT_S = 10.0
 
 PortKey = tuple[str, int]  # ("tcp" | "udp", port)
@@ -75,25 +76,50 @@ class _Entry:
 
 
 class PortGate:
-    """A short-lived cache of `allowed_ports` per engine socket, on an injectable clock."""
+    """A short-lived cache of `allowed_ports` per engine socket, on an injectable clock.
+
+    Within `ttl_s` a cached port is allowed at once. Up to `stale_s` a cached port is still
+    allowed at once while a fresh listing runs in the background, so a busy forward never waits
+    on the engine; a port the cache does not hold always waits for a fresh listing.
+    """
 
     def __init__(
         self,
         *,
         ttl_s: float = CACHE_TTL_S,
+        stale_s: float = STALE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl_s = ttl_s
+        self.stale_s = stale_s
         self._clock = clock
         self._cache: dict[Path, _Entry] = {}
         self._refreshing: dict[Path, asyncio.Future[set[PortKey]]] = {}
+        self._background: set[asyncio.Task[set[PortKey]]] = set()
 
     async def allows(self, engine_socket: Path, proto: str, port: int) -> bool:
         key = (proto, port)
         entry = self._cache.get(engine_socket)
-        if entry is not None and self._clock() - entry.at < self.ttl_s and key in entry.ports:
-            return True
+        if entry is not None and key in entry.ports:
+            age = self._clock() - entry.at
+            if age < self.ttl_s:
+                return True
+            if age < self.stale_s:
+                self._refresh_in_background(engine_socket)
+                return True
         return key in await self._refresh(engine_socket)
+
+    def _refresh_in_background(self, engine_socket: Path) -> None:
+        if engine_socket in self._refreshing:
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(engine_socket))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[set[PortKey]]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("refreshing published ports failed: %s", task.exception())
 
     def forget(self, engine_socket: Path) -> None:
         """Drop what is cached for an engine (its environment is going away)."""

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -21,7 +22,7 @@ import asyncssh
 from offload.agent.udp_relay import parse_udp_channel_path, udp_channel_path
 from offload.core.schemas import ENGINE_CHANNEL_PATH, InstanceSpec
 from offload.runner.driver import Environment, EnvState
-from offload.runner.netns_connect import open_connection_in_netns, relay_udp_channel
+from offload.runner.netns_connect import connect_in_netns, relay_udp_channel
 from offload.runner.port_gate import PortGate, tcp_forward, udp_forward
 from offload.runner.ssh_endpoint import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, ENCRYPTION_ALGS
 from tests.integration.tunnel.support import Dockerd
@@ -183,8 +184,9 @@ class DirectTransports:
         self.dockerd = dockerd
         self._relays: set[asyncio.Task[None]] = set()
 
-    async def open_tcp(self, port: int) -> tuple[Any, Any]:
-        return await open_connection_in_netns(self.dockerd.netns, "127.0.0.1", port)
+    async def open_tcp(self, port: int, protocol_factory: Callable[[], Any]) -> None:
+        sock = await connect_in_netns(self.dockerd.netns, "127.0.0.1", port)
+        await asyncio.get_running_loop().create_connection(protocol_factory, sock=sock)
 
     async def open_udp(self, port: int) -> tuple[Any, Any]:
         laptop_end, runner_end = socket.socketpair()
@@ -257,7 +259,17 @@ class SSHPair:
     server: asyncssh.SSHAcceptor
     client: asyncssh.SSHClientConnection
 
-    async def open_tcp(self, port: int) -> tuple[Any, Any]:
+    async def open_tcp(self, port: int, session_factory: Callable[[], Any]) -> None:
+        """What the agent's tunnel does for a forwarded connection: a `direct-tcpip` channel."""
+        await self.client.create_connection(
+            session_factory,
+            "127.0.0.1",
+            port,
+            window=CHANNEL_WINDOW,
+            max_pktsize=CHANNEL_MAX_PKTSIZE,
+        )
+
+    async def open_tcp_streams(self, port: int) -> tuple[Any, Any]:
         return await self.client.open_connection(
             "127.0.0.1", port, window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE
         )

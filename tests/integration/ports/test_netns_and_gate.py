@@ -89,7 +89,7 @@ async def test_gate_lets_through_only_ports_that_engine_publishes(
     )
     assert {("tcp", tcp_port), ("udp", udp_port)} <= await allowed_ports(ports_dockerd.socket)
 
-    gate = PortGate(ttl_s=2.0, clock=clock)
+    gate = PortGate(ttl_s=2.0, stale_s=10.0, clock=clock)
     engine = ports_dockerd.socket
     assert await gate.allows(engine, "tcp", tcp_port)
     assert await gate.allows(engine, "udp", udp_port)
@@ -98,13 +98,21 @@ async def test_gate_lets_through_only_ports_that_engine_publishes(
 
     # A paused container keeps its ports (a connection is what wakes an idle session up).
     await containers.do("pause", web)
-    clock.advance(5)
+    clock.advance(20)
     assert await gate.allows(engine, "tcp", tcp_port)
     await containers.do("unpause", web)
 
-    # Stopped: refused once the short cache has expired.
+    # Stopped: a recently listed port is let through while the gate re-lists in the background
+    # (no forward waits on the engine), then refused.
     await containers.do("stop", "-t", "1", web)
-    clock.advance(5)
+    clock.advance(3)
+    assert await gate.allows(engine, "tcp", tcp_port)
+
+    async def refused_now() -> bool:
+        return not await gate.allows(engine, "tcp", tcp_port)
+
+    await async_wait_until(refused_now, 10, "the gate to see the container stopped")
+    clock.advance(20)
     assert not await gate.allows(engine, "tcp", tcp_port)
 
 

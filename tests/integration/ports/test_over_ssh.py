@@ -72,7 +72,7 @@ async def test_the_runner_refuses_what_the_session_does_not_publish(
     await containers.run("web", "-p", f"{published}:80", *httpd_args(images["busybox"], 80))
 
     with pytest.raises(asyncssh.ChannelOpenError, match="not published"):
-        await ssh.open_tcp(unpublished)
+        await ssh.open_tcp_streams(unpublished)
     with pytest.raises(asyncssh.ChannelOpenError, match="not published"):
         await ssh.open_udp(published)  # published for TCP only
     with pytest.raises(asyncssh.ChannelOpenError, match="127.0.0.1 only"):
@@ -81,7 +81,7 @@ async def test_the_runner_refuses_what_the_session_does_not_publish(
         await ssh.client.open_unix_connection("/udp/not-a-port")
 
     async def page() -> bool:  # while the published one goes through
-        reader, writer = await ssh.open_tcp(published)
+        reader, writer = await ssh.open_tcp_streams(published)
         writer.write(b"GET /index.html HTTP/1.0\r\n\r\n")
         answer = await reader.read()
         writer.close()
