@@ -62,7 +62,8 @@ class InitialPlan:
     agreed: Manifest = field(default_factory=dict)  # same on both sides already
     ops: list[Op] = field(default_factory=list)  # to send, in order (deletes deepest first)
     hash_check: dict[str, Entry] = field(default_factory=dict)  # same size, other mtime
-    pull: list[str] = field(default_factory=list)  # the runner's, to bring to the laptop
+    # the runner's, to bring to the laptop, with what the laptop has there now (its expect)
+    pull: dict[str, Entry | None] = field(default_factory=dict)
     delete_local: dict[str, Entry] = field(default_factory=dict)  # the runner deleted these
 
 
@@ -87,7 +88,7 @@ def reconcile(local: Manifest, remote: Manifest, base: Manifest, read_only: bool
             elif mine.kind == "d" and theirs.kind == "d":
                 adds[rel] = Op("meta", rel, mine, theirs)
             elif not read_only and agreed is not None and mine.same(agreed):
-                plan.pull.append(rel)
+                plan.pull[rel] = mine
             elif runner_unchanged:
                 adds[rel] = _push(rel, mine, theirs)
             elif mine.kind == theirs.kind == "f" and mine.size == theirs.size:
@@ -103,10 +104,9 @@ def reconcile(local: Manifest, remote: Manifest, base: Manifest, read_only: bool
             if runner_unchanged:
                 deletes[rel] = theirs
             else:
-                plan.pull.append(rel)
+                plan.pull[rel] = None
     plan.ops = [Op("delete", p, None, e) for p, e in sorted(deletes.items(), key=_deepest)]
     plan.ops += [adds[p] for p in sorted(adds)]
-    plan.pull.sort()
     return plan
 
 
@@ -395,7 +395,8 @@ class LaptopSync:
             peer._handle_outputs(await peer.call(peer._apply_all, frames))
         done = await peer.send_ops(plan.ops)
         if plan.pull:
-            peer.send_reply(jframe(Kind.PULL, {"paths": plan.pull}))
+            wanted = [[p, e.to_wire() if e else None] for p, e in sorted(plan.pull.items())]
+            peer.send_reply(jframe(Kind.PULL, {"paths": wanted}))
         assert done is not None
         waiter = asyncio.ensure_future(done)
         finished, _ = await asyncio.wait({waiter, run}, return_when=asyncio.FIRST_COMPLETED)

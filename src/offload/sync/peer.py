@@ -123,7 +123,7 @@ class SyncPeer:
         self._deferred: list[bytes] = []
         self._sending = False
         self._dirty: set[str] = set()
-        self._forced: set[str] = set()
+        self._forced: dict[str, Entry | None] = {}  # path -> the expect to send it with
         self._dirty_event = asyncio.Event()
         self._barrier_seq = 0
         self._barriers: dict[int, asyncio.Future[None]] = {}
@@ -213,7 +213,9 @@ class SyncPeer:
         elif kind == Kind.NEED:
             self.mark_dirty({msg["p"]}, force=True)
         elif kind == Kind.PULL:
-            self.mark_dirty(set(msg.get("paths", [])), force=True)
+            # Each path with what the laptop has there, so that the laptop takes it.
+            wanted = {str(p): Entry.from_wire(e) for p, e in msg.get("paths", [])}
+            self.mark_dirty(set(wanted), force=True, expects=wanted)
         elif kind == Kind.ERROR:
             self.on_error(str(msg.get("p", "")), str(msg.get("message", "")))
         elif kind == Kind.CONFLICT:
@@ -452,14 +454,17 @@ class SyncPeer:
         else:
             self.writer.write(data)
 
-    def mark_dirty(self, paths: set[str], force: bool = False) -> None:
-        paths = {p for p in paths if p}
+    def mark_dirty(
+        self, paths: set[str], force: bool = False, expects: dict[str, Entry | None] | None = None
+    ) -> None:
+        """Compare these paths with `base` soon; `force`: send them even if unchanged."""
         if not paths:
             return
         self._dirty |= paths
         self._quiet.clear()
         if force:
-            self._forced |= paths
+            for path in paths:
+                self._forced[path] = (expects or {}).get(path)
         self._dirty_event.set()
 
     @property
@@ -472,7 +477,7 @@ class SyncPeer:
             await self._dirty_event.wait()
             self._dirty_event.clear()
             paths, forced = self._dirty, self._forced
-            self._dirty, self._forced = set(), set()
+            self._dirty, self._forced = set(), {}
             ops = await self.call(self.detect, paths, forced)
             if ops:
                 await self.send_ops(ops)
@@ -519,6 +524,7 @@ class SyncPeer:
         if self.closed.is_set():
             fut.set_exception(ConnectionError("the sync stream closed"))
             return fut
+        fut.add_done_callback(_retrieve)  # a closed stream fails barriers nobody awaits
         self._barriers[seq] = fut
         if confirms:
             self._unacked[seq] = confirms
@@ -527,13 +533,16 @@ class SyncPeer:
 
     # detection (worker thread) ------------------------------------------------------------
 
-    def detect(self, paths: set[str], forced: set[str] = frozenset()) -> list[Op]:  # type: ignore[assignment]
+    def detect(self, paths: set[str], forced: dict[str, Entry | None] | None = None) -> list[Op]:
         """Ops that bring the other side from `base` to what these paths are now."""
+        forced = forced or {}
         deletes: dict[str, Entry] = {}
         adds: dict[str, tuple[Entry, Entry | None]] = {}
         if "" in paths:  # the watcher lost events: compare everything
             paths = (paths - {""}) | set(self.base) | set(scan(self.root, self.ignore))
         for rel in paths:
+            if not rel:
+                continue
             try:
                 split_rel(rel)
             except PathRefused:
@@ -554,11 +563,11 @@ class SyncPeer:
                 deletes.update({p: e for p, e in self._subtree(rel).items() if p != rel})
             if current.kind == "d" and (old is None or old.kind != "d" or force):
                 for sub, entry in scan(self.root, self.ignore, under=rel).items():
-                    prior = None if force and sub == rel else self.base.get(sub)
+                    prior = forced[rel] if force and sub == rel else self.base.get(sub)
                     if not entry.same(prior) or force:
                         adds[sub] = (entry, prior)
             elif force or not current.same(old):
-                adds[rel] = (current, None if force else old)
+                adds[rel] = (current, forced[rel] if force else old)
         ops = [Op("delete", p, None, e) for p, e in sorted(deletes.items(), key=_deepest_first)]
         for op in ops:
             self.base.pop(op.rel, None)
@@ -648,6 +657,11 @@ class SyncPeer:
             size != before.st_size
         ):
             yield Report("recheck", rel)  # written while we read: send it again
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _take(frames: Iterator[Output], limit: int) -> tuple[list[Output], bool]:

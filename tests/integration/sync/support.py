@@ -10,11 +10,24 @@ from pathlib import Path
 
 import asyncssh
 
+from offload.core.waiting import async_wait_until
 from offload.sync.laptop import LaptopSync, OpenStream
 from offload.sync.protocol import SYNC_CHANNEL_PATH
 from offload.sync.remote import RemoteEndpoint
 
 log = logging.getLogger(__name__)
+
+WAIT = 15.0  # bound of every wait on a condition in these tests
+
+
+async def until(condition, what: str, timeout: float = WAIT) -> None:  # type: ignore[no-untyped-def]
+    """Wait (bounded) until the plain callable `condition` holds."""
+
+    async def check() -> bool:
+        return bool(condition())
+
+    await async_wait_until(check, timeout, what, interval=0.01)
+
 
 WINDOW = 16 * 1024 * 1024
 PKTSIZE = 256 * 1024

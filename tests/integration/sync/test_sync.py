@@ -7,12 +7,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from offload.core.waiting import async_wait_until
 from offload.sync.status import SyncState
 
-from .support import SyncLink
-
-WAIT = 15.0
+from .support import SyncLink, until
 
 
 def sha256(path: Path) -> str:
@@ -33,13 +30,6 @@ def make_tree(root: Path) -> None:
     os.symlink("../src", root / "empty" / "link-to-dir")
     for i in range(200):
         (root / "src" / f"f{i}.txt").write_text(f"file {i}\n" * (i + 1))
-
-
-async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        return bool(condition())
-
-    await async_wait_until(check, WAIT, what, interval=0.01)
 
 
 def same_content(a: Path, b: Path) -> bool:

@@ -34,7 +34,7 @@ def test_without_base_the_runner_version_is_kept_aside() -> None:
 
 def test_with_base_one_sided_changes_go_their_way() -> None:
     assert kinds(reconcile({"a": A2}, {"a": A}, {"a": A}, read_only=False)) == [("file", "a", A)]
-    assert reconcile({"a": A}, {"a": A2}, {"a": A}, read_only=False).pull == ["a"]
+    assert reconcile({"a": A}, {"a": A2}, {"a": A}, read_only=False).pull == {"a": A}
     both = reconcile({"a": A2}, {"a": A3}, {"a": A}, read_only=False)
     assert kinds(both) == [("file", "a", None)]  # both changed: the laptop wins
 
@@ -45,10 +45,10 @@ def test_deletions_while_disconnected() -> None:
     gone_local = reconcile({}, {"d": D, "d/a": A}, {"d": D, "d/a": A}, read_only=False)
     assert kinds(gone_local) == [("delete", "d/a", A), ("delete", "d", D)]
     new_remote = reconcile({}, {"n": A}, {}, read_only=False)
-    assert new_remote.pull == ["n"]
+    assert new_remote.pull == {"n": None}
 
 
 def test_read_only_makes_the_runner_a_mirror() -> None:
     plan = reconcile({"a": A2}, {"a": A, "x": A}, {}, read_only=True)
     assert kinds(plan) == [("delete", "x", A), ("file", "a", A)]
-    assert plan.pull == []
+    assert plan.pull == {}
