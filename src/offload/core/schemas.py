@@ -26,6 +26,12 @@ User endpoints
   POST /orgs/{org}/billing/trial-credits  TrialCreditGrant -> OrgBilling (owners only)
   GET  /orgs/{org}/usage              -> OrgUsage                    (this month vs allowance)
 
+Device login (no auth; RFC 8628, used by `offload login --server URL` without a token)
+  POST /device/code                   DeviceCodeRequest -> DeviceCodeResponse
+  POST /device/token                  DeviceTokenRequest -> DeviceTokenResponse
+        (400 DeviceTokenError while pending: authorization_pending | slow_down, or at the end:
+         access_denied | expired_token | invalid_grant)
+
 Runner endpoints (runner token)
   POST /runners/register                         RunnerRegister -> RunnerRegistered
   POST /runners/{id}/heartbeat?wait=SECONDS      RunnerHeartbeat -> RunnerDesired
@@ -286,9 +292,22 @@ class ActivityReport(BaseModel):
     building: bool = False
 
 
+class OffloadAccess(StrEnum):
+    """Whether members may use Offload, in the five states of Docker's settings management."""
+
+    ALWAYS_ENABLED = "always_enabled"  # on; members cannot turn it off
+    ENABLED = "enabled"  # on unless a member turns it off in their personal settings
+    DISABLED = "disabled"  # off unless a member turns it on in their personal settings
+    ALWAYS_DISABLED = "always_disabled"  # off for everyone (offload_enabled false)
+    USER_DEFINED = "user_defined"  # each member decides; on until they turn it off
+
+
 class UserSettings(BaseModel):
     idle_timeout_s: int | None = None  # None: the organisation's default
     default_org: str | None = None
+    # Personal Offload switch, honoured where the organisation's access lets members choose;
+    # None: the organisation's default.
+    offload_enabled: bool | None = None
 
 
 class UserSettingsUpdate(BaseModel):
@@ -296,11 +315,13 @@ class UserSettingsUpdate(BaseModel):
 
     idle_timeout_s: int | None = None
     default_org: str | None = None
+    offload_enabled: bool | None = None
 
 
 class OrgSettings(BaseModel):
     org: str
     offload_enabled: bool = True
+    offload_access: OffloadAccess | None = None  # None: a server older than the access states
     idle_timeout_default_s: int | None = None  # None: the server's default
     idle_timeout_locked: bool = False
     fair_use_policy: FairUsePolicy = FairUsePolicy.PROMPT
@@ -311,6 +332,8 @@ class OrgSettingsUpdate(BaseModel):
     """Only the fields sent change."""
 
     offload_enabled: bool | None = None
+    # Wins over offload_enabled when both are sent; always_disabled means offload_enabled false.
+    offload_access: OffloadAccess | None = None
     idle_timeout_default_s: int | None = None
     idle_timeout_locked: bool | None = None
     fair_use_policy: FairUsePolicy | None = None
@@ -403,6 +426,42 @@ class UsageReport(BaseModel):
     top_images: list[ImageUse]
     recent_activity: list[ActivityEntry]
     orgs: list[OrgUsage]
+
+
+# ---- device login (RFC 8628) -------------------------------------------------------------------
+
+DEVICE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+class DeviceCodeRequest(BaseModel):
+    client_name: str = Field(default="", max_length=255, description="hostname of the laptop")
+
+
+class DeviceCodeResponse(BaseModel):
+    device_code: str  # secret of the CLI: only ever sent in a POST body
+    user_code: str  # what the user types or confirms in the browser, e.g. BCDF-GHJK
+    verification_uri: str
+    verification_uri_complete: str
+    expires_in: int
+    interval: int  # seconds between polls of POST /device/token
+
+
+class DeviceTokenRequest(BaseModel):
+    device_code: str = Field(min_length=1, max_length=128)
+    grant_type: str = DEVICE_GRANT_TYPE
+
+
+class DeviceTokenResponse(BaseModel):
+    access_token: str  # an API token (off_u_…), shown once
+    token_type: str = "Bearer"
+    user: UserInfo
+
+
+class DeviceTokenError(BaseModel):
+    """RFC 8628 section 3.5: `error` says whether to keep polling."""
+
+    error: str  # authorization_pending | slow_down | access_denied | expired_token | invalid_grant
+    error_description: str = ""
 
 
 SessionInfo.model_rebuild()

@@ -59,6 +59,8 @@ class User(Base):
     )
     # Personal idle timeout (`start --idle-timeout` default); None: the organisation's default.
     idle_timeout_s: Mapped[int | None]
+    # Personal Offload switch (core.schemas.OffloadAccess says when it counts); None: org default.
+    offload_enabled: Mapped[bool | None] = mapped_column(Boolean)
 
     default_org: Mapped[Organization | None] = relationship()
     memberships: Mapped[list[Membership]] = relationship(back_populates="user")
@@ -187,6 +189,8 @@ class OrgSettingsRow(Base):
         String(32), ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
     )
     offload_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # core.schemas.OffloadAccess; None (rows from before it existed): derived from offload_enabled.
+    offload_access: Mapped[str | None] = mapped_column(String(24))
     idle_timeout_default_s: Mapped[int | None]
     idle_timeout_locked: Mapped[bool] = mapped_column(Boolean, default=False)
     fair_use_policy: Mapped[str] = mapped_column(String(16), default="prompt")
@@ -239,3 +243,38 @@ class LedgerInterval(Base):
     instance_type: Mapped[str] = mapped_column(String(32))
     start: Mapped[datetime]
     end: Mapped[datetime | None]  # None: billing now
+
+
+class WebSession(Base):
+    """A signed-in browser. The cookie holds a random token; only its sha256 is kept."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+
+
+class DeviceCode(Base):
+    """A pending `offload login` (RFC 8628): the CLI polls with the device code (kept as sha256),
+    the user approves the short user code in the browser; single use."""
+
+    __tablename__ = "device_codes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    device_code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_code: Mapped[str] = mapped_column(String(16), unique=True)
+    client_name: Mapped[str] = mapped_column(String(255), default="")
+    status: Mapped[str] = mapped_column(String(16))  # services.device_codes.Status
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    # Who approved or denied it, and when.
+    user_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("users.id", ondelete="CASCADE")
+    )
+    decided_at: Mapped[datetime | None]
+    last_polled_at: Mapped[datetime | None]

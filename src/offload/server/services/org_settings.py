@@ -31,6 +31,27 @@ class OrgPolicy:
     idle_timeout_default_s: int | None = None
     idle_timeout_locked: bool = False
     fair_use_policy: s.FairUsePolicy = s.FairUsePolicy.PROMPT
+    offload_access: s.OffloadAccess = s.OffloadAccess.ENABLED
+
+    def allows(self, personal: bool | None) -> bool:
+        """Whether a member whose personal switch is `personal` (None: unset) may use Offload."""
+        access = self.offload_access
+        if not self.offload_enabled or access is s.OffloadAccess.ALWAYS_DISABLED:
+            return False
+        if access is s.OffloadAccess.ALWAYS_ENABLED:
+            return True
+        if access is s.OffloadAccess.DISABLED:
+            return personal is True
+        return personal is not False  # enabled, user defined: on until the member turns it off
+
+    @property
+    def member_choice(self) -> bool:
+        """Whether members' personal switches count at all."""
+        return self.offload_access in (
+            s.OffloadAccess.ENABLED,
+            s.OffloadAccess.DISABLED,
+            s.OffloadAccess.USER_DEFINED,
+        )
 
 
 def check_idle_timeout(seconds: int) -> int:
@@ -97,10 +118,32 @@ def policy_of(db: Db, org: Organization) -> OrgPolicy:
         return OrgPolicy()
     return OrgPolicy(
         offload_enabled=row.offload_enabled,
+        offload_access=_access_of(row),
         idle_timeout_default_s=row.idle_timeout_default_s,
         idle_timeout_locked=row.idle_timeout_locked,
         fair_use_policy=s.FairUsePolicy(row.fair_use_policy),
     )
+
+
+def _access_of(row: OrgSettingsRow) -> s.OffloadAccess:
+    if not row.offload_enabled:
+        return s.OffloadAccess.ALWAYS_DISABLED
+    if row.offload_access is None or row.offload_access == s.OffloadAccess.ALWAYS_DISABLED:
+        return s.OffloadAccess.ENABLED  # rows from before the access states, or out of step
+    return s.OffloadAccess(row.offload_access)
+
+
+def _apply_access(row: OrgSettingsRow, update: s.OrgSettingsUpdate) -> None:
+    """`offload_access` wins; the older `offload_enabled` alone maps onto it."""
+    if update.offload_access is not None:
+        row.offload_access = update.offload_access.value
+        row.offload_enabled = update.offload_access is not s.OffloadAccess.ALWAYS_DISABLED
+    elif update.offload_enabled is not None:
+        row.offload_enabled = update.offload_enabled
+        if not update.offload_enabled:
+            row.offload_access = s.OffloadAccess.ALWAYS_DISABLED.value
+        elif row.offload_access in (None, s.OffloadAccess.ALWAYS_DISABLED.value):
+            row.offload_access = s.OffloadAccess.ENABLED.value
 
 
 def settings_view(db: Db, org: Organization) -> s.OrgSettings:
@@ -108,6 +151,7 @@ def settings_view(db: Db, org: Organization) -> s.OrgSettings:
     return s.OrgSettings(
         org=org.name,
         offload_enabled=policy.offload_enabled,
+        offload_access=policy.offload_access,
         idle_timeout_default_s=policy.idle_timeout_default_s,
         idle_timeout_locked=policy.idle_timeout_locked,
         fair_use_policy=policy.fair_use_policy,
@@ -127,8 +171,7 @@ def update_settings(db: Db, org: Organization, update: s.OrgSettingsUpdate) -> N
         )
         db.add(row)
     sent = update.model_fields_set
-    if update.offload_enabled is not None:
-        row.offload_enabled = update.offload_enabled
+    _apply_access(row, update)
     if "idle_timeout_default_s" in sent:
         seconds = update.idle_timeout_default_s
         row.idle_timeout_default_s = None if seconds is None else check_idle_timeout(seconds)
@@ -163,13 +206,22 @@ def idle_timeout_for(
     return requested_s or user.idle_timeout_s or org_default
 
 
-def check_enabled(db: Db, policy: OrgPolicy, org: Organization) -> None:
-    if not policy.offload_enabled:
+def check_enabled(db: Db, policy: OrgPolicy, org: Organization, user: User | None = None) -> None:
+    """Refuse Offload where the organisation's access (and, where members choose, `user`'s
+    personal switch) turns it off."""
+    if not policy.offload_enabled or policy.offload_access is s.OffloadAccess.ALWAYS_DISABLED:
         owners = ", ".join(owner_names(db, org)) or "none"
         raise PermissionDenied(
             f"Offload is disabled for organisation {org.name}.",
             f"Ask an owner of {org.name} ({owners}) to enable it in the organisation's "
             "settings, or start with another organisation: `docker offload start --account ORG`.",
+        )
+    if user is not None and not policy.allows(user.offload_enabled):
+        state = "off by default" if user.offload_enabled is None else "turned off"
+        raise PermissionDenied(
+            f"Offload is {state} for you in organisation {org.name}.",
+            "Turn on 'Use Offload' in your personal settings on the dashboard (Settings), "
+            "or `PUT /api/v1/me/settings` with offload_enabled true.",
         )
 
 
@@ -181,6 +233,7 @@ def user_settings(db: Db, auth: tokens.AuthUser) -> s.UserSettings:
     return s.UserSettings(
         idle_timeout_s=user.idle_timeout_s,
         default_org=user.default_org.name if user.default_org else None,
+        offload_enabled=user.offload_enabled,
     )
 
 
@@ -195,5 +248,7 @@ def update_user_settings(
         user.idle_timeout_s = None if seconds is None else check_idle_timeout(seconds)
     if "default_org" in sent and update.default_org is not None:
         user.default_org_id = accounts.resolve_org(db, user, update.default_org).id
+    if "offload_enabled" in sent:
+        user.offload_enabled = update.offload_enabled
     db.flush()
     return user_settings(db, auth)

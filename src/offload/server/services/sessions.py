@@ -173,7 +173,7 @@ def _check_limits(
     rules: Rules,
 ) -> None:
     """Refuse a new session the organisation or the user's fair use does not allow."""
-    org_settings.check_enabled(db, policy, org)
+    org_settings.check_enabled(db, policy, org, user)
     if policy.fair_use_policy is s.FairUsePolicy.STOP:
         used = ledger.user_day_seconds(db, user.id, now)
         if used >= rules.fair_use_day_s:
