@@ -14,7 +14,8 @@ import offload
 from offload.core.config import ServerSettings
 from offload.core.errors import ErrorBody
 from offload.core.schemas import API_PREFIX
-from offload.server.api import ops, orgs, runners, sessions, users
+from offload.server import web
+from offload.server.api import device, ops, orgs, runners, sessions, users
 from offload.server.api.errors import install_error_handlers
 from offload.server.context import Clock, ServerContext, utc_now
 from offload.server.db.engine import Database
@@ -93,9 +94,10 @@ def create_app(settings: ServerSettings, clock: Clock | None = None) -> FastAPI:
     )
     app.state.context = context
     api = APIRouter(prefix=API_PREFIX, responses=_ERROR_RESPONSES)
-    for module in (users, sessions, runners, orgs):
+    for module in (users, sessions, runners, orgs, device):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(ops.router)
+    web.mount(app)  # the dashboard: pages at /, assets at /static
     install_error_handlers(app)
     return app
