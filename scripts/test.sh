@@ -7,6 +7,14 @@ cd "$(dirname "$0")/.."
 
 scripts/bootstrap.sh "[test]"
 
+# The dashboard tests drive Debian's Chromium with Playwright (never a downloaded browser).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "==> Installing chromium for the dashboard tests"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq chromium >/dev/null
+fi
+
 if ! docker -H unix:///var/run/docker.sock version >/dev/null 2>&1; then
   echo "==> Starting the machine's default dockerd"
   (dockerd >/var/log/offload-test-default-dockerd.log 2>&1 &)
