@@ -22,4 +22,6 @@ def serve(settings: ServerSettings) -> None:
         log_level="info",
         access_log=True,
         proxy_headers=False,
+        # Runners' long polls are parked for up to 15 s; they retry, so shutdown need not wait.
+        timeout_graceful_shutdown=2,
     )
