@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import asyncssh
@@ -88,3 +89,43 @@ async def test_the_runner_refuses_what_the_session_does_not_publish(
         return answer.endswith(PAGE.encode())
 
     await async_wait_until(page, 30, "the published port through SSH")
+
+
+async def test_half_close_and_bulk_data_cross_both_splices(
+    ssh: SSHPair, images: dict[str, str], containers: Containers
+) -> None:
+    """An echo server (`nc -e cat`) answers only after the client's EOF: the laptop's half-close
+    must reach the container through the agent, the channel and the runner, and the echo come
+    back whole before the far side closes."""
+    (port,) = free_ports(1)
+    await containers.run(
+        "cat", "-p", f"{port}:7000", images["busybox"], "nc", "-ll", "-p", "7000", "-e", "cat"
+    )
+    forwarder = PortForwarder(ssh.open_tcp, ssh.open_udp, ssh.open_engine, retry_initial_s=0.05)
+    await forwarder.start()
+    payload = bytes(range(256)) * 8192  # 2 MiB, more than one channel packet and socket buffer
+
+    async def echoes() -> bool:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        try:
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()
+            return await asyncio.wait_for(reader.read(), 30) == payload
+        except OSError:
+            return False
+        finally:
+            writer.close()
+
+    try:
+        await async_wait_until(echoes, 30, "the echo through the forward")
+        await async_wait_until(lambda: _no_connections(forwarder), 10, "the connection to end")
+    finally:
+        await forwarder.close()
+
+
+async def _no_connections(forwarder: PortForwarder) -> bool:
+    return forwarder.open_connections == 0
