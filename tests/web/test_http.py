@@ -4,21 +4,23 @@ device flow's RFC 8628 answers, against the same live control plane as the brows
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 from sqlalchemy import select
 
+from offload.cli.device_login import device_login
 from offload.core import schemas as s
-from offload.core.errors import NotFound
+from offload.core.errors import NotFound, Unreachable
 from offload.server.context import ServerContext
 from offload.server.db.models import WebSession
 from offload.server.services import device_codes, org_settings, tokens, web_auth
 from offload.server.services.tokens import AuthUser
 
 from .conftest import WebUser
-from .support import LiveClock, LiveServer
+from .support import LiveClock, LiveServer, run
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -285,3 +287,13 @@ def test_user_codes_are_read_forgivingly() -> None:
     assert device_codes.normalize_user_code(" bcdf-ghjk ") == "BCDFGHJK"
     assert device_codes.normalize_user_code("BCDF-GHJ") is None
     assert device_codes.normalize_user_code("AEIO-UBCD") is None  # vowels are never issued
+
+
+def test_device_login_says_when_the_server_cannot_be_reached() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    shown: list[str] = []
+    with pytest.raises(Unreachable, match="Cannot reach the Offload control plane"):
+        run(device_login(url, lambda uri, code: shown.append(code)))
+    assert shown == []
