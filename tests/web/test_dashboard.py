@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
@@ -18,7 +18,7 @@ from offload.core.api_client import UserClient
 from offload.core.errors import NotAuthenticated, PermissionDenied
 from offload.core.waiting import wait_until
 from offload.server.context import ServerContext
-from offload.server.services import lifecycle
+from offload.server.services import device_codes, lifecycle
 from offload.server.services.org_activity import CSV_COLUMNS
 
 from .conftest import TIMEOUT_MS, WebUser, sign_in, submit_sign_in
@@ -88,20 +88,31 @@ class PendingLogin:
 
 
 @pytest.fixture
-def pool() -> ThreadPoolExecutor:
-    with ThreadPoolExecutor(max_workers=1) as executor:
-        yield executor
+def start_login(server: LiveServer, clock: LiveClock) -> Iterator[Callable[[], PendingLogin]]:
+    """`start_login()`: a device login running as the CLI runs it.  A test that failed half-way
+    leaves one polling: its code is expired then, so it ends at its next poll instead of
+    holding the teardown for 10 minutes."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started: list[PendingLogin] = []
+
+        def _start() -> PendingLogin:
+            started.append(PendingLogin(server, pool))
+            return started[-1]
+
+        yield _start
+        if any(not login.future.done() for login in started):
+            clock.advance(device_codes.LIFETIME.total_seconds() + 1)
 
 
 def test_device_login_approved_in_the_browser_gives_the_cli_a_token(
     page: Page,
     server: LiveServer,
     make_user: Callable[..., WebUser],
-    pool: ThreadPoolExecutor,
+    start_login: Callable[[], PendingLogin],
     shot: Shot,
 ) -> None:
     user = make_user()
-    login = PendingLogin(server, pool)
+    login = start_login()
     login.wait_shown()
     assert login.uri == f"{server.url}/device"
 
@@ -133,11 +144,11 @@ def test_device_login_denied_in_the_browser_tells_the_cli(
     page: Page,
     server: LiveServer,
     make_user: Callable[..., WebUser],
-    pool: ThreadPoolExecutor,
+    start_login: Callable[[], PendingLogin],
     shot: Shot,
 ) -> None:
     user = make_user()
-    login = PendingLogin(server, pool)
+    login = start_login()
     login.wait_shown()
     sign_in(page, server.url, user)
     page.goto(f"{login.uri}?code={login.code}")  # verification_uri_complete
@@ -154,11 +165,11 @@ def test_an_expired_device_code_tells_the_cli_and_the_browser(
     server: LiveServer,
     clock: LiveClock,
     make_user: Callable[..., WebUser],
-    pool: ThreadPoolExecutor,
+    start_login: Callable[[], PendingLogin],
     shot: Shot,
 ) -> None:
     user = make_user()
-    login = PendingLogin(server, pool)
+    login = start_login()
     login.wait_shown()
     clock.advance(11 * 60)  # codes live 10 minutes on the control plane's clock
     with pytest.raises(NotAuthenticated, match="expired") as caught:
