@@ -204,7 +204,8 @@ class _Forward:
                 self.forwarder._open_udp,
                 idle_timeout_s=self.forwarder.udp_idle_timeout_s,
                 clock=self.forwarder._clock,
-                on_change=self.forwarder._connection_opened,
+                on_change=self.forwarder._notify,
+                on_activity=self.forwarder._touch,
             )
             await loop.create_datagram_endpoint(lambda: udp, sock=sock)
             self._udp = udp
@@ -245,6 +246,7 @@ class _LocalSide(asyncio.Protocol):
         self._far: Any = None  # the far side's transport (asyncio transport or SSH channel)
         self._local_eof = False
         self._far_eof = False
+        self._opening: asyncio.Task[None] | None = None  # held so it is not collected mid-way
 
     # local socket events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -252,7 +254,7 @@ class _LocalSide(asyncio.Protocol):
         self._transport.pause_reading()
         self._forward.pipes.add(self)
         self._forward.forwarder._connection_opened()
-        asyncio.get_running_loop().create_task(self._open_far())
+        self._opening = asyncio.get_running_loop().create_task(self._open_far())
 
     def data_received(self, data: bytes) -> None:
         self._touch()

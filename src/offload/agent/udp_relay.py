@@ -97,6 +97,7 @@ class _ClientRelay:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def send(self, data: bytes) -> None:
+        self.forward._active()
         self.last_seen = self.forward._clock()
         if self._writer is not None:
             self._writer.write(frame_datagram(data))
@@ -116,6 +117,7 @@ class _ClientRelay:
                 writer.write(frame_datagram(data))
             self._pending.clear()
             while (reply := await read_datagram(reader)) is not None:
+                self.forward._active()
                 self.last_seen = self.forward._clock()
                 self.forward._reply(reply, self.addr)
         finally:
@@ -137,12 +139,14 @@ class UdpForward(asyncio.DatagramProtocol):
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] | None = None,
+        on_activity: Callable[[], None] | None = None,
     ) -> None:
         self.port = port
         self._open_udp = open_udp
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock
-        self._on_change = on_change
+        self._on_change = on_change  # a relay opened or closed
+        self._on_activity = on_activity  # a datagram went either way
         self._transport: asyncio.DatagramTransport | None = None
         self._clients: dict[Any, _ClientRelay] = {}
 
@@ -190,6 +194,10 @@ class UdpForward(asyncio.DatagramProtocol):
         if self._clients.get(relay.addr) is relay:
             del self._clients[relay.addr]
             self._changed()
+
+    def _active(self) -> None:
+        if self._on_activity is not None:
+            self._on_activity()
 
     def _changed(self) -> None:
         if self._on_change is not None:
