@@ -254,6 +254,9 @@ class LaptopSync:
                 raise
             except (OffloadError, ProtocolError, OSError, ConnectionError) as exc:
                 reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            except Exception as exc:  # a bug: say so, and let the supervisor go on
+                log.exception("sync of %s failed", self.laptop_path)
+                reason = f"internal error ({type(exc).__name__})"
             self._state = SyncState.DISCONNECTED
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(
@@ -277,15 +280,16 @@ class LaptopSync:
             await loop.run_in_executor(None, _make_dirs, self.laptop_path)
             root = await loop.run_in_executor(None, SafeRoot, self.laptop_path)
             ignore = await loop.run_in_executor(None, IgnoreRules.load, self.laptop_path, self.only)
-            parser, pending = FrameParser(), []
+            parser, pending = FrameParser(), list[Frame]()
             remote = await self._handshake(reader, writer, ignore, parser, pending)
             peer = _LaptopPeer(
                 self, root, ignore=ignore, writer=writer, name=f"laptop:{self.subdir}",
                 in_place=self.only is not None,
             )  # fmt: skip
             watcher = TreeWatcher(
-                root.path, peer.mark_dirty, debounce_ms=self._debounce_ms, step_ms=self._step_ms
-            )
+                root.path, peer.mark_dirty, debounce_ms=self._debounce_ms, step_ms=self._step_ms,
+                recursive=self.only is None,  # a file bind: its directory only, not what is below
+            )  # fmt: skip
             await peer.call(watcher.start)  # before the scan: no change falls in between
             local = await peer.call(scan, root, ignore)
             plan = reconcile(local, remote, self._base, self.read_only)

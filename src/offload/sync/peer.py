@@ -205,7 +205,7 @@ class SyncPeer:
     def _control(self, kind: Kind, payload: bytes) -> None:
         msg = decode_json(payload) if payload else {}
         if kind == Kind.BARRIER_ACK:
-            seq = msg.get("seq")
+            seq = int(msg.get("seq", 0))
             self._unacked.pop(seq, None)
             fut = self._barriers.pop(seq, None)
             if fut is not None and not fut.done():
@@ -242,6 +242,10 @@ class SyncPeer:
     # ---- applying (worker thread) -----------------------------------------------------------
 
     def _apply_all(self, frames: list[Frame]) -> list[Output]:
+        with self.root.batch():
+            return self._apply_frames(frames)
+
+    def _apply_frames(self, frames: list[Frame]) -> list[Output]:
         out: list[Output] = []
         for kind, payload in frames:
             rel = ""
@@ -478,7 +482,7 @@ class SyncPeer:
             self._dirty_event.clear()
             paths, forced = self._dirty, self._forced
             self._dirty, self._forced = set(), {}
-            ops = await self.call(self.detect, paths, forced)
+            ops = await self.call(self._detect_batch, paths, forced)
             if ops:
                 await self.send_ops(ops)
             if not self._dirty:
@@ -502,7 +506,7 @@ class SyncPeer:
         self._sending = True
         try:
             while True:
-                outputs, done = await self.call(_take, frames, SEND_BATCH)
+                outputs, done = await self.call(self._take, frames, SEND_BATCH)
                 chunk = b"".join(o for o in outputs if isinstance(o, bytes))
                 if chunk:
                     self.writer.write(chunk)
@@ -531,7 +535,24 @@ class SyncPeer:
         self.send_reply(jframe(Kind.BARRIER, {"seq": seq}))
         return fut
 
+    def _take(self, frames: Iterator[Output], limit: int) -> tuple[list[Output], bool]:
+        """Up to about `limit` bytes of frames from the generator (worker thread)."""
+        out: list[Output] = []
+        size = 0
+        with self.root.batch():
+            for item in frames:
+                out.append(item)
+                if isinstance(item, bytes):
+                    size += len(item)
+                    if size >= limit:
+                        return out, False
+        return out, True
+
     # detection (worker thread) ------------------------------------------------------------
+
+    def _detect_batch(self, paths: set[str], forced: dict[str, Entry | None]) -> list[Op]:
+        with self.root.batch():
+            return self.detect(paths, forced)
 
     def detect(self, paths: set[str], forced: dict[str, Entry | None] | None = None) -> list[Op]:
         """Ops that bring the other side from `base` to what these paths are now."""
@@ -662,19 +683,6 @@ class SyncPeer:
 def _retrieve(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()
-
-
-def _take(frames: Iterator[Output], limit: int) -> tuple[list[Output], bool]:
-    """Up to about `limit` bytes of frames from the generator (worker thread)."""
-    out: list[Output] = []
-    size = 0
-    for item in frames:
-        out.append(item)
-        if isinstance(item, bytes):
-            size += len(item)
-            if size >= limit:
-                return out, False
-    return out, True
 
 
 def _read_up_to(fd: int, n: int) -> bytes:

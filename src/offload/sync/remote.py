@@ -100,6 +100,8 @@ class RemoteEndpoint:
             _send_error(writer, "", str(exc))
         except (ConnectionError, OSError) as exc:
             log.info("sync stream for %s ended: %s", self.mount_area, exc)
+        except Exception:  # a bug must not take the runner's SSH endpoint down with it
+            log.exception("sync stream for %s failed", self.mount_area)
         finally:
             writer.close()
 

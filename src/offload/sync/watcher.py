@@ -94,15 +94,17 @@ class TreeWatcher(_ThreadedWatcher):
         *,
         debounce_ms: int = DEBOUNCE_MS,
         step_ms: int = STEP_MS,
+        recursive: bool = True,
     ) -> None:
         super().__init__(Path(root).name, on_paths)
         self.root = os.path.realpath(root)
+        self._recursive = recursive
         self._debounce_ms = debounce_ms
         self._step_ms = step_ms
         self._notify: RustNotify | None = None
 
     def start(self) -> None:
-        self._notify = RustNotify([self.root], False, False, 50, True, True)
+        self._notify = RustNotify([self.root], False, False, 50, self._recursive, True)
 
     def _close(self) -> None:
         if self._notify is not None:
