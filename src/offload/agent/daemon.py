@@ -122,6 +122,9 @@ class Credentials:
             raise SessionEnded(SESSION_ENDED) from None
 
     async def _renew(self) -> None:
+        # Check first: renewing with this laptop's key after another machine took the session
+        # over would make the control plane hand the session back to this key.
+        self._check_live(await self._get())
         public_key = await asyncio.to_thread(_public_key_line, self._key_path)
         try:
             session = await self._client.renew_certificate(self.session.id, public_key)
@@ -174,7 +177,8 @@ class StateWriter:
         was = self.state.connected
         self.state.connected = tunnel.connected
         self.state.suspended = tunnel.suspended
-        self.state.last_error = tunnel.last_error
+        if self.state.last_error != SESSION_ENDED:  # the end of the session is what matters
+            self.state.last_error = tunnel.last_error
         if tunnel.connected and not was:
             self.state.connected_since = datetime.now(UTC)
         elif not tunnel.connected:
@@ -220,7 +224,7 @@ async def _renew_in_background(
     """Renew the certificate when it enters its last third, so reconnects never wait on it."""
     minimum = 0.0
     while not stop.is_set():
-        if keeper.ended is not None or keeper.moved_to is not None:
+        if keeper.ended is not None or keeper.moved_to is not None or keeper.stopped:
             # Nothing to renew until a Docker request starts a new session.
             if await _wait(stop, RENEW_RETRY_S):
                 return

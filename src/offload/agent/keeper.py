@@ -25,10 +25,10 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 from pydantic import Field
@@ -158,6 +158,7 @@ class SessionKeeper:
         )
         credentials.client_name = self.client_name
         self.ended: SessionInfo | None = None  # set: the next request starts a new session
+        self.stopped = False  # the user stopped the session: refuse, never replace
         self.moved_to: str | None = None
         self._lock = asyncio.Lock()
         self._woke_at = clock()
@@ -269,7 +270,7 @@ class SessionKeeper:
 
     async def send_report(self, report: ActivityReport) -> None:
         """The activity reporter's way out."""
-        if self.ended is not None or self.moved_to is not None:
+        if self.ended is not None or self.moved_to is not None or self.stopped:
             return  # nothing to keep alive; the next request starts or refuses
         await self._report(report)
 
@@ -293,7 +294,7 @@ class SessionKeeper:
                 await asyncio.sleep(delay)
                 continue
             self._last_answer = self._clock()
-            if self.ended is not None or self.moved_to is not None:
+            if self.ended is not None or self.moved_to is not None or self.stopped:
                 continue
             asked = self._clock()
             try:
@@ -357,13 +358,14 @@ class SessionKeeper:
 
     def mark_ended(self, info: SessionInfo | None) -> None:
         """The session is over: refuse (stopped by the user) or replace on the next request."""
-        if self.ended is not None:
+        if self.ended is not None or self.stopped:
             return
         info = info or self.credentials.session.model_copy(
             update={"state": SessionState.TERMINATED}
         )
         self.state.state.session_state = info.state.value
         if info.end_reason == STOPPED_BY_USER:
+            self.stopped = True
             self._refuse_all(SESSION_ENDED)
             self.state.state.last_error = SESSION_ENDED
         else:
@@ -403,8 +405,8 @@ class SessionKeeper:
         elif isinstance(exc, NotFound):
             self.mark_ended(None)
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
