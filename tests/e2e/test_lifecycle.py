@@ -152,6 +152,9 @@ def test_one_session_per_user_and_takeover(clocked: ClockedDeployment, make_lapt
 
     told = wait_until(first_told, 30, "the first machine to learn the session moved")
     assert second.env["OFFLOAD_CLIENT_NAME"] in told and "--takeover" in told
+    # Stopping on the first machine disconnects it and leaves the session to the second.
+    assert "left running" in first.offload("stop", "--force").stdout
+    assert second.session().state.live and second.docker("ps").returncode == 0
 
 
 def test_settings_and_limit_refusals(clocked: ClockedDeployment, make_laptop) -> None:

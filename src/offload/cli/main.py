@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, overload
 
 import typer
 from rich.console import Console
@@ -48,13 +48,21 @@ def _paths() -> ClientPaths:
     return ClientPaths()
 
 
-def _run(work: Callable[[], Coroutine[Any, Any, T]] | Callable[[], T]) -> T:
+@overload
+def _run(work: Callable[[], Coroutine[Any, Any, T]]) -> T: ...
+
+
+@overload
+def _run(work: Callable[[], T]) -> T: ...
+
+
+def _run(work: Callable[[], Any]) -> Any:
     """Run a command body; turn expected errors into a message with the fix and an exit code."""
     try:
         result = work()
         if asyncio.iscoroutine(result):
-            return asyncio.run(result)  # type: ignore[no-any-return]
-        return result  # type: ignore[return-value]
+            return asyncio.run(result)
+        return result
     except OffloadError as exc:
         err.print(f"[bold red]Error:[/] {exc.message}", highlight=False)
         if exc.fix:
@@ -147,6 +155,11 @@ def stop(
     result = _run(lambda: session_ops.stop(paths))
     if result.session_id is None:
         out.print("No Offload session is running.")
+    elif result.moved_to:
+        out.print(
+            f"Session [bold]{result.session_id}[/] runs on {result.moved_to} now: left running "
+            "there; this machine is disconnected."
+        )
     else:
         out.print(f"[green]✓[/] Session [bold]{result.session_id}[/] stopped; its engine is wiped.")
     if result.restored_context:
@@ -603,8 +616,14 @@ def server(
     from offload.core.config import ServerSettings
     from offload.server.main import serve
 
-    overrides = {k: v for k, v in {"host": host, "port": port, "data_dir": data_dir}.items() if v}
-    _run(lambda: serve(ServerSettings(**overrides)))
+    overrides: dict[str, Any] = {
+        k: v for k, v in {"host": host, "port": port, "data_dir": data_dir}.items() if v
+    }
+
+    def work() -> None:
+        serve(ServerSettings(**overrides))
+
+    _run(work)
 
 
 @app.command()

@@ -273,6 +273,7 @@ class StopResult:
     session_id: str | None
     restored_context: str | None
     server_error: str | None = None
+    moved_to: str | None = None  # the machine that holds the session now (left running)
 
 
 async def stop(paths: ClientPaths) -> StopResult:
@@ -282,11 +283,15 @@ async def stop(paths: ClientPaths) -> StopResult:
     agent = read_model(paths.agent_state_file, AgentState)
     session_id = session_file.session.id if session_file else None
     server_error = None
+    moved_to = None
     async with user_client(config) as client:
         try:
             if session_id is None:
                 session_id = (await client.current_session()).id
-            await client.stop_session(session_id)
+            else:
+                moved_to = await _moved_to(client, session_id)
+            if moved_to is None:
+                await client.stop_session(session_id)
         except NotFound:
             pass
         except Unreachable as exc:
@@ -300,7 +305,15 @@ async def stop(paths: ClientPaths) -> StopResult:
         )
     for leftover in (paths.session_file, paths.agent_state_file, paths.key_file):
         leftover.unlink(missing_ok=True)
-    return StopResult(session_id, restored, server_error)
+    return StopResult(session_id, restored, server_error, moved_to)
+
+
+async def _moved_to(client: UserClient, session_id: str) -> str | None:
+    """The other machine that took this session over (`--takeover`): not ours to stop."""
+    session = await client.get_session(session_id)
+    if session.state.live and session.client_name and session.client_name != _hostname():
+        return session.client_name
+    return None
 
 
 # ---- status -----------------------------------------------------------------------------------
