@@ -12,7 +12,8 @@ container):
             made in the namespace, protocol-level splice): agent and runner are two processes,
             as ssh and sshd are
 
-Measures, per peer: request latency (HTTP/1.0 GET of a 100-byte file, a new TCP connection per
+Peers take turns (rounds of requests, one large GET each), so that load from elsewhere on the host
+hits them alike; the host's load average is recorded with the results. Measures, per peer: request latency (HTTP/1.0 GET of a 100-byte file, a new TCP connection per
 request as curl or a browser without keep-alive makes it; p50 and p99) and throughput (GET of a
 large file). Prints ratios and writes bench/results/ports-<timestamp>.json.
 
@@ -100,28 +101,47 @@ def get(make: MakeSocket, port: int, path: str, buffer: bytearray) -> tuple[floa
         sock.close()
 
 
-def latency(make: MakeSocket, port: int, requests: int) -> dict[str, float]:
+Peers = dict[str, tuple[MakeSocket, int]]
+ROUNDS = 10  # peers take turns, so that load from elsewhere on the host hits them all alike
+
+
+def latency(peers: Peers, requests: int) -> dict[str, dict[str, float]]:
     buffer = bytearray(64 * 1024)
-    for _ in range(20):  # warm-up: caches, the gate's cache, connection set-up paths
-        get(make, port, SMALL, buffer)
-    samples = sorted(get(make, port, SMALL, buffer)[0] * 1000 for _ in range(requests))
+    samples: dict[str, list[float]] = {peer: [] for peer in peers}
+    for make, port in peers.values():
+        for _ in range(20):  # warm-up: caches, the gate's cache, connection set-up paths
+            get(make, port, SMALL, buffer)
+    for _ in range(ROUNDS):
+        for peer, (make, port) in peers.items():
+            samples[peer] += [
+                get(make, port, SMALL, buffer)[0] * 1000 for _ in range(requests // ROUNDS)
+            ]
+    return {peer: _percentiles(sorted(values)) for peer, values in samples.items()}
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
     return {
-        "p50_ms": statistics.median(samples),
-        "p99_ms": samples[min(len(samples) - 1, int(0.99 * len(samples)))],
-        "mean_ms": statistics.fmean(samples),
-        "requests": requests,
+        "p50_ms": statistics.median(values),
+        "p99_ms": values[min(len(values) - 1, int(0.99 * len(values)))],
+        "mean_ms": statistics.fmean(values),
+        "requests": len(values),
     }
 
 
-def throughput(make: MakeSocket, port: int, runs: int) -> dict[str, float]:
+def throughput(peers: Peers, runs: int) -> dict[str, dict[str, float]]:
     buffer = bytearray(1024 * 1024)
-    get(make, port, BIG, buffer)  # warm-up
-    rates = []
+    rates: dict[str, list[float]] = {peer: [] for peer in peers}
     size = 0
+    for make, port in peers.values():
+        get(make, port, BIG, buffer)  # warm-up
     for _ in range(runs):
-        seconds, size = get(make, port, BIG, buffer)
-        rates.append(size / seconds / 1e6)
-    return {"mb_per_s": statistics.median(rates), "best_mb_per_s": max(rates), "mb": size / 1e6}
+        for peer, (make, port) in peers.items():
+            seconds, size = get(make, port, BIG, buffer)
+            rates[peer].append(size / seconds / 1e6)
+    return {
+        peer: {"mb_per_s": statistics.median(r), "best_mb_per_s": max(r), "mb": size / 1e6}
+        for peer, r in rates.items()
+    }
 
 
 # ---- set-up -----------------------------------------------------------------------------------
@@ -282,7 +302,7 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--mb", type=int, default=256)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--role", choices=("runner", "agent"), help=argparse.SUPPRESS)
     parser.add_argument("--keys", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--netns", help=argparse.SUPPRESS)
@@ -314,23 +334,22 @@ def main() -> None:
         stack.enter_context(offload_forward(work, dockerd.netns, dockerd.socket))
         wait_until(lambda: serves(root_socket, port, 100), 30, "the Offload forward")
 
-        peers: dict[str, tuple[MakeSocket, int]] = {
+        results["load_average_before"] = os.getloadavg()
+        peers: Peers = {
             "direct": (inside, port),
             "openssh": (inside, OPENSSH_LOCAL_PORT),
             "offload": (root_socket, port),
         }
-        lat = {}
-        for peer, (make, p) in peers.items():
-            lat[peer] = latency(make, p, args.requests)
+        lat = latency(peers, args.requests)
+        for peer, values in lat.items():
             print(
-                f"latency    {peer:8} p50 {lat[peer]['p50_ms']:6.3f} ms  "
-                f"p99 {lat[peer]['p99_ms']:6.3f} ms",
+                f"latency    {peer:8} p50 {values['p50_ms']:6.3f} ms  p99 {values['p99_ms']:6.3f} ms",
                 flush=True,
             )
-        thr = {}
-        for peer, (make, p) in peers.items():
-            thr[peer] = throughput(make, p, args.runs)
-            print(f"throughput {peer:8} {thr[peer]['mb_per_s']:8.1f} MB/s", flush=True)
+        thr = throughput(peers, args.runs)
+        for peer, values in thr.items():
+            print(f"throughput {peer:8} {values['mb_per_s']:8.1f} MB/s", flush=True)
+        results["load_average_after"] = os.getloadavg()
     results["latency"] = lat
     results["throughput"] = thr
     ratios = {

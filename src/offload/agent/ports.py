@@ -50,6 +50,8 @@ OpenUdp = Callable[[int], Awaitable[Streams]]
 # `loop.create_connection(factory, sock=...)`; it returns once connected and raises if it cannot.
 OpenTcp = Callable[[int, Callable[[], Any]], Awaitable[Any]]
 
+# The laptop socket's write buffer may hold this much before the far side is paused.
+LOCAL_WRITE_BUFFER = 4 * 1024 * 1024
 RESYNC_INTERVAL_S = 30.0
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 10.0
@@ -251,6 +253,9 @@ class _LocalSide(asyncio.Protocol):
     # local socket events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        # A small buffer would pause the channel at every burst: far data arrives in packets
+        # of up to 256 KiB and a 16 MiB window.
+        self._transport.set_write_buffer_limits(high=LOCAL_WRITE_BUFFER)
         self._transport.pause_reading()
         self._forward.pipes.add(self)
         self._forward.forwarder._connection_opened()

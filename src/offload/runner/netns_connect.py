@@ -6,9 +6,11 @@ thread enters the environment's namespace with setns(2), creates the socket, and
 the runner's own namespace before it does anything else. Connecting, reading and writing then
 happen on the event loop like any other socket. The event loop's thread never changes namespace.
 
-Published ports are reached at 127.0.0.1 inside the namespace: dockerd's userland proxy
-(`docker-proxy`, on by default in 20.10) listens on the published host IP there (0.0.0.0 for a
-plain `-p`), and loopback connections never pass through the DNAT rules, so they always reach it.
+Published ports are reached at 127.0.0.1 inside the namespace. Checked with dockerd 20.10: with
+the userland proxy (the default) `docker-proxy` listens on the published host IP there (0.0.0.0
+and :: for a plain `-p`, 127.0.0.1 for `-p 127.0.0.1:…`) and docker's DNAT rules leave loopback
+alone; with `--userland-proxy=false` docker DNATs loopback itself (route_localnet). Both answer
+on 127.0.0.1:PORT.
 
 TCP: `forward_tcp_in_netns` returns an asyncssh forwarder that splices an SSH channel onto the
 socket at protocol level (no task, no stream per chunk), which is what the SSH endpoint's
@@ -16,8 +18,9 @@ socket at protocol level (no task, no stream per chunk), which is what the SSH e
 everything else (tests, the benchmark's direct peer).
 
 UDP: SSH has no datagram channel, so a UDP forward is a stream channel carrying length-prefixed
-datagrams (`offload.agent.udp_relay` holds that wire format); `relay_udp_channel` connects such a
-channel to a UDP socket in the namespace.
+datagrams (`offload.agent.udp_relay` holds that wire format). `udp_channel_session` relays such an
+SSH channel to a UDP socket in the namespace (one socket per channel, i.e. per laptop client);
+`relay_udp_channel` does the same over plain streams.
 """
 
 from __future__ import annotations
