@@ -259,3 +259,17 @@ async def test_concurrent_starts_of_one_user_make_one_session(make_user, make_ru
         *(user.client.create_session(session_request(client_key)) for _ in range(5))
     )
     assert len({info.id for info in results}) == 1
+
+
+async def test_only_the_current_key_may_renew(make_user, make_runner, client_key):
+    """After a takeover the old machine's key must not win the session back by renewing."""
+    await make_runner()
+    user = make_user()
+    session = await user.client.create_session(session_request(client_key))
+    other_key = asyncssh.generate_private_key("ssh-ed25519")
+
+    with pytest.raises(Conflict) as refused:
+        await user.client.renew_certificate(session.id, public_line(other_key))
+    assert "--takeover" in refused.value.fix
+    renewed = await user.client.renew_certificate(session.id, public_line(client_key))
+    assert renewed.certificate is not None

@@ -271,9 +271,15 @@ def _renew_tx(
             f"Session {session_id} has ended ({row.state}); its certificate cannot be renewed.",
             START_FIX,
         )
-    changed = row.client_public_key.strip() != public_key.strip()
-    row.client_public_key = public_key
-    return _Outcome(session_info(db, row, now, rules), row.runner_id, changed=changed)
+    if row.client_public_key.strip() != public_key.strip():
+        # Only the key the session holds now may renew: after a takeover the old machine's
+        # renewal must not hand the session back.
+        raise Conflict(
+            f"Session {session_id} is now used from {row.client_name or 'another machine'} "
+            "with another key; this machine's certificate cannot be renewed.",
+            "Run `docker offload start --takeover` to move the session back here.",
+        )
+    return _Outcome(session_info(db, row, now, rules), row.runner_id, changed=False)
 
 
 def _stop_tx(db: Db, auth: AuthUser, session_id: str, now: datetime, rules: Rules) -> _Outcome:
