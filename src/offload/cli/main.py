@@ -526,7 +526,10 @@ def login(
         str | None, typer.Option(envvar="OFFLOAD_PASSWORD", help="Asked for when omitted.")
     ] = None,
 ) -> None:
-    """Sign this machine in to a control plane with a token, or a user name and password."""
+    """Sign this machine in: in the browser (device code), or with a token or user + password.
+
+    Without --token or --username, prints a URL and a short code; approve it in the dashboard.
+    """
     if token is None and username and password is None:
         password = typer.prompt("Password", hide_input=True)
     me = _run(lambda: session_ops.login(_paths(), server, token, username, password))

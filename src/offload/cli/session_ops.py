@@ -78,11 +78,15 @@ async def login(
         raise InvalidInput(
             f"--server: '{server_url}' is not a URL.", "Use e.g. http://127.0.0.1:8421"
         )
+    if token is None and username is None:
+        from offload.cli.device_login import device_login
+
+        token = await device_login(server_url, show_device_code)
     if token is None:
-        if not username or not password:
+        if not password:
             raise InvalidInput(
-                "Give either --token, or --username with a password.",
-                "e.g. `offload login --server URL --username alice` (asks for the password).",
+                "--username needs a password.",
+                "Set OFFLOAD_PASSWORD, or run `offload login` on a terminal to be asked for it.",
             )
         async with UserClient(server_url, None) as anonymous:
             issued = await anonymous.login(
@@ -97,6 +101,18 @@ async def login(
     )
     _install_plugin_quietly()  # so that the very next command can be `docker offload start`
     return me
+
+
+def show_device_code(verification_uri: str, user_code: str) -> None:
+    """Tell the user where to approve this machine (stderr: stdout stays for scripts)."""
+    import sys
+
+    print(
+        f"To sign in, open {verification_uri}?code={user_code} in a browser\n"
+        f"and confirm the code {user_code}. Waiting for approval…",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 # ---- start ------------------------------------------------------------------------------------

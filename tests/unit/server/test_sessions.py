@@ -273,3 +273,13 @@ async def test_only_the_current_key_may_renew(make_user, make_runner, client_key
     assert "--takeover" in refused.value.fix
     renewed = await user.client.renew_certificate(session.id, public_line(client_key))
     assert renewed.certificate is not None
+
+
+async def test_a_new_personal_idle_timeout_applies_to_the_live_session(
+    make_user, make_runner, client_key
+):
+    await make_runner()
+    user = make_user()
+    session = await user.client.create_session(session_request(client_key))
+    await user.client.update_my_settings(s.UserSettingsUpdate(idle_timeout_s=900))
+    assert (await user.client.get_session(session.id)).idle_timeout_s == 900

@@ -45,7 +45,9 @@ async def my_settings(ctx: Context, user: CurrentUser) -> s.UserSettings:
 async def update_my_settings(
     ctx: Context, user: CurrentUser, body: s.UserSettingsUpdate
 ) -> s.UserSettings:
-    return await ctx.db.run(org_settings.update_user_settings, user, body)
+    return await ctx.db.run(
+        org_settings.update_user_settings, user, body, ctx.settings.default_idle_timeout_s
+    )
 
 
 @router.get("/usage")

@@ -15,7 +15,13 @@ from sqlalchemy.orm import Session as Db
 
 from offload.core import schemas as s
 from offload.core.errors import InvalidInput, PermissionDenied
-from offload.server.db.models import Membership, Organization, OrgSettingsRow, User
+from offload.server.db.models import (
+    Membership,
+    OffloadSession,
+    Organization,
+    OrgSettingsRow,
+    User,
+)
 from offload.server.services import accounts, tokens
 
 IDLE_TIMEOUT_MIN_S = 10
@@ -238,17 +244,40 @@ def user_settings(db: Db, auth: tokens.AuthUser) -> s.UserSettings:
 
 
 def update_user_settings(
-    db: Db, auth: tokens.AuthUser, update: s.UserSettingsUpdate
+    db: Db,
+    auth: tokens.AuthUser,
+    update: s.UserSettingsUpdate,
+    server_default_idle_s: int | None = None,
 ) -> s.UserSettings:
-    """Only the fields sent change; the default organisation must be one of the user's."""
+    """Only the fields sent change; the default organisation must be one of the user's.
+
+    A new personal idle timeout also applies to the user's live session at once (where its
+    organisation does not lock the timeout): the agent shows it on its next poll."""
     user = db.get_one(User, auth.id)
     sent = update.model_fields_set
     if "idle_timeout_s" in sent:
         seconds = update.idle_timeout_s
         user.idle_timeout_s = None if seconds is None else check_idle_timeout(seconds)
+        if server_default_idle_s is not None:
+            _apply_idle_timeout_to_live_sessions(db, user, server_default_idle_s)
     if "default_org" in sent and update.default_org is not None:
         user.default_org_id = accounts.resolve_org(db, user, update.default_org).id
     if "offload_enabled" in sent:
         user.offload_enabled = update.offload_enabled
     db.flush()
     return user_settings(db, auth)
+
+
+def _apply_idle_timeout_to_live_sessions(db: Db, user: User, server_default_s: int) -> None:
+    from offload.server.services.lifecycle import LIVE_STATES  # lifecycle imports this module
+
+    live = db.scalars(
+        select(OffloadSession).where(
+            OffloadSession.user_id == user.id, OffloadSession.state.in_(LIVE_STATES)
+        )
+    )
+    for session in live:
+        org = db.get_one(Organization, session.org_id)
+        session.idle_timeout_s = idle_timeout_for(
+            policy_of(db, org), org, user, None, server_default_s
+        )

@@ -112,7 +112,12 @@ async def save_settings(
     if offload_choice:
         fields["offload_enabled"] = {"on": True, "off": False, "default": None}[offload_choice]
     update = s.UserSettingsUpdate.model_validate(fields)
-    await ctx.db.run(org_settings.update_user_settings, viewer.user, update)
+    await ctx.db.run(
+        org_settings.update_user_settings,
+        viewer.user,
+        update,
+        ctx.settings.default_idle_timeout_s,
+    )
     return redirect("/settings?notice=saved")
 
 
