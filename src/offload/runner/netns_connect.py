@@ -141,8 +141,7 @@ async def connect_in_netns(
         if kind == socket.SOCK_DGRAM:
             sock.connect((host, port))  # sets the peer only: never blocks
         else:
-            loop = asyncio.get_running_loop()
-            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT_S)
+            await _connect(sock, (host, port))
     except (OSError, TimeoutError) as exc:
         sock.close()
         raise Unreachable(
@@ -154,6 +153,16 @@ async def connect_in_netns(
         sock.close()
         raise
     return sock
+
+
+async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
+    # On loopback a non-blocking connect mostly completes at once: try it before involving the
+    # event loop (and a timeout task), which is a tenth of a millisecond on every forward.
+    try:
+        sock.connect(address)
+    except BlockingIOError:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_connect(sock, address), CONNECT_TIMEOUT_S)
 
 
 async def open_connection_in_netns(
