@@ -65,8 +65,10 @@ def make_tree(root: Path, files: int, megabytes: int) -> None:
 
 
 def drop_dest(path: Path) -> None:
+    """An empty destination, with the previous run's writes flushed so they do not stall this one."""
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
+    os.sync()
 
 
 # ---- peers ----------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--mb", type=int, default=100)
     parser.add_argument("--edits", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=3, help="initial syncs per tool (best kept)")
+    parser.add_argument("--runs", type=int, default=5, help="initial syncs per tool (median kept)")
     parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -252,9 +254,10 @@ def main() -> None:
                 samples["unison"].append(time_unison(src, work / "unison-dest", config, work))
                 print(f"run {i + 1}:", {k: round(v[-1], 2) for k, v in samples.items()}, flush=True)
         results["samples_s"] = samples
-        results["offload"]["initial_s"] = min(samples["offload"])  # type: ignore[index]
-        results["rsync_initial_s"] = min(samples["rsync"])
-        results["unison_initial_s"] = min(samples["unison"])
+        # Medians: this machine is shared, so single runs swing with other work.
+        results["offload"]["initial_s"] = statistics.median(samples["offload"])  # type: ignore[index]
+        results["rsync_initial_s"] = statistics.median(samples["rsync"])
+        results["unison_initial_s"] = statistics.median(samples["unison"])
     off = results["offload"]["initial_s"]  # type: ignore[index]
     results["ratio_rsync_over_offload"] = results["rsync_initial_s"] / off  # type: ignore[operator]
     results["ratio_unison_over_offload"] = results["unison_initial_s"] / off  # type: ignore[operator]
@@ -263,7 +266,7 @@ def main() -> None:
     out = RESULTS / f"sync-{stamp}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     o = results["offload"]
-    print(f"initial sync of {args.files} files / {args.mb} MB (best of {args.runs}):")
+    print(f"initial sync of {args.files} files / {args.mb} MB (median of {args.runs}):")
     print(f"  offload {off:.2f}s   rsync -a over OpenSSH {results['rsync_initial_s']:.2f}s "
           f"(x{results['ratio_rsync_over_offload']:.2f})   unison {results['unison_initial_s']:.2f}s "
           f"(x{results['ratio_unison_over_offload']:.2f})")  # fmt: skip
