@@ -435,6 +435,7 @@ class SyncManager:
         self._options = sync_options
         self._syncs: dict[str, LaptopSync] = {}
         self._starting: dict[str, asyncio.Task[LaptopSync]] = {}
+        self._mount_area: str | None = None
 
     async def ensure(
         self, laptop_path: str, subdir: str, *, read_only: bool, only: str | None = None
@@ -473,6 +474,24 @@ class SyncManager:
             raise
         self._syncs[subdir] = sync
         return sync
+
+    async def mount_area(self) -> str:
+        """The session's mount area on the runner (asked once, then remembered)."""
+        if self._mount_area is None:
+            reader, writer = await self._open_stream()
+            try:
+                writer.write(jframe(Kind.HELLO, {"v": PROTOCOL_VERSION, "probe": True}))
+                await writer.drain()
+                kind, payload = await read_one(reader, FrameParser(), [])
+                message = decode_json(payload)
+                if kind != Kind.WELCOME or not isinstance(message.get("mount_area"), str):
+                    raise Unreachable(
+                        f"the runner did not say where its mount area is ({kind.name})"
+                    )
+                self._mount_area = message["mount_area"]
+            finally:
+                writer.close()
+        return self._mount_area
 
     def statuses(self) -> list[SyncedPathStatus]:
         return [sync.status() for sync in self._syncs.values()]

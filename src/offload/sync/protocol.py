@@ -8,6 +8,7 @@ neither side ever holds a large file in memory.
 Conversation (L = laptop, R = runner endpoint):
 
     L: HELLO {v, subdir, read_only, ignore, only}      R: WELCOME {mount_area, root}
+    (or L: HELLO {v, probe: true}                      R: WELCOME {mount_area}, end of stream)
                                                        R: MANIFEST [entries]..., MANIFEST_END
     both ways, at any time after that:
        MKDIR / SYMLINK / FILE_* / DELETE / META        a change, with `expect`: the entry the

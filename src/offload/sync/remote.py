@@ -112,6 +112,11 @@ class RemoteEndpoint:
         if kind != Kind.HELLO:
             raise ProtocolError(f"expected HELLO, got {kind.name}")
         hello = decode_json(payload)
+        if isinstance(hello, dict) and hello.get("probe"):
+            # The agent asks where the mount area is (to rewrite bind sources): nothing else.
+            writer.write(jframe(Kind.WELCOME, {"mount_area": str(self.mount_area), "root": None}))
+            await writer.drain()
+            return
         subdir, read_only, ignore = _parse_hello(hello)
         loop = asyncio.get_running_loop()
         area = await loop.run_in_executor(None, SafeRoot, self.mount_area)

@@ -4,6 +4,7 @@ ignore rules and status. Every wait is on a condition with a bound."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -192,3 +193,46 @@ async def test_status_reports_pending_and_errors(link: SyncLink, laptop: Path) -
     assert snapshot.state == SyncState.ERROR
     assert snapshot.errors[-1].path == "escape" and "outside" in snapshot.errors[-1].message
     assert not os.path.lexists(link.remote() / "escape")
+
+
+async def test_manager_probes_the_mount_area_and_starts_each_sync_once(
+    link: SyncLink, laptop: Path
+) -> None:
+    import asyncio
+
+    from offload.agent.binds import rewrite_create_body
+    from offload.sync.laptop import SyncManager
+
+    (laptop / "app.py").write_text("app\n")
+    (laptop / "app.yml").write_text("config\n")
+    manager = SyncManager(link.open_stream)
+    try:
+        area = await manager.mount_area()
+        assert area == str(link.mount_area)
+        body = json.dumps(
+            {"HostConfig": {"Binds": [f"{laptop}:/app:ro", f"{laptop}/app.yml:/etc/app.yml"]}}
+        ).encode()
+        rewrite = rewrite_create_body(body, area)
+        # what the proxy does before forwarding the create: every sync done, concurrently safe
+        syncs = await asyncio.gather(
+            *(
+                manager.ensure(s.laptop_path, s.subdir, read_only=s.read_only, only=s.only)
+                for s in rewrite.syncs
+            ),
+            *(
+                manager.ensure(s.laptop_path, s.subdir, read_only=s.read_only, only=s.only)
+                for s in rewrite.syncs
+            ),
+        )
+        assert len({id(s) for s in syncs}) == 2
+        binds = json.loads(rewrite.body)["HostConfig"]["Binds"]
+        assert Path(binds[0].split(":")[0], "app.py").read_text() == "app\n"
+        file_source = Path(binds[1].split(":")[0])
+        assert file_source.read_text() == "config\n" and sorted(os.listdir(file_source.parent)) == [
+            "app.yml"
+        ]
+        (laptop / "app.yml").write_text("config v2\n")
+        await until(lambda: file_source.read_text() == "config v2\n", "single-file edit")
+        assert [s.state for s in manager.statuses()] == [SyncState.SYNCED, SyncState.SYNCED]
+    finally:
+        await manager.close()
