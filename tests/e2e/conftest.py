@@ -147,10 +147,10 @@ def make_user(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory):
 
     created: list[User] = []
 
-    def make(org: str = "default") -> User:
+    def make(org: str = "default", role: Role = Role.MEMBER) -> User:
         name = f"dev{next(_user_numbers)}-{uuid.uuid4().hex[:4]}"
         home = tmp_path_factory.mktemp(name)
-        token = create_user(deployment.server_settings, name, f"pw-{name}-secret", org, Role.MEMBER)
+        token = create_user(deployment.server_settings, name, f"pw-{name}-secret", org, role)
         user = User(name, home, _user_env(home))
         # As a developer would: `offload login` (token from the environment, not argv).
         user.run(

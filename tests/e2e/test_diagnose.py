@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from offload.agent.state import ClientConfig, read_model, write_model
+from offload.core.schemas import Role
 from tests.e2e.conftest import User, started
 
 
@@ -25,6 +26,7 @@ def test_healthy_session_passes_every_check(make_user, hello_context: Path) -> N
     for name in ("control plane reachable", "credentials", "agent", "clock skew"):
         assert checks[name]["status"] == "pass", checks[name]
     assert checks["runner reachable (SSH, pinned key)"]["status"] == "pass"
+    assert checks["billing (default)"]["status"] == "pass"
 
 
 def test_stopped_agent_is_reported_with_the_fix(make_user, hello_context: Path) -> None:
@@ -56,3 +58,14 @@ def test_wrong_token_and_unreachable_server(make_user) -> None:
     assert code == 1
     assert checks["control plane reachable"]["status"] == "fail"
     assert "offload up" in checks["control plane reachable"]["fix"]
+
+
+def test_exhausted_allowance_is_reported_with_the_owner_fix(make_user) -> None:
+    owner = make_user(org=f"diag-{os.getpid()}", role=Role.OWNER)
+    org = f"diag-{os.getpid()}"
+    owner.offload("org", "billing", org, "--committed-minutes", "0", "--no-on-demand")
+    code, checks = _diagnose(owner)
+    assert code == 1
+    billing = checks[f"billing ({org})"]
+    assert billing["status"] == "fail"
+    assert org in billing["fix"] and "--account" in billing["fix"]

@@ -102,9 +102,32 @@ async def _server_checks(config: ClientConfig) -> list[Check]:
                     "" if me.orgs else "Ask an organisation owner to add you.",
                 )
             )
+            checks.extend([await _billing_check(client, org.name) for org in me.orgs])
         except OffloadError as exc:
             checks.append(Check("credentials", "fail", exc.message, exc.fix))
     return checks
+
+
+async def _billing_check(client: UserClient, org: str) -> Check:
+    """Whether `org` can still pay for a session this month."""
+    name = f"billing ({org})"
+    try:
+        usage = await client.org_usage(org)
+    except OffloadError as exc:
+        return Check(name, "warn", exc.message, exc.fix)
+    if not usage.metered:
+        return Check(name, "pass", f"unmetered; {usage.used_minutes:.0f} min used this month")
+    left = usage.standard_minutes_left
+    if left is not None and left <= 0:
+        return Check(
+            name,
+            "fail",
+            f"no allowance left this month ({usage.used_minutes:.0f} min used)",
+            f"Ask an owner of {org} to add committed minutes or enable on-demand, "
+            "or start with another organisation: `docker offload start --account ORG`.",
+        )
+    remaining = "unlimited" if left is None else f"{left:.0f} min left"
+    return Check(name, "pass", f"{usage.used_minutes:.0f} min used this month, {remaining}")
 
 
 def _clock_check(date_header: str | None) -> Check:
