@@ -216,7 +216,11 @@ class EnvironmentReport(BaseModel):
     # activity; images feed the usage insights.
     running_containers: int = 0
     containers_total: int = 0
+    # Images of the containers it holds and of those created since the last answered heartbeat.
     images: list[str] = []
+    # Containers created since the environment was bound, `docker run --rm` ones included: a
+    # running total, so the control plane keeps the highest it saw (a retry counts nothing twice).
+    containers_created: int = Field(default=0, ge=0)
 
 
 class RunnerHeartbeat(BaseModel):

@@ -7,8 +7,9 @@ control plane (retrying while it is unreachable), then serve the SSH endpoint.
 Then two loops:
 
 - the heartbeat: a long poll that carries the pool's report (per bound environment: running
-  containers, containers, images) and brings back the sessions the control plane wants here
-  (`RunnerDesired`).  Each session's allowed client key is handed to the SSH endpoint at once.
+  containers, containers, containers created since bind, images) and brings back the sessions
+  the control plane wants here (`RunnerDesired`).  Each session's allowed client key is handed
+  to the SSH endpoint at once.
 - the reconciler: applies the latest desired list to the pool (unlisted sessions wiped, new ones
   bound, environments paused while their session is `paused`) and reports each newly bound
   session ready once.  It runs apart from the heartbeat so that a slow wipe or create never
@@ -302,7 +303,9 @@ class Runner:
         assert self.runner_id is not None
         wait = self.poll_wait()  # decided before the survey: the survey may take a moment
         report = await self.pool.survey()
-        return await self.client.heartbeat(self.runner_id, report, wait_s=wait)
+        desired = await self.client.heartbeat(self.runner_id, report, wait_s=wait)
+        self.pool.acknowledge(report)  # recorded: what it carried need not be sent again
+        return desired
 
     async def receive(self, desired: RunnerDesired) -> None:
         """Take a desired list: client keys at once (a takeover drops the old machine's

@@ -551,6 +551,11 @@ def image_name(container: dict[str, Any]) -> str | None:
     bare = ref.removeprefix("sha256:")
     if not ref or ref.startswith("sha256:") or (len(bare) >= 12 and image_id.startswith(bare)):
         return None
+    return reference_name(ref)
+
+
+def reference_name(ref: str) -> str:
+    """`repo:tag` of an image reference as a client sent it: `:latest` when it names no tag."""
     if "@" in ref or ":" in ref.rsplit("/", 1)[-1]:
         return ref  # tagged, or pinned by digest
     return ref + ":latest"

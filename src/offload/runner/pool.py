@@ -7,7 +7,10 @@ heartbeat (control plane's desired list) may both ask, concurrently, and get the
 
 The pool also says what each bound environment's engine holds (`survey`, for the heartbeat):
 running containers are activity on the control plane, so a slow engine must not hold the
-heartbeat back, and a timeout must not make running containers look stopped.
+heartbeat back, and a timeout must not make running containers look stopped.  Beside that
+snapshot, each bound environment's event stream (`engine_events`) counts every container created
+and the images they used, so a container that lives less than one survey (`docker run --rm`)
+still reaches the usage insights.
 """
 
 from __future__ import annotations
@@ -28,19 +31,25 @@ from offload.core.schemas import (
     RunnerHeartbeat,
 )
 from offload.runner.driver import Environment, EnvironmentDriver, EnvState
-from offload.runner.environment import EngineContents, read_contents
+from offload.runner.engine_events import EngineEvents, EventTally
+from offload.runner.environment import MAX_IMAGES_REPORTED, EngineContents, read_contents
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SpecFor = Callable[[InstanceType], InstanceSpec]
 ReadContents = Callable[[Environment, float], Awaitable[EngineContents]]
+EventsFor = Callable[[Environment], EngineEvents]
 # Per engine, per heartbeat: the heartbeat carries activity and must not wait on a stuck engine.
 ENGINE_QUERY_TIMEOUT_S = 2.0
 
 
 def _default_spec_for(instance_type: InstanceType) -> InstanceSpec:
     return INSTANCE_SPECS[instance_type]
+
+
+def _default_events_for(env: Environment) -> EngineEvents:
+    return EngineEvents(env.id, env.engine_socket)
 
 
 class EnvironmentPool:
@@ -52,9 +61,11 @@ class EnvironmentPool:
         spec_for: SpecFor = _default_spec_for,
         warm_type: InstanceType = InstanceType.STANDARD,
         read_contents: ReadContents = read_contents,
+        events_for: EventsFor = _default_events_for,
     ) -> None:
         self.driver = driver
         self._read_contents = read_contents
+        self._events_for = events_for
         self.size = size
         self.capacity = capacity
         self.spec_for = spec_for
@@ -65,6 +76,8 @@ class EnvironmentPool:
         # Last known contents per bound environment id: what a heartbeat reports for an engine
         # that does not answer in time.
         self._contents: dict[str, EngineContents] = {}
+        # Event stream per bound environment id, from bind to release.
+        self._events: dict[str, EngineEvents] = {}
         self._closed = False
         self._fill_task: asyncio.Task[None] | None = None
         # One lock per session id, alive while someone holds or waits on it.
@@ -85,6 +98,7 @@ class EnvironmentPool:
         envs = self._warm + list(self._bound.values())
         self._warm.clear()
         self._bound.clear()
+        await self._stop_events(list(self._events))
         await asyncio.gather(*(self._destroy(env) for env in envs))
 
     # ---- sessions ----------------------------------------------------------------------------
@@ -110,6 +124,8 @@ class EnvironmentPool:
             env.session_id = session.session_id
             env.state = EnvState.BOUND
             self._bound[session.session_id] = env
+            self._events[env.id] = events = self._events_for(env)
+            events.start()
         log.info("session %s bound to environment %s", session.session_id, env.id)
         self._schedule_fill()
         return env
@@ -120,6 +136,7 @@ class EnvironmentPool:
             env = self._bound.pop(session_id, None)
             if env is not None:
                 self._contents.pop(env.id, None)
+                await self._stop_events([env.id])  # before the engine goes: no reconnect loop
                 log.info("session %s ended: destroying environment %s", session_id, env.id)
                 await self._destroy(env)
         self._schedule_fill()
@@ -189,6 +206,8 @@ class EnvironmentPool:
         envs = [EnvironmentReport(env_id=e.id, session_id=None, state=e.state) for e in self._warm]
         for sid, env in self._bound.items():
             held = contents.get(env.id)
+            events = self._events.get(env.id)
+            tally = events.tally() if events is not None else EventTally()
             envs.append(
                 EnvironmentReport(
                     env_id=env.id,
@@ -196,10 +215,19 @@ class EnvironmentPool:
                     state=env.state,
                     running_containers=held.running if held else 0,
                     containers_total=held.total if held else 0,
-                    images=held.images if held else [],
+                    images=_images_to_report(held.images if held else [], tally.images),
+                    containers_created=tally.created,
                 )
             )
         return RunnerHeartbeat(capacity=self.capacity, warm=len(self._warm), environments=envs)
+
+    def acknowledge(self, sent: RunnerHeartbeat) -> None:
+        """The control plane answered the heartbeat `sent`: the images it carried were recorded
+        and need not wait for the next one (`created` is a running total: nothing to clear)."""
+        for report in sent.environments:
+            events = self._events.get(report.env_id)
+            if events is not None and report.session_id is not None:
+                events.acknowledge(report.images)
 
     async def survey(self, timeout_s: float = ENGINE_QUERY_TIMEOUT_S) -> RunnerHeartbeat:
         """The heartbeat body with what each bound engine holds, asked of all at once.
@@ -224,6 +252,10 @@ class EnvironmentPool:
         return self.report(self._contents)
 
     # ---- internals ---------------------------------------------------------------------------
+
+    async def _stop_events(self, env_ids: list[str]) -> None:
+        streams = [s for s in (self._events.pop(i, None) for i in env_ids) if s is not None]
+        await asyncio.gather(*(events.stop() for events in streams))
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         lock = self._locks.get(session_id)
@@ -287,3 +319,10 @@ class EnvironmentPool:
                 return
             self._warm.append(env)
             log.info("warm pool: %d/%d", len(self._warm), self.size)
+
+
+def _images_to_report(held: list[str], seen: frozenset[str]) -> list[str]:
+    """Images the engine holds containers of, and those events saw; the latter first under the
+    cap: they are not acknowledged until a heartbeat carried them."""
+    rest = sorted(set(held) - seen)
+    return sorted([*sorted(seen), *rest][:MAX_IMAGES_REPORTED])
