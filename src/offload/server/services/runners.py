@@ -145,7 +145,13 @@ def _record_heartbeat_tx(
 def _record_environment(db: Db, runner: Runner, env: s.EnvironmentReport, now: datetime) -> None:
     """What a bound environment holds: images and containers for the insights; a running
     container is activity.  Only while active: an idle session's containers are paused, and a
-    report racing the pause must not wake it."""
+    report racing the pause must not wake it.
+
+    `containers_max` is the number of containers created in the session: the runner's running
+    total since bind (`containers_created`, which counts `docker run --rm` ones too) is kept at
+    its highest, so a retried heartbeat or a restarted control plane counts nothing twice.  The
+    containers the engine holds are a floor (a runner that does not count creates, or events it
+    missed while its stream was down)."""
     row = db.get(OffloadSession, env.session_id)
     if row is None or row.runner_id != runner.id or not S(row.state).live:
         return
@@ -153,7 +159,9 @@ def _record_environment(db: Db, runner: Runner, env: s.EnvironmentReport, now: d
     if new_images:  # bounded: a runaway build loop must not grow the row forever
         room = max(0, MAX_IMAGES_PER_SESSION - len(row.images))
         row.images = sorted(set(row.images) | set(sorted(new_images)[:room]))
-    row.containers_max = max(row.containers_max, env.containers_total, env.running_containers)
+    row.containers_max = max(
+        row.containers_max, env.containers_created, env.containers_total, env.running_containers
+    )
     if env.running_containers > 0 and S(row.state) in (S.ACTIVE, S.STARTING):
         lifecycle.note_activity(db, row, now)
 
