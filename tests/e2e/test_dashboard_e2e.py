@@ -105,9 +105,19 @@ def test_device_login_then_session_on_the_dashboard_and_idle_timeout_applied(
     assert user.docker("run", "--rm", "hello").stdout.strip() == "hello from offload"
     session_id = json.loads(user.offload("status", "-f", "json").stdout)["session_id"]
 
-    # ...shows on the overview.
+    # ...shows on the overview, with its one container and its image: the `--rm` container
+    # lived less than one runner survey, the engine's event stream counted it.
     page.goto(f"{deployment.server_url}/")
     expect(page.get_by_text(session_id).first).to_be_visible()
+
+    def counted() -> bool:
+        page.goto(f"{deployment.server_url}/")
+        row = page.locator("#recent-sessions tr", has_text=session_id)
+        containers = row.locator('td[data-label="Containers"]').inner_text().strip()
+        images = page.locator("#top-images").all_inner_texts() if containers == "1" else []
+        return any("hello:latest" in text for text in images)
+
+    wait_until(counted, 30, "the overview to show 1 container and the hello image", interval=0.5)
     _shot(page, "overview-real-session")
 
     # The idle timeout changed in the browser reaches the running session and its status.
