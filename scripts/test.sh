@@ -7,6 +7,19 @@ cd "$(dirname "$0")/.."
 
 scripts/bootstrap.sh "[test]"
 
+# docker-compose 1.29 (a real client of the e2e tests) pins docker<6 and PyYAML<6, so it lives in
+# its own venv. PyYAML 5.4.1 has no wheel for Python 3.11 and fails to build with Cython 3;
+# docker-py 5 breaks with requests>=2.32 ("Not supported URL scheme http+docker") and urllib3 2.
+if [ ! -x .venv-compose/bin/docker-compose ]; then
+  echo "==> Installing docker-compose 1.29 into .venv-compose"
+  "${PYTHON:-python3}" -m venv .venv-compose
+  pipq=(.venv-compose/bin/pip install -q --disable-pip-version-check)
+  "${pipq[@]}" "cython<3" wheel
+  "${pipq[@]}" --no-build-isolation "pyyaml==5.4.1"
+  "${pipq[@]}" "docker-compose==1.29.2" "docker[ssh]<6" "requests<2.32" "urllib3<2"
+fi
+.venv-compose/bin/docker-compose version >/dev/null
+
 # The dashboard tests drive Debian's Chromium with Playwright (never a downloaded browser).
 if [ ! -x /usr/bin/chromium ]; then
   echo "==> Installing chromium for the dashboard tests"
