@@ -6,6 +6,10 @@ after `offload start` wrote the session file. It
 - connects the session's tunnel and keeps it up, renewing the session certificate before it
   expires (in the background, and on every reconnect when it is close to expiry);
 - serves the Docker API on `ClientPaths.agent_socket`;
+- forwards the ports the session's containers publish to the same ports on this laptop
+  (`offload.agent.ports`, `offload.agent.channels`), re-read after every reconnect or resume;
+- syncs the laptop directories that container creates bind into the session's mount area and
+  points the binds there (`offload.agent.intercept`, `offload.sync.laptop.SyncManager`);
 - tells the control plane about Docker activity (`offload.agent.activity`) and follows the
   session's lifecycle: tunnel suspended while idle, resumed, or a new session once the old one
   was wiped (`offload.agent.keeper`);
@@ -33,6 +37,8 @@ import asyncssh
 from asyncssh.public_key import SSHOpenSSHCertificate
 
 from offload.agent.activity import ActivityReporter, ActivityTracker
+from offload.agent.channels import ForwardChannels
+from offload.agent.intercept import CreateBinds
 from offload.agent.keeper import (
     SESSION_ENDED,
     AgentSettings,
@@ -40,6 +46,7 @@ from offload.agent.keeper import (
     SessionKeeper,
     SessionMoved,
 )
+from offload.agent.ports import PortForwarder
 from offload.agent.proxy import AgentProxy
 from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
 from offload.agent.tunnel import Tunnel, TunnelTarget
@@ -47,6 +54,7 @@ from offload.core.api_client import UserClient
 from offload.core.config import ClientPaths
 from offload.core.errors import Conflict, InvalidInput, NotFound, OffloadError
 from offload.core.schemas import SessionInfo
+from offload.sync.laptop import SyncManager
 
 log = logging.getLogger("offload.agent")
 
@@ -58,6 +66,8 @@ RENEW_RETRY_S = 30.0
 MIN_RENEW_INTERVAL_S = 60.0
 # Connection counts change on every docker command: write the state file at most this often.
 STATE_WRITE_DELAY_S = 0.5
+# How often the synced paths' status is looked at for `offload status`.
+SYNC_STATUS_INTERVAL_S = 1.0
 
 
 class Credentials:
@@ -187,6 +197,19 @@ class StateWriter:
 
     def proxy_changed(self, proxy: AgentProxy) -> None:
         self.state.open_connections = proxy.activity_snapshot().open_connections
+        self._write_soon()
+
+    def ports_changed(self, forwarder: PortForwarder) -> None:
+        self.state.ports = forwarder.snapshot()
+        self._write_soon()
+
+    def syncs_changed(self, manager: SyncManager) -> None:
+        statuses = manager.statuses()
+        if statuses != self.state.synced_paths:
+            self.state.synced_paths = statuses
+            self._write_soon()
+
+    def _write_soon(self) -> None:
         if self._scheduled is None:
             loop = asyncio.get_running_loop()
             self._scheduled = loop.call_later(STATE_WRITE_DELAY_S, self.write)
@@ -292,7 +315,8 @@ async def run_agent(
         **(tunnel_options or {}),  # type: ignore[arg-type]
     )
     tracker = ActivityTracker(stream_after_s=settings.stream_after_s)
-    proxy = AgentProxy(paths.agent_socket, tunnel, tracker=tracker)
+    syncs = SyncManager(tunnel.open_sync_stream)
+    proxy = AgentProxy(paths.agent_socket, tunnel, tracker=tracker, creates=CreateBinds(syncs))
     proxy.on_change = state.proxy_changed
     keeper = SessionKeeper(
         paths=paths,
@@ -306,6 +330,10 @@ async def run_agent(
         settings=settings,
     )
     proxy.gate = keeper
+    channels = ForwardChannels(tunnel, tracker, keeper)
+    ports = PortForwarder(channels.open_tcp, channels.open_udp, channels.open_engine)
+    ports.on_change = state.ports_changed
+    ports.on_activity = tracker.note_traffic
     reporter = ActivityReporter(
         tracker,
         keeper.send_report,
@@ -319,8 +347,16 @@ async def run_agent(
 
     reporter.on_quiet = on_quiet
 
+    was_connected = False
+
     def on_tunnel_change(t: Tunnel) -> None:
+        nonlocal was_connected
         state.tunnel_changed(t)
+        if t.connected and not was_connected:
+            # Reconnected, resumed or a new session: its engine and mount area may differ.
+            ports.kick()
+            syncs.kick()
+        was_connected = t.connected
         if t.failed is not None:
             keeper.tunnel_gave_up(t.failed)
 
@@ -332,7 +368,9 @@ async def run_agent(
         await proxy.start()
         if await _usable(credentials, tunnel, keeper):
             await tunnel.start()
+        await ports.start()
         background = [
+            asyncio.create_task(_watch_syncs(syncs, state, stop)),
             asyncio.create_task(
                 _renew_in_background(credentials, tunnel, keeper, stop, wall_clock)
             ),
@@ -347,15 +385,25 @@ async def run_agent(
         await asyncio.gather(*background, return_exceptions=True)
         await keeper.close()
         await proxy.stop()
+        await ports.close()
+        await syncs.close()
         await tunnel.close()
         await client.aclose()
         state.state.connected = False
         state.state.connected_since = None
         state.state.open_connections = 0
         state.state.suspended = False
+        state.state.ports = None
+        state.state.synced_paths = []
         state.state.last_error = "the agent stopped"
         state.write()
         log.info("agent stopped")
+
+
+async def _watch_syncs(syncs: SyncManager, state: StateWriter, stop: asyncio.Event) -> None:
+    """Keep the synced paths' status in the state file (syncs change without telling)."""
+    while not await _wait(stop, SYNC_STATUS_INTERVAL_S):
+        state.syncs_changed(syncs)
 
 
 async def _usable(credentials: Credentials, tunnel: Tunnel, keeper: SessionKeeper) -> bool:

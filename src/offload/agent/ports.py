@@ -406,6 +406,8 @@ class PortForwarder:
         self._sync_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.on_change: Callable[[PortForwarder], None] | None = None
+        # Told of every byte or datagram forwarded (the agent counts it as Docker activity).
+        self.on_activity: Callable[[], None] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -632,6 +634,8 @@ class PortForwarder:
 
     def _touch(self) -> None:
         self._last_activity = self._clock()
+        if self.on_activity is not None:
+            self.on_activity()
 
     def _connection_opened(self) -> None:
         self._touch()

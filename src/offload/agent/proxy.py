@@ -10,6 +10,12 @@ When the tunnel is down (or a channel cannot open) the client still gets an answ
 the request head is read and answered with a 503 whose JSON `message` the docker CLI prints as
 `Error response from daemon: Offload: …`.
 
+One request is looked at more closely: a container create (`offload.agent.intercept`). Its bind
+mounts of laptop directories are synced into the session's mount area first and its body points
+them there before it goes on; a bad bind is answered with a 400, a failed sync with a 502, each
+with a JSON `message`. Every other request is handed on in the same call that received it, so
+the scan adds no latency; it stops at the first upgrade or hijack of a connection.
+
 Every chunk is also shown to the connection's `ConnectionWatch` (offload.agent.activity), which
 peeks at request lines and response heads to tell what counts as activity. While the session is
 idle (tunnel suspended) or has ended, a new connection is held while the `gate` wakes the session
@@ -31,8 +37,9 @@ from typing import Protocol
 import asyncssh
 
 from offload.agent.activity import ActivityTracker
+from offload.agent.intercept import CreateRequest, RequestScanner
 from offload.agent.tunnel import Tunnel
-from offload.core.errors import OffloadError
+from offload.core.errors import InvalidInput, OffloadError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,14 @@ class Gate(Protocol):
         """Make the tunnel usable; an OffloadError is the client's answer."""
 
 
+class CreateHook(Protocol):
+    """Prepares a container create's body before it goes on (the agent's `CreateBinds`)."""
+
+    async def prepare(self, body: bytes) -> bytes:
+        """The body to send instead; an OffloadError is the client's answer (InvalidInput: 400,
+        anything else: 502)."""
+
+
 class AgentProxy:
     def __init__(
         self,
@@ -70,12 +85,14 @@ class AgentProxy:
         clock: Callable[[], float] = time.monotonic,
         tracker: ActivityTracker | None = None,
         gate: Gate | None = None,
+        creates: CreateHook | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.tunnel = tunnel
         self._clock = clock
         self.tracker = tracker or ActivityTracker(clock)
         self.gate = gate
+        self.creates = creates
         self._server: asyncio.AbstractServer | None = None
         self._pipes: set[_ClientPipe] = set()
         self._total = 0
@@ -162,6 +179,12 @@ class _ClientPipe(asyncio.Protocol):
         self._engine_eof = False
         self._refusing: str | None = None  # the 503 message, once refusing
         self._watch = proxy.tracker.opened()
+        # Container creates are looked for only when there is something to do with them.
+        self._scanner = RequestScanner() if proxy.creates is not None else None
+        self._held: bytearray | None = None  # client bytes behind a create being prepared
+        self._preparing: asyncio.Task[None] | None = None
+        self._settled = False  # the channel is open, or will never be (refusing)
+        self._settled_waiter: asyncio.Future[None] | None = None
 
     # ---- client socket side ---------------------------------------------------------------
 
@@ -185,6 +208,16 @@ class _ClientPipe(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._proxy._touch()
         self._watch.client_bytes(data)
+        if self._held is not None:  # behind a create being prepared: keep the order
+            self._held += data
+            if len(self._held) > PENDING_LIMIT and self._transport is not None:
+                self._transport.pause_reading()
+        elif self._scanner is not None and self._refusing is None:
+            self._scan(data)
+        else:
+            self._to_engine(data)
+
+    def _to_engine(self, data: bytes) -> None:
         if self._chan is not None:
             self._chan.write(data)
             return
@@ -196,6 +229,8 @@ class _ClientPipe(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._client_eof = True
+        if self._held is not None:
+            return True  # the EOF goes on after the create and what followed it
         if self._refusing is not None:
             self._send_refusal()
             return True
@@ -215,6 +250,8 @@ class _ClientPipe(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._preparing is not None:
+            self._preparing.cancel()
         if self._chan is not None:
             self._chan.close()
             self._chan = None
@@ -252,12 +289,82 @@ class _ClientPipe(asyncio.Protocol):
             chan.close()
             return
         self._chan = chan
+        self._settle()
         if self._pending:
             chan.write(bytes(self._pending))
             self._pending.clear()
             self._transport.resume_reading()
-        if self._client_eof:
+        if self._client_eof and self._held is None:
             chan.write_eof()
+
+    # ---- container creates ----------------------------------------------------------------
+
+    def _scan(self, data: bytes) -> None:
+        assert self._scanner is not None
+        scan = self._scanner.feed(data)
+        if self._scanner.raw:
+            self._scanner = None  # upgraded or hijacked: a raw stream from here on
+        if scan.forward:
+            self._to_engine(scan.forward)
+        if scan.create is not None:
+            self._held = bytearray(scan.rest)
+            self._preparing = asyncio.get_running_loop().create_task(self._prepare(scan.create))
+
+    async def _prepare(self, create: CreateRequest) -> None:
+        """Sync the create's laptop binds and send it rewritten; then what came after it."""
+        hook = self._proxy.creates
+        assert hook is not None
+        try:
+            await self._until_settled()  # the session is awake and its engine channel open
+            body = create.body if self._refusing is not None else await hook.prepare(create.body)
+        except OffloadError as exc:
+            status = 400 if isinstance(exc, InvalidInput) else 502
+            fix = f" {exc.fix}" if exc.fix else ""
+            self._answer_error(status, f"Offload: {exc.message.rstrip('.')}.{fix}")
+            return
+        except Exception:  # a bug must not leave the docker client waiting forever
+            log.exception("preparing a container create failed")
+            self._answer_error(502, "Offload: the agent could not prepare this container.")
+            return
+        self._preparing = None
+        if self._transport is None:
+            return
+        self._to_engine(create.encode(body))
+        held, self._held = self._held, None
+        self._transport.resume_reading()
+        if held:
+            self._feed(bytes(held))
+        if self._client_eof and self._held is None and self._chan is not None:
+            self._chan.write_eof()
+
+    def _feed(self, data: bytes) -> None:
+        """What the client sent while its create was prepared (it may hold another create)."""
+        if self._scanner is not None and self._refusing is None:
+            self._scan(data)
+        else:
+            self._to_engine(data)
+
+    async def _until_settled(self) -> None:
+        if self._settled:
+            return
+        if self._settled_waiter is None:
+            self._settled_waiter = asyncio.get_running_loop().create_future()
+        await self._settled_waiter
+
+    def _settle(self) -> None:
+        self._settled = True
+        if self._settled_waiter is not None and not self._settled_waiter.done():
+            self._settled_waiter.set_result(None)
+
+    def _answer_error(self, status: int, message: str) -> None:
+        """Answer the held create ourselves (the engine never saw it) and end the connection."""
+        log.info("container create refused (%d): %s", status, message)
+        self._preparing = None
+        if self._transport is None:
+            return
+        reason = "Bad Request" if status == 400 else "Bad Gateway"
+        self._transport.write(_json_response(status, reason, message))
+        self._transport.close()
 
     def engine_data(self, data: bytes) -> None:
         self._proxy._touch()
@@ -289,6 +396,7 @@ class _ClientPipe(asyncio.Protocol):
     def _refuse(self, message: str) -> None:
         log.info("refusing a Docker API request: %s", message)
         self._refusing = message
+        self._settle()
         if self._transport is not None:
             self._transport.resume_reading()
         self._answer_if_head_complete()
@@ -302,14 +410,7 @@ class _ClientPipe(asyncio.Protocol):
     def _send_refusal(self) -> None:
         if self._transport is None or self._refusing is None:
             return
-        body = json.dumps({"message": self._refusing}).encode()
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode()
-        self._transport.write(head + body)
+        self._transport.write(_json_response(503, "Service Unavailable", self._refusing))
         self._transport.close()
         self._pending.clear()
 
@@ -334,6 +435,18 @@ class _EngineSide(asyncssh.SSHUNIXSession[bytes]):
 
     def resume_writing(self) -> None:
         self._pipe.resume_client()
+
+
+def _json_response(status: int, reason: str, message: str) -> bytes:
+    """A complete response whose JSON `message` the docker CLI prints as the daemon's error."""
+    body = json.dumps({"message": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    return head + body
 
 
 def _tunnel_reason(tunnel: Tunnel) -> str | None:

@@ -16,8 +16,10 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
+from offload.agent.ports import PortsSnapshot
 from offload.core.config import ClientPaths
 from offload.core.schemas import Prompt, SessionInfo
+from offload.sync.status import SyncedPathStatus
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -60,6 +62,10 @@ class AgentState(BaseModel):
     moved_to: str | None = None  # the machine that took the session over
     # True once every Docker request seen has been reported and nothing is in flight.
     activity_quiet: bool = True
+    # Published ports forwarded to this laptop, and those it could not bind (None: not yet).
+    ports: PortsSnapshot | None = None
+    # Laptop directories bind-mounted into containers, synced into the session's mount area.
+    synced_paths: list[SyncedPathStatus] = []
 
 
 def notice_marker(paths: ClientPaths) -> Path:

@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncssh
 
+from offload.agent.udp_relay import udp_channel_path
 from offload.core.errors import (
     NotAuthenticated,
     NotFound,
@@ -34,6 +35,7 @@ from offload.core.errors import (
     Unreachable,
 )
 from offload.core.schemas import ENGINE_CHANNEL_PATH
+from offload.sync.protocol import SYNC_CHANNEL_PATH
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +334,44 @@ class Tunnel:
             raise _channel_failed(exc) from None
         return chan
 
+    async def open_port_channel(self, port: int, session_factory: Callable[[], Any]) -> Any:
+        """A `direct-tcpip` channel to published port `port` of the session, driven by
+        `session_factory`'s protocol (the port forwarder's far side)."""
+        conn = self._require_conn()
+        try:
+            chan, _ = await conn.create_connection(
+                session_factory,
+                "127.0.0.1",
+                port,
+                encoding=None,
+                window=self.window,
+                max_pktsize=self.max_pktsize,
+            )
+        except (asyncssh.Error, OSError) as exc:
+            raise _channel_failed(exc, f"port {port}") from None
+        return chan
+
+    async def open_udp_channel(
+        self, port: int
+    ) -> tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]:
+        """A channel relaying framed datagrams to published UDP port `port` of the session."""
+        return await self._open_stream(udp_channel_path(port), f"UDP port {port}")
+
+    async def open_sync_stream(self) -> tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]:
+        """A channel to the file-sync endpoint of the session's mount area."""
+        return await self._open_stream(SYNC_CHANNEL_PATH, "file sync")
+
+    async def _open_stream(
+        self, path: str, what: str
+    ) -> tuple[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]]:
+        conn = self._require_conn()
+        try:
+            return await conn.open_unix_connection(
+                path, encoding=None, window=self.window, max_pktsize=self.max_pktsize
+            )
+        except (asyncssh.Error, OSError) as exc:
+            raise _channel_failed(exc, what) from None
+
     def _require_conn(self) -> asyncssh.SSHClientConnection:
         if self._conn is None:
             if self.suspended:
@@ -351,9 +391,9 @@ def _refused(target: TunnelTarget) -> TunnelRefused:
     )
 
 
-def _channel_failed(exc: BaseException) -> Unreachable:
+def _channel_failed(exc: BaseException, what: str = "engine") -> Unreachable:
     reason = exc.reason if isinstance(exc, asyncssh.ChannelOpenError) else _describe(exc)
-    return Unreachable(f"the runner could not open the engine channel ({reason})")
+    return Unreachable(f"the runner could not open the {what} channel ({reason})")
 
 
 def _describe(exc: BaseException) -> str:

@@ -197,6 +197,8 @@ def _show_status(data: dict[str, Any], format: OutputFormat) -> None:
         _print_json(data)
     else:
         out.print(_status_table(data))
+        _print_ports(data)
+        _print_synced_paths(data)
         _print_lifecycle(data)
         if data["agent"]["last_error"] and data["session_id"]:
             err.print(f"[yellow]Agent:[/] {data['agent']['last_error']}")
@@ -204,6 +206,50 @@ def _show_status(data: dict[str, Any], format: OutputFormat) -> None:
             err.print("The agent is not running: `docker offload start` reconnects.")
         if data.get("docker_host_env"):
             err.print("[yellow]Note:[/] DOCKER_HOST is set and overrides the docker context.")
+
+
+def _print_ports(data: dict[str, Any]) -> None:
+    """Forwarded ports, and those another program holds on this machine."""
+    forwards = data.get("forwards") or []
+    if forwards:
+        out.print("[bold]Ports[/]")
+        for f in forwards:
+            connections = f" ({f['open_connections']} open)" if f["open_connections"] else ""
+            out.print(
+                f"  {f['host_ip']}:{f['port']}/{f['proto']} → {f['container_name']}:"
+                f"{f['private_port']}{connections}",
+                highlight=False,
+            )
+    for c in data.get("port_conflicts") or []:
+        err.print(
+            f"[yellow]Port {c['host_ip']}:{c['port']}/{c['proto']} not forwarded[/] "
+            f"({c['container_name']}): {c['reason']}. Free it here (retried at every change) "
+            "or publish another port.",
+            highlight=False,
+        )
+
+
+def _print_synced_paths(data: dict[str, Any]) -> None:
+    """Each synced laptop directory with its state, what is pending, errors and conflicts."""
+    synced = data.get("synced_paths") or []
+    if not synced:
+        return
+    out.print("[bold]Synced paths[/]")
+    for p in synced:
+        pending = f", {p['pending_files']} pending" if p["pending_files"] else ""
+        mode = ", read-only" if p["read_only"] else ""
+        out.print(
+            f"  {p['laptop_path']}: {p['state']}{pending}{mode} ({p['files']} files)",
+            highlight=False,
+        )
+        for e in p["errors"][-3:]:
+            err.print(f"    [red]error[/] {e['path'] or '.'}: {e['message']}", highlight=False)
+        for c in p["conflicts"][-3:]:
+            err.print(
+                f"    [yellow]conflict[/] {c['path']}: the laptop's version won; the runner's "
+                f"is kept at {c['kept_at']}",
+                highlight=False,
+            )
 
 
 def _print_lifecycle(data: dict[str, Any]) -> None:

@@ -387,9 +387,20 @@ async def status(paths: ClientPaths) -> dict[str, Any]:
             "log": str(paths.agent_log),
         },
         "replaced_session_notice": _notice_once(paths, agent if agent_alive else None),
+        **_ports_and_syncs(agent if agent_alive else None),
         "docker_context": dockerctx.current_context(),
         "docker_host_env": os.environ.get("DOCKER_HOST"),
         "server_error": server_error,
+    }
+
+
+def _ports_and_syncs(agent: AgentState | None) -> dict[str, Any]:
+    """Published ports forwarded here, those this machine could not bind, and synced paths."""
+    ports = agent.ports if agent is not None else None
+    return {
+        "forwards": [f.model_dump(mode="json") for f in ports.forwards] if ports else [],
+        "port_conflicts": [c.model_dump(mode="json") for c in ports.conflicts] if ports else [],
+        "synced_paths": [p.model_dump(mode="json") for p in agent.synced_paths] if agent else [],
     }
 
 

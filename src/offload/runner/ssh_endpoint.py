@@ -6,7 +6,14 @@ What a client may do once connected, and nothing more:
   username (= session id) listed among its principals, valid now (plain keys, passwords and
   keyboard-interactive are refused);
 - open `direct-streamlocal` channels to `ENGINE_CHANNEL_PATH`, which this endpoint connects to the
-  engine socket of the environment bound to that session.
+  engine socket of the environment bound to that session;
+- open `direct-tcpip` channels to 127.0.0.1:PORT, forwarded into that environment's network
+  namespace when one of its own running (or paused) containers publishes PORT/tcp
+  (`offload.runner.port_gate`), and `direct-streamlocal` channels to `udp_channel_path(PORT)`,
+  relaying framed datagrams to PORT/udp under the same rule;
+- open `direct-streamlocal` channels to `SYNC_CHANNEL_PATH`, served by the file-sync endpoint of
+  that environment's mount area (`offload.sync.remote.RemoteEndpoint`): bind mounts of laptop
+  directories land there, and nowhere else.
 
 One key per session: the control plane names the fingerprint of the one client key allowed now
 (`AssignedSession.client_key_fingerprint`; it changes on `--takeover` from another machine).  A
@@ -14,9 +21,7 @@ connection whose certified key has another fingerprint is refused after authenti
 runner asks the control plane then, so the answer is fresh), and live connections made with
 another key are closed the moment the runner hears of the change (`set_client_key`).
 
-No shells, exec, subsystems, remote forwards or other socket paths. Direct TCP forwards are refused
-for now: published ports will be forwarded into the environment's network namespace later (see
-`_Server.connection_requested`).
+No shells, exec, subsystems, remote forwards, other socket paths or other TCP destinations.
 
 Speed: the channel is spliced onto the engine socket at the asyncio protocol level
 (`forward_unix_connection`), so bytes never pass through a stream or a task; windows and packets
@@ -33,8 +38,12 @@ from collections.abc import Awaitable, Callable
 import asyncssh
 from asyncssh.public_key import decode_ssh_certificate  # not re-exported at the top level
 
+from offload.agent.udp_relay import parse_udp_channel_path
 from offload.core.schemas import ENGINE_CHANNEL_PATH
 from offload.runner.driver import Environment
+from offload.runner.port_gate import PortGate, tcp_forward, udp_forward
+from offload.sync.protocol import SYNC_CHANNEL_PATH
+from offload.sync.remote import RemoteEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +164,7 @@ class _Server(asyncssh.SSHServer):
             return
         self._endpoint._keys[self._conn] = self._key_fingerprint
         log.info("SSH connection for session %s bound to environment %s", self._username, env.id)
+        self._endpoint._envs[self._username] = env
         self._env.set_result(env)
 
     def _refuse(self) -> None:
@@ -167,13 +177,20 @@ class _Server(asyncssh.SSHServer):
     def session_requested(self) -> bool:
         return False  # no shell, exec or subsystem
 
-    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
-        # Hook for published ports: a later issue forwards these into the environment's network
-        # namespace (env.netns), for ports the session's containers publish. Refused until then.
-        log.info(
-            "session %s: direct TCP forward to %s:%s refused", self._username, dest_host, dest_port
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> tuple[asyncssh.SSHTCPChannel[bytes], Awaitable[asyncssh.SSHTCPSession[bytes]]]:
+        # A published port: checked (loopback only, published by this session) once the
+        # session's environment is known, then spliced into its network namespace.
+        assert self._conn is not None
+        chan = self._conn.create_tcp_channel(
+            window=self._endpoint.window, max_pktsize=self._endpoint.max_pktsize
         )
-        return False
+        return chan, self._forward_tcp(dest_host, dest_port)
+
+    async def _forward_tcp(self, dest_host: str, dest_port: int) -> asyncssh.SSHTCPSession[bytes]:
+        env = await self._bound_env()
+        return await tcp_forward(self._endpoint.port_gate, env, dest_host, dest_port)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         return False  # no remote TCP forwards
@@ -181,23 +198,50 @@ class _Server(asyncssh.SSHServer):
     def unix_server_requested(self, listen_path: str) -> bool:
         return False  # no remote socket forwards
 
-    def unix_connection_requested(self, dest_path: str):
-        if dest_path != ENGINE_CHANNEL_PATH:
+    def unix_connection_requested(self, dest_path: str):  # type: ignore[no-untyped-def]
+        session: object
+        if dest_path == ENGINE_CHANNEL_PATH:
+            session = self._forward_to_engine()
+        elif dest_path == SYNC_CHANNEL_PATH:
+            session = self._serve_sync  # a stream handler: asyncssh calls it with (reader, writer)
+        elif parse_udp_channel_path(dest_path) is not None:
+            session = self._forward_udp(dest_path)
+        else:
             log.warning("session %s: channel to %r refused", self._username, dest_path)
             return False
         assert self._conn is not None
         chan = self._conn.create_unix_channel(
             window=self._endpoint.window, max_pktsize=self._endpoint.max_pktsize
         )
-        return chan, self._forward_to_engine()
+        return chan, session
 
-    async def _forward_to_engine(self) -> asyncssh.SSHUNIXSession[bytes]:
+    async def _bound_env(self) -> Environment:
+        """The session's environment once authentication bound it; a channel-open failure if
+        the connection was refused meanwhile."""
         try:
-            env = await self._env
+            return await self._env
         except asyncio.CancelledError:
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_CONNECT_FAILED, "session is not served by this runner"
             ) from None
+
+    async def _forward_udp(self, path: str) -> asyncssh.SSHUNIXSession[bytes]:
+        env = await self._bound_env()
+        return await udp_forward(self._endpoint.port_gate, env, path)
+
+    async def _serve_sync(
+        self, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes]
+    ) -> None:
+        """One sync stream, written only inside the session's own mount area."""
+        try:
+            env = await self._env
+        except asyncio.CancelledError:
+            writer.close()
+            return
+        await self._endpoint.sync_endpoint(env).serve(reader, writer)
+
+    async def _forward_to_engine(self) -> asyncssh.SSHUNIXSession[bytes]:
+        env = await self._bound_env()
         assert self._conn is not None
         # forward_unix_connection splices the channel and the engine socket at protocol level,
         # with flow control and half-close passed through both ways.
@@ -243,6 +287,7 @@ class SSHEndpoint:
         keepalive_count_max: int = KEEPALIVE_COUNT_MAX,
         window: int = CHANNEL_WINDOW,
         max_pktsize: int = CHANNEL_MAX_PKTSIZE,
+        port_gate: PortGate | None = None,
     ) -> None:
         self.host = host
         self._port = port
@@ -259,6 +304,11 @@ class SSHEndpoint:
         self._keys: dict[asyncssh.SSHServerConnection, str | None] = {}
         # The one client key allowed per session, as the control plane last said.
         self._allowed: dict[str, str] = {}
+        # Which published ports each session may reach (cached per engine, briefly).
+        self.port_gate = port_gate or PortGate()
+        # The environment each session's connections were bound to, and its sync endpoint.
+        self._envs: dict[str, Environment] = {}
+        self._sync: dict[str, RemoteEndpoint] = {}
 
     @property
     def port(self) -> int:
@@ -322,9 +372,21 @@ class SSHEndpoint:
             await self._close_all(stale)
         return len(stale)
 
+    def sync_endpoint(self, env: Environment) -> RemoteEndpoint:
+        """The file-sync endpoint of `env`'s mount area (one per environment)."""
+        endpoint = self._sync.get(env.id)
+        if endpoint is None or endpoint.mount_area != env.mount_area:
+            endpoint = self._sync[env.id] = RemoteEndpoint(env.mount_area)
+        return endpoint
+
     async def disconnect(self, session_id: str) -> int:
-        """Close every connection of `session_id` (its environment is going away)."""
+        """Close every connection of `session_id` (its environment is going away), and forget
+        what was kept for its environment (published ports, sync endpoint)."""
         self._allowed.pop(session_id, None)
+        env = self._envs.pop(session_id, None)
+        if env is not None:
+            self.port_gate.forget(env.engine_socket)
+            self._sync.pop(env.id, None)
         conns = [c for c in self._connections if c.get_extra_info("username") == session_id]
         await self._close_all(conns)
         return len(conns)

@@ -186,6 +186,8 @@ class LaptopSync:
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._closing = asyncio.Event()
+        self._wake = asyncio.Event()  # cuts a reconnect wait short (the tunnel is back)
+        self._synced = asyncio.Event()  # connected and reconciled: changes flow both ways
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -196,8 +198,22 @@ class LaptopSync:
         self._task = loop.create_task(self._supervise())
         await asyncio.shield(self._ready)
 
+    def kick(self) -> None:
+        """Reconnect now if the stream is down (e.g. the tunnel has just come back)."""
+        self._wake.set()
+
+    async def ready(self, timeout: float) -> None:
+        """Until the stream is connected and reconciled; Unreachable after `timeout`."""
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout)
+        except TimeoutError:
+            raise Unreachable(
+                f"the sync of {self.laptop_path} did not reconnect within {timeout:g}s"
+            ) from None
+
     async def close(self) -> None:
         self._closing.set()
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -258,17 +274,19 @@ class LaptopSync:
                 log.exception("sync of %s failed", self.laptop_path)
                 reason = f"internal error ({type(exc).__name__})"
             self._state = SyncState.DISCONNECTED
+            self._synced.clear()
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(
                     Unreachable(f"could not sync {self.laptop_path} to the runner: {reason}")
                 )
                 return
             log.warning("sync of %s interrupted (%s); reconnecting", self.laptop_path, reason)
+            self._wake.clear()
             try:
-                await asyncio.wait_for(self._closing.wait(), delay)
+                await asyncio.wait_for(self._wake.wait(), delay)
+                delay = self._reconnect[0]  # kicked: the tunnel is back, start over
             except TimeoutError:
-                pass
-            delay = min(delay * 2, delay_max)
+                delay = min(delay * 2, delay_max)
 
     async def _session(self) -> None:
         reader, writer = await self._open_stream()
@@ -332,11 +350,25 @@ class LaptopSync:
         writer.write(jframe(Kind.HELLO, hello))
         await writer.drain()
         welcome = await self._expect(reader, parser, pending, Kind.WELCOME)
+        if self.mount_area is not None and welcome["mount_area"] != self.mount_area:
+            # Another environment (a new session, a re-created one): nothing was agreed with
+            # it, so nothing missing there may be read as deleted by the runner.
+            log.info("sync of %s: the runner's mount area changed", self.laptop_path)
+            self._base = {}
         self.mount_area, self.remote_root = welcome["mount_area"], welcome["root"]
         manifest: Manifest = {}
         while True:
             kind, payload = await read_one(reader, parser, pending)
             if kind == Kind.MANIFEST_END:
+                if not manifest and self._base:
+                    # An empty tree where both sides had files is far more likely a wiped or
+                    # new environment than a container deleting everything: push again rather
+                    # than delete the laptop's files.
+                    log.warning(
+                        "sync of %s: the runner's copy is empty; sending everything again",
+                        self.laptop_path,
+                    )
+                    self._base = {}
                 return manifest
             if kind != Kind.MANIFEST:
                 raise ProtocolError(f"expected the manifest, got {kind.name}")
@@ -410,6 +442,7 @@ class LaptopSync:
             raise ConnectionError("the sync stream closed during the initial sync")
         waiter.result()
         self._state = SyncState.SYNCED
+        self._synced.set()
         self._last_synced = self._clock()
         log.info(
             "initial sync of %s done: %d changes sent, %d files in the tree",
@@ -492,6 +525,13 @@ class SyncManager:
             finally:
                 writer.close()
         return self._mount_area
+
+    def kick(self) -> None:
+        """The tunnel has (re)connected: ask the runner for its mount area again (another
+        session or environment may answer now) and reconnect every sync at once."""
+        self._mount_area = None
+        for sync in self._syncs.values():
+            sync.kick()
 
     def statuses(self) -> list[SyncedPathStatus]:
         return [sync.status() for sync in self._syncs.values()]
