@@ -261,8 +261,11 @@ def _is_create_line(line: bytes) -> bool:
 
 
 def _unusual(request: h11.Request) -> bool:
-    """A create not worth holding: the client waits for `100 Continue` before its body."""
-    return any(name == b"expect" for name, _ in request.headers)
+    """A create not worth holding: the client waits for `100 Continue` before its body, or
+    says the body is larger than any create the runner accepts."""
+    if any(name == b"expect" for name, _ in request.headers):
+        return True
+    return _content_length(request) > MAX_CREATE_BODY
 
 
 def _framing(request: h11.Request) -> _Mode:

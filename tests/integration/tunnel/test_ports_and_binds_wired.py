@@ -19,6 +19,7 @@ import asyncssh
 import pytest
 
 from offload.agent.daemon import run_agent
+from offload.agent.keeper import AgentSettings
 from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
 from offload.cli import session_ops
 from offload.core.api_client import RunnerClient, UserClient
@@ -147,7 +148,13 @@ def agent(loop_thread: LoopThread, deployment: Deployment) -> Iterator[Agent]:
     write_model(paths.session_file, session_file)
     stop = asyncio.Event()
     task = asyncio.run_coroutine_threadsafe(
-        run_agent(paths, stop, tunnel_options={"backoff_initial_s": 0.05, "backoff_max_s": 0.3}),
+        run_agent(
+            paths,
+            stop,
+            tunnel_options={"backoff_initial_s": 0.05, "backoff_max_s": 0.3},
+            # Polls often, so that an idle session is noticed (and suspended) quickly.
+            settings=AgentSettings(poll_interval_s=0.3, unpause_wait_s=0),
+        ),
         loop_thread.loop,
     )
     agent = Agent(laptop, paths, session_file)
@@ -205,7 +212,9 @@ def test_a_published_port_is_reachable_on_the_laptop(
     port = _free_port()
     name = f"web-{uuid.uuid4().hex[:6]}"
     names.append(name)
-    docker_ok(agent.laptop, "run", "-d", "--name", name, "-p", f"{port}:80", *_httpd(test_image, 80))
+    docker_ok(
+        agent.laptop, "run", "-d", "--name", name, "-p", f"{port}:80", *_httpd(test_image, 80)
+    )
 
     wait_until(lambda: _serves(port), 30, f"the page on the laptop's port {port}")
     wait_until(
@@ -314,6 +323,34 @@ def test_the_endpoint_refuses_ports_the_session_does_not_publish(
     assert "127.0.0.1 only" in remote_reason
     assert "not published" in udp_reason
     assert page == "page"
+
+
+def test_a_forwarded_connection_resumes_an_idle_session(
+    loop_thread: LoopThread, deployment: Deployment, agent: Agent, test_image: str,
+    names: list[str],
+) -> None:  # fmt: skip
+    port = _free_port()
+    names.append(f"web-{uuid.uuid4().hex[:6]}")
+    docker_ok(agent.laptop, "run", "-d", "--name", names[-1], "-p", f"{port}:80", *_httpd(test_image, 80))  # fmt: skip
+    wait_until(lambda: _serves(port), 30, "the page on the laptop")
+    # Everything reported (an unreported request would resume the session at once), then idle.
+    wait_until(lambda: (s := agent.state()) and s.activity_quiet, 30, "activity to be reported")
+
+    async def go_idle() -> None:
+        async with UserClient(deployment.url, deployment.admin_token) as client:
+            await client.idle_session(agent.session.session.id)
+
+    loop_thread.run(go_idle())
+    wait_until(lambda: (s := agent.state()) and s.suspended, 30, "the tunnel to be suspended")
+    assert _listening(port)  # the laptop keeps the forward while the session is idle
+
+    # Someone opens the page: the session resumes and the page comes.
+    assert _serves(port)
+    state = agent.state()
+    assert state is not None and not state.suspended and state.connected
+    wait_until(
+        lambda: _status(loop_thread, agent)["state"] == "Started (Active)", 30, "the session active"
+    )
 
 
 # ---- bind mounts --------------------------------------------------------------------------
