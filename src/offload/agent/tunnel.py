@@ -9,6 +9,10 @@ When the connection drops, the tunnel reconnects with capped exponential backoff
 certificate. A host key mismatch, a session that no longer exists or a refused sign-in are not
 retried: `failed` says why, and `docker` commands get that reason through the proxy.
 
+Channels over the one connection: the engine (`open_engine_channel`/`open_engine_session`), a
+published port (`open_port_channel`, `direct-tcpip` to 127.0.0.1:PORT in the session's namespace),
+a UDP relay (`open_udp_channel`) and the file sync of the mount area (`open_sync_stream`).
+
 While the session is idle the agent `suspend`s the tunnel (connection closed, no reconnects) and
 `resume`s it when the next Docker request arrives.
 """
