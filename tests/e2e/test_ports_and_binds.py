@@ -33,6 +33,7 @@ COMPOSE_APP = Path(__file__).parent / "compose"
 COMPOSE = REPO / ".venv-compose" / "bin" / "docker-compose"
 WAIT = 30.0  # bound of every wait on a condition here
 HTTPD = ["httpd", "-f", "-p", "80", "-h", "/www"]
+WEB = ["hello", *HTTPD]  # busybox httpd in the FROM scratch test image, serving /www
 
 
 # ---- laptop-side probes ---------------------------------------------------------------------
@@ -148,10 +149,8 @@ def test_published_ports_several_range_random_and_stop_start(
     wait_serves(low, "port81\n", "first port of a range")
     wait_serves(high, "port82\n", "last port of a range")
     # curl as a developer would, besides httpx.
-    curl = subprocess.run(
-        ["curl", "-sf", f"http://127.0.0.1:{single}/index.html"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    url = f"http://127.0.0.1:{single}/index.html"
+    curl = subprocess.run(["curl", "-sf", url], capture_output=True, text=True, timeout=30)
     assert curl.stdout == "port80\n", curl.stderr
     expected = {("tcp", single, 80), ("tcp", low, 81), ("tcp", high, 82)}
 
@@ -195,7 +194,7 @@ def test_udp_published_port_echoes(make_user, hello_context: Path) -> None:
 
 
 def test_taken_laptop_port_is_reported_and_nothing_else_breaks(
-    make_user, hello_context: Path, tmp_path: Path
+    make_user, hello_context: Path
 ) -> None:
     user = started(make_user(), hello_context)
     taken, free = free_ports(2)
@@ -241,7 +240,7 @@ def test_bind_mount_serves_laptop_files_both_ways(
     laptop = site(tmp_path / "site", "from the laptop v1\n")
     (port,) = free_ports(1)
     name = unique("bind")
-    user.docker("run", "-d", "--name", name, "-v", f"{laptop}:/www", "-p", f"{port}:80", "hello", *HTTPD)  # fmt: skip
+    user.docker("run", "-d", "--name", name, "-v", f"{laptop}:/www", "-p", f"{port}:80", *WEB)
     wait_serves(port, "from the laptop v1\n", "the laptop's file through the forwarded port")
 
     (laptop / "index.html").write_text("edited on the laptop v2\n")
@@ -259,7 +258,7 @@ def test_read_only_bind_is_one_way(make_user, hello_context: Path, tmp_path: Pat
     laptop = site(tmp_path / "ro-site", "read only v1\n")
     (port,) = free_ports(1)
     name = unique("ro")
-    user.docker("run", "-d", "--name", name, "-v", f"{laptop}:/www:ro", "-p", f"{port}:80", "hello", *HTTPD)  # fmt: skip
+    user.docker("run", "-d", "--name", name, "-v", f"{laptop}:/www:ro", "-p", f"{port}:80", *WEB)
     wait_serves(port, "read only v1\n", "the laptop's file through a read-only bind")
 
     write = user.docker("exec", name, "sh", "-c", "echo x > /www/new.txt", check=False)
