@@ -138,6 +138,7 @@ def _plan_for(
     if normal == area or normal.startswith(area + "/"):
         return None  # already a runner path in the mount area
     kind, real = probe(normal)
+    _refuse_unsyncable(source, real)
     if kind == "missing" and must_exist:
         raise InvalidInput(
             f'invalid mount config for type "bind": bind source path does not exist: {source}',
@@ -156,6 +157,20 @@ def _plan_for(
     else:
         plan.read_only = plan.read_only and read_only
     return remote
+
+
+# The laptop's root and its kernel file systems are not files to copy: syncing them would read
+# the whole disk or pseudo-files that mean nothing on another machine.
+_UNSYNCABLE = ("/proc", "/sys", "/dev")
+
+
+def _refuse_unsyncable(source: str, real: str) -> None:
+    if real == "/" or any(real == p or real.startswith(p + "/") for p in _UNSYNCABLE):
+        raise InvalidInput(
+            f"cannot bind-mount {source}: Offload syncs laptop directories to the runner, and "
+            f"{real} is not one it can copy",
+            "Bind a project directory instead; containers have their own /proc, /sys and /dev.",
+        )
 
 
 def _rewrite_binds(

@@ -406,3 +406,23 @@ def test_a_bad_bind_is_the_docker_clis_error(agent: Agent, test_image: str) -> N
     assert "bind source path does not exist" in stderr
     # The connection is not broken for the next command.
     docker_ok(agent.laptop, "ps")
+
+
+def test_a_failed_sync_is_the_docker_clis_error(
+    deployment: Deployment, agent: Agent, test_image: str
+) -> None:
+    """The runner cannot write its mount area (here: it is not a directory any more)."""
+    project = agent.laptop.home / "unsyncable"
+    project.mkdir()
+    aside = deployment.mount_area.with_name(deployment.mount_area.name + "-aside")
+    deployment.mount_area.rename(aside)
+    deployment.mount_area.write_text("not a directory")
+    try:
+        result = docker(agent.laptop, "run", "--rm", "-v", f"{project}:/app", test_image, "true")
+    finally:
+        deployment.mount_area.unlink()
+        aside.rename(deployment.mount_area)
+    assert result.returncode != 0
+    stderr = result.stderr.decode()
+    assert "Error response from daemon: Offload: could not sync" in stderr, stderr
+    assert str(project) in stderr

@@ -114,3 +114,10 @@ def test_stable_id_is_a_plain_stable_name() -> None:
     assert stable_id("/home/me/app") == stable_id("/home/me/app/") == stable_id("/home/me//app")
     assert stable_id("/home/me/app") != stable_id("/home/me/app2")
     assert stable_id("/x").isalnum()
+
+
+@pytest.mark.parametrize("source", ["/", "/proc", "/sys/fs/cgroup", "/dev/shm"])
+def test_the_laptops_root_and_kernel_file_systems_are_refused(source: str) -> None:
+    body = json.dumps({"HostConfig": {"Binds": [f"{source}:/x"]}}).encode()
+    with pytest.raises(InvalidInput, match="cannot bind-mount"):
+        rewrite_create_body(body, "/area", probe=lambda p: ("dir", p))
