@@ -186,7 +186,12 @@ def test_policy_refusals_reach_the_docker_cli(make_user, hello_context: Path) ->
         "host pid": ["--pid", "host"],
         "device": ["--device", "/dev/null"],
         "capability": ["--cap-add", "SYS_ADMIN"],
-        "bind": ["-v", "/etc:/host-etc"],
+        # A laptop path like `-v /etc:/x` is synced into the session's mount area (issue 4), so
+        # the runner's own /etc is reached only through a volume that binds it: refused.
+        "runner path": [
+            "--mount",
+            "type=volume,dst=/x,volume-opt=type=none,volume-opt=o=bind,volume-opt=device=/etc",
+        ],
     }
     for what, flags in refused.items():
         result = user.docker("run", "--rm", *flags, "hello", "true", check=False)
