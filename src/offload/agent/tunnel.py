@@ -39,19 +39,10 @@ from offload.core.errors import (
     Unreachable,
 )
 from offload.core.schemas import ENGINE_CHANNEL_PATH
+from offload.core.tunnel_tuning import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, ENCRYPTION_ALGS
 from offload.sync.protocol import SYNC_CHANNEL_PATH
 
 log = logging.getLogger(__name__)
-
-# Same tuning as the runner's endpoint (offload.runner.ssh_endpoint): a large window and large
-# packets for uploads; AES-GCM first.
-CHANNEL_WINDOW = 16 * 1024 * 1024
-CHANNEL_MAX_PKTSIZE = 256 * 1024
-ENCRYPTION_ALGS = [
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-    "chacha20-poly1305@openssh.com",
-]
 
 
 @dataclass(frozen=True)

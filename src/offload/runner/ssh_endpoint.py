@@ -40,6 +40,13 @@ from asyncssh.public_key import decode_ssh_certificate  # not re-exported at the
 
 from offload.agent.udp_relay import parse_udp_channel_path
 from offload.core.schemas import ENGINE_CHANNEL_PATH
+from offload.core.tunnel_tuning import (
+    CHANNEL_MAX_PKTSIZE,
+    CHANNEL_WINDOW,
+    ENCRYPTION_ALGS,
+    KEEPALIVE_COUNT_MAX,
+    KEEPALIVE_INTERVAL_S,
+)
 from offload.runner.driver import Environment
 from offload.runner.port_gate import PortGate, tcp_forward, udp_forward
 from offload.sync.protocol import SYNC_CHANNEL_PATH
@@ -47,19 +54,6 @@ from offload.sync.remote import RemoteEndpoint
 
 log = logging.getLogger(__name__)
 
-# Tuned against OpenSSH `-L` forwarding (see the report in bench/): a 16 MiB window keeps a
-# fast link busy; 256 KiB packets cut the per-packet crypto and Python overhead. The agent
-# (offload.agent.tunnel) uses the same values for its side of each channel.
-CHANNEL_WINDOW = 16 * 1024 * 1024
-CHANNEL_MAX_PKTSIZE = 256 * 1024
-# AES-GCM first: OpenSSL's AES-NI path is the fastest of asyncssh's ciphers on x86.
-ENCRYPTION_ALGS = [
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-    "chacha20-poly1305@openssh.com",
-]
-KEEPALIVE_INTERVAL_S = 15.0
-KEEPALIVE_COUNT_MAX = 3
 LOGIN_TIMEOUT_S = 30.0
 
 # Session ids become an authorized-keys `principals=` pattern: only plain characters, so that no
