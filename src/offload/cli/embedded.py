@@ -104,7 +104,8 @@ def up(
         settings, admin_username=admin, admin_password=known_password, org_name=org_name
     )
     new_password = None
-    if known_password is None:
+    if known_password is None and result.admin_password is not None:
+        # Kept (0600) so that the embedded admin can sign in to the dashboard later.
         password_file.write_text(result.admin_password + "\n")
         os.chmod(password_file, 0o600)
         new_password = result.admin_password

@@ -83,7 +83,7 @@ async def login(
 
         token = await device_login(server_url, show_device_code)
     if token is None:
-        if not password:
+        if not username or not password:
             raise InvalidInput(
                 "--username needs a password.",
                 "Set OFFLOAD_PASSWORD, or run `offload login` on a terminal to be asked for it.",
