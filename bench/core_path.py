@@ -38,12 +38,7 @@ RESULTS = REPO / "bench" / "results"
 
 from offload.core.waiting import wait_until  # noqa: E402
 from tests.support.images import write_build_context  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.support.net import free_port  # noqa: E402
 
 
 class Bench:

@@ -56,6 +56,7 @@ from tests.integration.ports.support import (  # noqa: E402
 )
 from tests.integration.tunnel.support import start_dockerd, stop_dockerd  # noqa: E402
 from tests.support.images import build_test_image  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 SMALL = "small.html"
 BIG = "big.bin"
@@ -151,12 +152,6 @@ def docker(host: str, *args: str) -> str:
     return subprocess.run(
         ["docker", "-H", host, *args], check=True, capture_output=True, text=True
     ).stdout.strip()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def serves(make: MakeSocket, port: int, expected: int) -> bool:

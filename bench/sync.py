@@ -35,12 +35,7 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
 from offload.core.waiting import wait_until  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from tests.support.net import free_port  # noqa: E402
 
 
 def port_open(port: int) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -24,15 +23,10 @@ from offload.core.config import ServerSettings
 from offload.core.schemas import Role
 from offload.core.waiting import wait_until
 from tests.support.images import write_build_context
+from tests.support.net import free_port as _free_port
 
 VENV_BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

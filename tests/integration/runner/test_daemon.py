@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import stat
 import uuid
 from collections.abc import AsyncIterator
@@ -44,18 +43,13 @@ from offload.runner.driver import Environment
 from offload.runner.environment import EnvPaths
 from tests.integration.runner.conftest import MakeSettings, docker, leftovers
 from tests.support.images import TEST_IMAGE, build_test_image
+from tests.support.net import free_port as _free_port
 
 uvicorn = pytest.importorskip("uvicorn")
 app_module = pytest.importorskip("offload.server.app")
 bootstrap_module = pytest.importorskip("offload.server.bootstrap")
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class ControlPlane:

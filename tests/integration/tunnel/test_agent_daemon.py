@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from offload.core.schemas import InstanceSpec, RunnerRegister, SessionCreate
 from offload.core.waiting import wait_until
 from offload.runner.driver import Environment, EnvState
 from offload.runner.ssh_endpoint import SSHEndpoint
+from tests.support.net import free_port as _free_port
 
 from .support import Dockerd, Laptop, LoopThread, docker, docker_ok, make_laptop
 
@@ -36,12 +36,6 @@ try:
     from offload.server.bootstrap import bootstrap
 except ImportError as exc:  # the control plane is another part of the project
     pytest.skip(f"control plane not available: {exc}", allow_module_level=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

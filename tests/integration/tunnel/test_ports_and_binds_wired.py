@@ -29,6 +29,7 @@ from offload.core.waiting import wait_until
 from offload.runner.driver import Environment, EnvState
 from offload.runner.ssh_endpoint import SSHEndpoint
 from offload.sync.status import SyncState
+from tests.support.net import free_port as _free_port
 
 from .support import Dockerd, Laptop, LoopThread, docker, docker_ok, make_laptop
 
@@ -43,12 +44,6 @@ except ImportError as exc:  # the control plane is another part of the project
     pytest.skip(f"control plane not available: {exc}", allow_module_level=True)
 
 PAGE = "hello through the forward"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
