@@ -133,10 +133,14 @@ async def serves(host: str, port: int, expected: bytes) -> bool:
 
 
 async def refused(host: str, port: int) -> bool:
+    """True once nothing listens there.  A reset while connecting (the listener closing under
+    the probe) is not an answer yet: the caller's bounded wait probes again."""
     try:
         _, writer = await asyncio.open_connection(host, port)
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
     writer.close()
     return False
 
