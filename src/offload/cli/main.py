@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar, overload
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -22,7 +23,13 @@ from offload import __version__
 from offload.cli import embedded, session_ops
 from offload.cli.durations import format_duration, parse_bounded_duration, parse_duration
 from offload.core import schemas as sch
-from offload.core.config import DEFAULT_SERVER_PORT, DEFAULT_SSH_PORT, ClientPaths
+from offload.core.config import (
+    DEFAULT_SERVER_PORT,
+    DEFAULT_SSH_PORT,
+    ClientPaths,
+    RunnerSettings,
+    ServerSettings,
+)
 from offload.core.errors import InvalidInput, OffloadError
 
 T = TypeVar("T")
@@ -68,9 +75,28 @@ def _run(work: Callable[[], Any]) -> Any:
         if exc.fix:
             err.print(f"[bold]Fix:[/] {exc.fix}", highlight=False)
         raise typer.Exit(exc.exit_code) from None
+    except ValidationError as exc:
+        # A settings object read from OFFLOAD_* variables: name the variable, not a traceback.
+        prefix = _SETTINGS_PREFIXES.get(exc.title)
+        if prefix is None:
+            raise
+        for problem in exc.errors():
+            name = prefix + "_".join(str(part) for part in problem["loc"]).upper()
+            err.print(
+                f"[bold red]Error:[/] {name}={problem.get('input')!s}: {problem['msg']}.",
+                highlight=False,
+            )
+        err.print("[bold]Fix:[/] Correct or unset that environment variable.", highlight=False)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("Interrupted.")
         raise typer.Exit(130) from None
+
+
+_SETTINGS_PREFIXES = {
+    cls.__name__: str(cls.model_config.get("env_prefix", ""))
+    for cls in (ServerSettings, RunnerSettings)
+}
 
 
 def _print_json(data: Any) -> None:
@@ -607,8 +633,12 @@ def diagnose(
 
 @app.command()
 def up(
-    port: Annotated[int, typer.Option(help="Control plane port.")] = DEFAULT_SERVER_PORT,
-    ssh_port: Annotated[int, typer.Option(help="Runner SSH port.")] = DEFAULT_SSH_PORT,
+    port: Annotated[
+        int, typer.Option(help="Control plane port.", min=1, max=65535)
+    ] = DEFAULT_SERVER_PORT,
+    ssh_port: Annotated[
+        int, typer.Option(help="Runner SSH port.", min=1, max=65535)
+    ] = DEFAULT_SSH_PORT,
     run_dir: Annotated[Path, typer.Option(help="Runner sockets (short path).")] = Path(
         "/run/offload"
     ),
@@ -658,11 +688,12 @@ def down() -> None:
 @app.command()
 def server(
     host: Annotated[str | None, typer.Option(help="Listen address [OFFLOAD_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Listen port [OFFLOAD_PORT].")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Listen port [OFFLOAD_PORT].", min=1, max=65535)
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="State [OFFLOAD_DATA_DIR].")] = None,
 ) -> None:
     """Run the control plane (API, certificate authority, scheduler) in the foreground."""
-    from offload.core.config import ServerSettings
     from offload.server.main import serve
 
     overrides: dict[str, Any] = {

@@ -114,3 +114,17 @@ def test_cli_errors_name_the_fix(home: Path) -> None:
         [str(BIN / "offload"), "start", "--bogus"], env=_env(home), capture_output=True, text=True
     )
     assert unknown.returncode == 2 and "--bogus" in unknown.stderr
+
+
+def test_bad_settings_name_the_variable_not_a_traceback(home: Path) -> None:
+    env = {**_env(home), "OFFLOAD_PORT": "99999", "OFFLOAD_RUNNER_POOL_SIZE": "-1"}
+    server = subprocess.run(
+        [str(BIN / "offload"), "server"], env=env, capture_output=True, text=True
+    )
+    assert server.returncode == 2
+    assert "OFFLOAD_PORT=99999" in server.stderr and "Traceback" not in server.stderr
+    runner = subprocess.run(
+        [str(BIN / "offload"), "runner"], env=env, capture_output=True, text=True
+    )
+    assert runner.returncode == 2
+    assert "OFFLOAD_RUNNER_POOL_SIZE=-1" in runner.stderr and "Traceback" not in runner.stderr
