@@ -9,98 +9,30 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from offload.agent.daemon import SESSION_ENDED, certificate_validity, run_agent
 from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
-from offload.core.api_client import RunnerClient, UserClient
-from offload.core.config import ClientPaths, ServerSettings
-from offload.core.schemas import InstanceSpec, RunnerRegister, SessionCreate
+from offload.core.api_client import UserClient
+from offload.core.config import ClientPaths
+from offload.core.schemas import SessionCreate
 from offload.core.waiting import wait_until
-from offload.runner.driver import Environment, EnvState
-from offload.runner.ssh_endpoint import SSHEndpoint
-from tests.support.net import free_port as _free_port
 
+from .control_plane import LiveControlPlane as ControlPlane
+from .control_plane import live_control_plane
 from .support import Dockerd, Laptop, LoopThread, docker, docker_ok, make_laptop
 
 pytestmark = pytest.mark.slow
 
-try:
-    import uvicorn
-
-    from offload.server.app import create_app
-    from offload.server.bootstrap import bootstrap
-except ImportError as exc:  # the control plane is another part of the project
-    pytest.skip(f"control plane not available: {exc}", allow_module_level=True)
-
-
-@dataclass
-class ControlPlane:
-    url: str
-    admin_token: str
-    runner_id: str
-    runner: RunnerClient
-    endpoint: SSHEndpoint
-
 
 @pytest.fixture(scope="module")
 def control_plane(loop_thread: LoopThread, dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:  # fmt: skip
-    settings = ServerSettings(data_dir=tmp_path_factory.mktemp("server"), port=_free_port())
-    tokens = bootstrap(settings)
-    url = f"http://127.0.0.1:{settings.port}"
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning")
-    )  # fmt: skip
-    serving = asyncio.run_coroutine_threadsafe(server.serve(), loop_thread.loop)
-    wait_until(lambda: server.started, 30, "the control plane to serve")
-    runner_client = RunnerClient(url, tokens.runner_token)
-    ca_key: list[str] = []
-    ids: list[str] = []
-
-    async def resolve(session_id: str) -> Environment:
-        # What the runner daemon does: ask the control plane, then bind an environment.
-        assigned = await runner_client.assigned_session(ids[0], session_id)
-        env = Environment(
-            id="env-daemon-test",
-            engine_socket=dockerd.socket,
-            mount_area=Path("/nonexistent"),
-            netns=dockerd.netns,
-            spec=InstanceSpec(),
-            state=EnvState.BOUND,
-            session_id=assigned.session_id,
-        )
-        await runner_client.session_ready(ids[0], session_id, env.id)
-        return env
-
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    endpoint = SSHEndpoint("127.0.0.1", 0, host_key, lambda: ca_key[0], resolve)
-
-    async def start() -> None:
-        await endpoint.start()
-        registered = await runner_client.register(
-            RunnerRegister(
-                name="tunnel-test",
-                ssh_host="127.0.0.1",
-                ssh_port=endpoint.port,
-                host_key=endpoint.host_public_key,
-                capacity=8,
-            )
-        )
-        ca_key.append(registered.ca_public_key)
-        ids.append(registered.id)
-
-    loop_thread.run(start())
-    try:
-        yield ControlPlane(url, tokens.admin_token, ids[0], runner_client, endpoint)
-    finally:
-        loop_thread.run(endpoint.stop())
-        loop_thread.run(runner_client.aclose())
-        server.should_exit = True
-        serving.result(30)
+    with live_control_plane(
+        loop_thread, dockerd, tmp_path_factory.mktemp("server"), Path("/nonexistent"), "tunnel-test"
+    ) as live:
+        yield live
 
 
 def new_session(loop_thread: LoopThread, cp: ControlPlane) -> tuple[Laptop, ClientPaths, str]:

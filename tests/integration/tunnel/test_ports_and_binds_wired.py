@@ -6,7 +6,6 @@ namespace as the session's, and a real mount area: the docker CLI on the "laptop
 from __future__ import annotations
 
 import asyncio
-import secrets
 import shutil
 import socket
 import tempfile
@@ -22,97 +21,33 @@ from offload.agent.daemon import run_agent
 from offload.agent.keeper import AgentSettings
 from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
 from offload.cli import session_ops
-from offload.core.api_client import RunnerClient, UserClient
-from offload.core.config import ClientPaths, ServerSettings
-from offload.core.schemas import InstanceSpec, RunnerRegister, SessionCreate
+from offload.core.api_client import UserClient
+from offload.core.config import ClientPaths
+from offload.core.schemas import SessionCreate
 from offload.core.waiting import wait_until
-from offload.runner.driver import Environment, EnvState
-from offload.runner.ssh_endpoint import SSHEndpoint
 from offload.sync.status import SyncState
 from tests.support.net import free_port as _free_port
 
+from .control_plane import LiveControlPlane as Deployment
+from .control_plane import live_control_plane
 from .support import Dockerd, Laptop, LoopThread, docker, docker_ok, make_laptop
 
 pytestmark = pytest.mark.slow
 
-try:
-    import uvicorn
-
-    from offload.server.app import create_app
-    from offload.server.bootstrap import bootstrap
-except ImportError as exc:  # the control plane is another part of the project
-    pytest.skip(f"control plane not available: {exc}", allow_module_level=True)
-
 PAGE = "hello through the forward"
-
-
-@dataclass
-class Deployment:
-    url: str
-    admin_token: str
-    endpoint: SSHEndpoint
-    mount_area: Path
 
 
 @pytest.fixture(scope="module")
 def deployment(loop_thread: LoopThread, dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:  # fmt: skip
     """A control plane and a runner endpoint whose sessions all get the test dockerd, in its
     own network namespace, with a real mount area."""
-    settings = ServerSettings(data_dir=tmp_path_factory.mktemp("server"), port=_free_port())
-    tokens = bootstrap(settings)
-    url = f"http://127.0.0.1:{settings.port}"
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning")
-    )  # fmt: skip
-    serving = asyncio.run_coroutine_threadsafe(server.serve(), loop_thread.loop)
-    wait_until(lambda: server.started, 30, "the control plane to serve")
-    runner_client = RunnerClient(url, tokens.runner_token)
     mount_area = Path(tempfile.mkdtemp(prefix="ot-m-", dir="/tmp"))
-    ca_key: list[str] = []
-    ids: list[str] = []
-    env_ids: dict[str, str] = {}
-
-    async def resolve(session_id: str) -> Environment:
-        # What the runner daemon does: ask the control plane, bind (once per session), report.
-        assigned = await runner_client.assigned_session(ids[0], session_id)
-        env = Environment(
-            id=env_ids.setdefault(session_id, f"env-{secrets.token_hex(4)}"),
-            engine_socket=dockerd.socket,
-            mount_area=mount_area,
-            netns=dockerd.netns,
-            spec=InstanceSpec(),
-            state=EnvState.BOUND,
-            session_id=assigned.session_id,
-        )
-        await runner_client.session_ready(ids[0], session_id, env.id)
-        return env
-
-    endpoint = SSHEndpoint(
-        "127.0.0.1", 0, asyncssh.generate_private_key("ssh-ed25519"), lambda: ca_key[0], resolve
-    )
-
-    async def start() -> None:
-        await endpoint.start()
-        registered = await runner_client.register(
-            RunnerRegister(
-                name="wired-test",
-                ssh_host="127.0.0.1",
-                ssh_port=endpoint.port,
-                host_key=endpoint.host_public_key,
-                capacity=8,
-            )
-        )
-        ca_key.append(registered.ca_public_key)
-        ids.append(registered.id)
-
-    loop_thread.run(start())
     try:
-        yield Deployment(url, tokens.admin_token, endpoint, mount_area)
+        with live_control_plane(
+            loop_thread, dockerd, tmp_path_factory.mktemp("server"), mount_area, "wired-test"
+        ) as live:
+            yield live
     finally:
-        loop_thread.run(endpoint.stop())
-        loop_thread.run(runner_client.aclose())
-        server.should_exit = True
-        serving.result(30)
         shutil.rmtree(mount_area, ignore_errors=True)
 
 

@@ -1,0 +1,96 @@
+"""A real control plane (uvicorn on the test loop thread) with a registered runner endpoint whose
+sessions all get the test dockerd: what `offload server` + `offload runner` do, minus the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import uvicorn
+
+from offload.core.api_client import RunnerClient
+from offload.core.config import ServerSettings
+from offload.core.schemas import InstanceSpec, RunnerRegister
+from offload.core.waiting import wait_until
+from offload.runner.driver import Environment, EnvState
+from offload.runner.ssh_endpoint import SSHEndpoint
+from offload.server.app import create_app
+from offload.server.bootstrap import bootstrap
+from tests.support.net import free_port
+
+from .support import Dockerd, LoopThread
+
+
+@dataclass
+class LiveControlPlane:
+    url: str
+    admin_token: str
+    runner_id: str
+    runner: RunnerClient
+    endpoint: SSHEndpoint
+    mount_area: Path
+
+
+@contextmanager
+def live_control_plane(
+    loop_thread: LoopThread, dockerd: Dockerd, data_dir: Path, mount_area: Path, runner_name: str
+) -> Iterator[LiveControlPlane]:
+    settings = ServerSettings(data_dir=data_dir, port=free_port())
+    tokens = bootstrap(settings)
+    url = f"http://127.0.0.1:{settings.port}"
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.run_coroutine_threadsafe(server.serve(), loop_thread.loop)
+    wait_until(lambda: server.started, 30, "the control plane to serve")
+    runner_client = RunnerClient(url, tokens.runner_token)
+    ca_key: list[str] = []
+    ids: list[str] = []
+    env_ids: dict[str, str] = {}
+
+    async def resolve(session_id: str) -> Environment:
+        # What the runner daemon does: ask the control plane, bind (once per session), report.
+        assigned = await runner_client.assigned_session(ids[0], session_id)
+        env = Environment(
+            id=env_ids.setdefault(session_id, f"env-{secrets.token_hex(4)}"),
+            engine_socket=dockerd.socket,
+            mount_area=mount_area,
+            netns=dockerd.netns,
+            spec=InstanceSpec(),
+            state=EnvState.BOUND,
+            session_id=assigned.session_id,
+        )
+        await runner_client.session_ready(ids[0], session_id, env.id)
+        return env
+
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    endpoint = SSHEndpoint("127.0.0.1", 0, host_key, lambda: ca_key[0], resolve)
+
+    async def start() -> None:
+        await endpoint.start()
+        registered = await runner_client.register(
+            RunnerRegister(
+                name=runner_name,
+                ssh_host="127.0.0.1",
+                ssh_port=endpoint.port,
+                host_key=endpoint.host_public_key,
+                capacity=8,
+            )
+        )
+        ca_key.append(registered.ca_public_key)
+        ids.append(registered.id)
+
+    loop_thread.run(start())
+    try:
+        yield LiveControlPlane(url, tokens.admin_token, ids[0], runner_client, endpoint, mount_area)
+    finally:
+        loop_thread.run(endpoint.stop())
+        loop_thread.run(runner_client.aclose())
+        server.should_exit = True
+        serving.result(30)
