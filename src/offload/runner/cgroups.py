@@ -186,6 +186,10 @@ def _read_pids(procs: Path) -> list[int]:
         return [int(line) for line in procs.read_text().split()]
     except (FileNotFoundError, ProcessLookupError):
         return []
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:  # the cgroup was removed between open and read
+            return []
+        raise
 
 
 def _rmdir(directory: Path, attempts: int = 50) -> bool:
