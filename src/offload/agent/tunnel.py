@@ -31,6 +31,7 @@ from typing import Any
 import asyncssh
 
 from offload.agent.udp_relay import udp_channel_path
+from offload.core import ssh_fastpath
 from offload.core.errors import (
     NotAuthenticated,
     NotFound,
@@ -261,6 +262,7 @@ class Tunnel:
     # ---- connecting -----------------------------------------------------------------------
 
     async def _connect(self, target: TunnelTarget) -> asyncssh.SSHClientConnection:
+        ssh_fastpath.install()
         key = await asyncio.to_thread(asyncssh.read_private_key, target.private_key_path)
         cert = asyncssh.import_certificate(target.certificate)
         host_key = asyncssh.import_public_key(target.host_key)

@@ -39,6 +39,7 @@ import asyncssh
 from asyncssh.public_key import decode_ssh_certificate  # not re-exported at the top level
 
 from offload.agent.udp_relay import parse_udp_channel_path
+from offload.core import ssh_fastpath
 from offload.core.schemas import ENGINE_CHANNEL_PATH
 from offload.core.tunnel_tuning import (
     CHANNEL_MAX_PKTSIZE,
@@ -314,6 +315,7 @@ class SSHEndpoint:
         return self._host_key.export_public_key().decode().strip()
 
     async def start(self) -> None:
+        ssh_fastpath.install()
         self._acceptor = await asyncssh.create_server(
             lambda: _Server(self),
             self.host,

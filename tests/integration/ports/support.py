@@ -20,6 +20,7 @@ from typing import Any, cast
 import asyncssh
 
 from offload.agent.udp_relay import parse_udp_channel_path, udp_channel_path
+from offload.core import ssh_fastpath
 from offload.core.schemas import ENGINE_CHANNEL_PATH, InstanceSpec
 from offload.runner.driver import Environment, EnvState
 from offload.runner.netns_connect import connect_in_netns, relay_udp_channel
@@ -295,6 +296,7 @@ async def start_ports_server(
     env: Environment, gate: PortGate, host_key: asyncssh.SSHKey, client_key: asyncssh.SSHKey
 ) -> asyncssh.SSHAcceptor:
     """The stand-in endpoint on a free loopback port, tuned as the real one."""
+    ssh_fastpath.install()
     return await asyncssh.create_server(
         lambda: PortsServer(env, gate),
         "127.0.0.1",
@@ -315,6 +317,7 @@ async def connect_ports_client(
     port: int, host_key: asyncssh.SSHKey, client_key: asyncssh.SSHKey, **options: Any
 ) -> asyncssh.SSHClientConnection:
     """A client tuned as the agent's tunnel is."""
+    ssh_fastpath.install()
     return await asyncssh.connect(
         "127.0.0.1",
         port,
