@@ -32,6 +32,7 @@ from offload.cli import dockerctx, processes
 from offload.core import schemas as s
 from offload.core.api_client import UserClient
 from offload.core.config import ClientPaths
+from offload.core.engine_http import engine_client
 from offload.core.errors import (
     InvalidInput,
     NotAuthenticated,
@@ -262,11 +263,8 @@ async def wait_for_engine(paths: ClientPaths, timeout_s: float) -> None:
 async def ping_engine(socket_path: Path, timeout: float = 5.0) -> bool:
     if not socket_path.exists():
         return False
-    transport = httpx.AsyncHTTPTransport(uds=str(socket_path))
     try:
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://docker", timeout=timeout
-        ) as engine:
+        async with engine_client(socket_path, timeout) as engine:
             response = await engine.get("/_ping")
             return response.status_code == 200
     except httpx.HTTPError:

@@ -37,6 +37,7 @@ from typing import Any
 
 import httpx
 
+from offload.core.engine_http import engine_client
 from offload.runner.environment import MAX_IMAGES_REPORTED, reference_name
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,7 @@ class EngineEvents:
         """One connection, until it ends; True if the engine accepted it."""
         # No read timeout: a quiet engine sends nothing for as long as nothing happens.
         timeout = httpx.Timeout(5.0, read=None)
-        async with httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
-            base_url="http://docker",
-            timeout=timeout,
-        ) as client:
+        async with engine_client(self.socket, timeout) as client:
             params = {"since": _since(self._last_ns), "filters": CONTAINER_EVENTS}
             async with client.stream("GET", "/events", params=params) as response:
                 if response.status_code != 200:

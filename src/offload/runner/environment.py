@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import httpx
 
 from offload.core.config import RunnerSettings
+from offload.core.engine_http import engine_client
 from offload.core.errors import EnvironmentError_, OffloadError
 from offload.core.schemas import InstanceSpec
 from offload.core.waiting import WaitTimeout, async_wait_until
@@ -565,11 +566,7 @@ def reference_name(ref: str) -> str:
 
 
 def _engine_client(socket: Path, timeout: float) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.AsyncHTTPTransport(uds=str(socket)),
-        base_url="http://docker",
-        timeout=timeout,
-    )
+    return engine_client(socket, timeout)
 
 
 def _check_socket_paths(paths: EnvPaths) -> None:

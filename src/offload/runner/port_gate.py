@@ -24,6 +24,7 @@ import asyncssh
 import httpx
 
 from offload.agent.udp_relay import parse_udp_channel_path
+from offload.core.engine_http import engine_client
 from offload.core.errors import Unreachable
 from offload.runner.driver import Environment
 from offload.runner.netns_connect import forward_tcp_in_netns, udp_channel_session
@@ -50,11 +51,8 @@ def published_from_containers(containers: list[dict]) -> set[PortKey]:
 
 async def allowed_ports(engine_socket: Path) -> set[PortKey]:
     """Ports published by the running and paused containers of the engine at `engine_socket`."""
-    transport = httpx.AsyncHTTPTransport(uds=str(engine_socket))
     try:
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://engine", timeout=ENGINE_TIMEOUT_S
-        ) as client:
+        async with engine_client(engine_socket, ENGINE_TIMEOUT_S) as client:
             response = await client.get("/containers/json")
     except httpx.TransportError as exc:
         raise Unreachable(
