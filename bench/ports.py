@@ -46,7 +46,7 @@ import asyncssh  # noqa: E402
 
 from offload.agent.ports import PortForwarder  # noqa: E402
 from offload.core.waiting import wait_until  # noqa: E402
-from offload.runner.netns_connect import _socket_in_netns  # noqa: E402
+from offload.runner.netns_connect import socket_in_netns  # noqa: E402
 from offload.runner.port_gate import PortGate  # noqa: E402
 from tests.integration.ports.support import (  # noqa: E402
     SSHPair,
@@ -75,7 +75,7 @@ def root_socket() -> socket.socket:
 
 def netns_socket(netns: str) -> MakeSocket:
     def make() -> socket.socket:
-        sock = _socket_in_netns(netns, socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket_in_netns(netns)
         sock.setblocking(True)
         return sock
 
