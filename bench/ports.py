@@ -275,10 +275,14 @@ async def run_agent(keys: Path, ssh_port: int) -> None:
     host_key, client_key = _keys(keys)
     client = await connect_ports_client(ssh_port, host_key, client_key)
     pair = SSHPair(server=None, client=client)  # type: ignore[arg-type]
-    forwarder = PortForwarder(pair.open_tcp, pair.open_udp, pair.open_engine)
+    forwarder = PortForwarder(
+        pair.open_tcp, pair.open_udp, pair.open_engine, take_tcp=pair.take_tcp
+    )
     await forwarder.start()
     await _until_terminated()
     await forwarder.close()
+    if pair.standby is not None:
+        pair.standby.close()
     client.close()
 
 

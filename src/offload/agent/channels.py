@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import asyncssh
 
 from offload.agent.activity import ActivityTracker, ConnectionWatch
+from offload.agent.standby import StandbyChannels
 from offload.agent.tunnel import Tunnel
 
 
@@ -34,6 +35,16 @@ class ForwardChannels:
         self.tunnel = tunnel
         self.tracker = tracker
         self.keeper = keeper
+        self.standby = StandbyChannels(tunnel.open_standby_channel)
+
+    def take_tcp(self, port: int, session_factory: Callable[[], Any]) -> Any | None:
+        """A forwarded connection on a channel opened ahead (at once), or None: then `open_tcp`.
+        A session that must be woken first takes the long way, which wakes it."""
+        if self.keeper.ended is None and self.keeper.needs_wake():
+            return None
+        return self.standby.take(
+            port, lambda: _CountedSession(session_factory(), self.tracker.opened_stream())
+        )
 
     async def open_tcp(self, port: int, session_factory: Callable[[], Any]) -> Any:
         await self._awake()

@@ -331,7 +331,9 @@ async def run_agent(
     )
     proxy.gate = keeper
     channels = ForwardChannels(tunnel, tracker, keeper)
-    ports = PortForwarder(channels.open_tcp, channels.open_udp, channels.open_engine)
+    ports = PortForwarder(
+        channels.open_tcp, channels.open_udp, channels.open_engine, take_tcp=channels.take_tcp
+    )
     ports.on_change = state.ports_changed
     ports.on_activity = tracker.note_traffic
     reporter = ActivityReporter(
@@ -386,6 +388,7 @@ async def run_agent(
         await keeper.close()
         await proxy.stop()
         await ports.close()
+        channels.standby.close()
         await syncs.close()
         await tunnel.close()
         await client.aclose()

@@ -49,6 +49,9 @@ OpenUdp = Callable[[int], Awaitable[Streams]]
 # session, e.g. `conn.create_connection(factory, "127.0.0.1", port)` (asyncssh) or
 # `loop.create_connection(factory, sock=...)`; it returns once connected and raises if it cannot.
 OpenTcp = Callable[[int, Callable[[], Any]], Awaitable[Any]]
+# take_tcp(port, protocol_factory): the same at once over a channel opened ahead
+# (`offload.agent.standby`), or None when there is none ready.
+TakeTcp = Callable[[int, Callable[[], Any]], Any | None]
 
 # The laptop socket's write buffer may hold this much before the far side is paused.
 LOCAL_WRITE_BUFFER = 4 * 1024 * 1024
@@ -259,7 +262,9 @@ class _LocalSide(asyncio.Protocol):
         self._transport.pause_reading()
         self._forward.pipes.add(self)
         self._forward.forwarder._connection_opened()
-        self._opening = asyncio.get_running_loop().create_task(self._open_far())
+        take = self._forward.forwarder._take_tcp
+        if take is None or take(self._forward.wanted.port, lambda: _FarSide(self)) is None:
+            self._opening = asyncio.get_running_loop().create_task(self._open_far())
 
     def data_received(self, data: bytes) -> None:
         self._touch()
@@ -387,8 +392,10 @@ class PortForwarder:
         retry_initial_s: float = RETRY_INITIAL_S,
         retry_max_s: float = RETRY_MAX_S,
         udp_idle_timeout_s: float = IDLE_TIMEOUT_S,
+        take_tcp: TakeTcp | None = None,
     ) -> None:
         self._open_tcp = open_tcp
+        self._take_tcp = take_tcp
         self._open_udp = open_udp
         self._open_engine = open_engine
         self._clock = clock

@@ -30,6 +30,7 @@ from typing import Any
 
 import asyncssh
 
+from offload.agent.standby import STANDBY_CHANNEL_PATH
 from offload.agent.udp_relay import udp_channel_path
 from offload.core import ssh_fastpath
 from offload.core.errors import (
@@ -329,6 +330,21 @@ class Tunnel:
             )
         except (asyncssh.Error, OSError) as exc:
             raise _channel_failed(exc) from None
+        return chan
+
+    async def open_standby_channel(self, session_factory: Callable[[], Any]) -> Any:
+        """A channel opened ahead of a forwarded connection (`offload.agent.standby`)."""
+        conn = self._require_conn()
+        try:
+            chan, _ = await conn.create_unix_connection(
+                session_factory,
+                STANDBY_CHANNEL_PATH,
+                encoding=None,
+                window=self.window,
+                max_pktsize=self.max_pktsize,
+            )
+        except (asyncssh.Error, OSError) as exc:
+            raise _channel_failed(exc, "a standby channel") from None
         return chan
 
     async def open_port_channel(self, port: int, session_factory: Callable[[], Any]) -> Any:

@@ -17,8 +17,9 @@ on 127.0.0.1:PORT.
 
 TCP: `forward_tcp_in_netns` returns an asyncssh forwarder that splices an SSH channel onto the
 socket at protocol level (no task, no stream per chunk), which is what the SSH endpoint's
-`connection_requested` hands to asyncssh. `open_connection_in_netns` gives asyncio streams for
-everything else (tests, the benchmark's direct peer).
+`connection_requested` hands to asyncssh; `StandbyTcpSession` does the same for a channel the
+agent opened ahead of need, once its first bytes name the port. `open_connection_in_netns` gives
+asyncio streams for everything else (tests, the benchmark's direct peer).
 
 UDP: SSH has no datagram channel, so a UDP forward is a stream channel carrying length-prefixed
 datagrams (`offload.agent.udp_relay` holds that wire format). `udp_channel_session` relays such an
@@ -35,11 +36,12 @@ import logging
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import asyncssh
 
+from offload.agent.standby import STANDBY_HEADER
 from offload.agent.udp_relay import DatagramDecoder, frame_datagram
 from offload.core.errors import NotFound, Unreachable
 from offload.runner.netns import netns_path
@@ -169,9 +171,102 @@ async def forward_tcp_in_netns(
         sock = await connect_in_netns(netns, host, port)
     except (NotFound, Unreachable) as exc:
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.message) from None
-    loop = asyncio.get_running_loop()
-    _, peer = await loop.create_connection(asyncssh.SSHForwarder, sock=sock)
-    return asyncssh.SSHForwarder(peer)  # type: ignore[return-value]  # it is an SSHTCPSession at run time
+    return await splice_socket(sock)  # type: ignore[return-value]  # an SSHTCPSession at run time
+
+
+class _ChannelSide(asyncssh.SSHForwarder):
+    """The channel's half of a splice. The socket's half reads nothing until this one has its
+    channel: a greeting from a server that speaks first (SSH, SMTP, databases) read before that
+    would be dropped by a forwarder with nowhere to write yet (asyncssh's `SSHForwarder.write`
+    without a transport). Whether that can happen depends on callback order; now it cannot."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if self._peer is not None:
+            self._peer.resume_reading()
+
+
+async def splice_socket(sock: socket.socket) -> asyncssh.SSHForwarder:
+    """The channel-side session of a protocol-level splice onto connected `sock`."""
+    transport, peer = await asyncio.get_running_loop().create_connection(
+        asyncssh.SSHForwarder, sock=sock
+    )
+    transport.pause_reading()
+    return _ChannelSide(peer)
+
+
+class StandbyTcpSession(asyncssh.SSHUNIXSession[bytes]):
+    """The runner's side of a standby channel (`offload.agent.standby`).
+
+    The channel was opened before the laptop had a connection for it. Its first bytes name the
+    published port; only then does `connect(port)` check and connect it (raising
+    `asyncssh.ChannelOpenError`, `NotFound` or `Unreachable` when it may not or cannot), and the
+    channel is spliced onto the socket exactly as a `direct-tcpip` one. Bytes that came with the
+    port wait meanwhile, and the channel is not read further until the splice stands. A refusal
+    closes the channel, which the laptop's client sees as the connection closing.
+    """
+
+    def __init__(self, connect: Callable[[int], Awaitable[socket.socket]]) -> None:
+        self._connect = connect
+        self._chan: Any = None
+        self._early = bytearray()
+        self._early_eof = False
+        self._splice: asyncssh.SSHForwarder | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, chan: Any) -> None:
+        self._chan = chan
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        if self._splice is not None:
+            self._splice.data_received(data, datatype)
+            return
+        self._early += data
+        if self._task is None and len(self._early) >= STANDBY_HEADER.size:
+            self._chan.pause_reading()
+            self._task = asyncio.get_running_loop().create_task(self._start())
+
+    def eof_received(self) -> bool:
+        if self._splice is not None:
+            return bool(self._splice.eof_received())
+        self._early_eof = True
+        return True  # keep the channel open: the reply may still come
+
+    def pause_writing(self) -> None:
+        if self._splice is not None:
+            self._splice.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._splice is not None:
+            self._splice.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._splice is not None:
+            self._splice.connection_lost(exc)
+        elif self._task is not None:
+            self._task.cancel()
+
+    async def _start(self) -> None:
+        (port,) = STANDBY_HEADER.unpack_from(self._early)
+        try:
+            splice = await splice_socket(await self._connect(port))
+        except (asyncssh.ChannelOpenError, NotFound, Unreachable) as exc:
+            reason = exc.reason if isinstance(exc, asyncssh.ChannelOpenError) else exc.message
+            log.info("forward to port %s refused: %s", port, reason)
+            self._chan.close()
+            return
+        except Exception:
+            log.exception("forward to port %s failed", port)
+            self._chan.close()
+            return
+        splice.connection_made(self._chan)
+        self._splice = splice
+        if rest := bytes(self._early[STANDBY_HEADER.size :]):
+            splice.data_received(rest)
+        self._early.clear()
+        if self._early_eof:
+            splice.eof_received()
+        self._chan.resume_reading()
 
 
 class UdpRelay(asyncio.DatagramProtocol):

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,13 @@ from offload.agent.udp_relay import parse_udp_channel_path
 from offload.core.engine_http import engine_client
 from offload.core.errors import Unreachable
 from offload.runner.driver import Environment
-from offload.runner.netns_connect import forward_tcp_in_netns, udp_channel_session
+from offload.runner.netns_connect import (
+    NETNS_LOOPBACK,
+    StandbyTcpSession,
+    connect_in_netns,
+    forward_tcp_in_netns,
+    udp_channel_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +167,20 @@ async def tcp_forward(
         raise _refused(f"forwards go to 127.0.0.1 only, not {dest_host!r}")
     await _require_published(gate, env, "tcp", dest_port)
     return await forward_tcp_in_netns(env.netns, dest_port)
+
+
+def standby_tcp_forward(
+    gate: PortGate, env: Callable[[], Awaitable[Environment]]
+) -> asyncssh.SSHUNIXSession[bytes]:
+    """The session for a standby channel: the same checks as `tcp_forward`, once the port is
+    named. `env()` gives the session's environment (or raises ChannelOpenError)."""
+
+    async def connect(port: int) -> socket.socket:
+        bound = await env()
+        await _require_published(gate, bound, "tcp", port)
+        return await connect_in_netns(bound.netns, NETNS_LOOPBACK, port)
+
+    return StandbyTcpSession(connect)
 
 
 async def udp_forward(

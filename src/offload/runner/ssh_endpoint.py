@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 import asyncssh
 from asyncssh.public_key import decode_ssh_certificate  # not re-exported at the top level
 
+from offload.agent.standby import STANDBY_CHANNEL_PATH
 from offload.agent.udp_relay import parse_udp_channel_path
 from offload.core import ssh_fastpath
 from offload.core.schemas import ENGINE_CHANNEL_PATH
@@ -49,7 +50,7 @@ from offload.core.tunnel_tuning import (
     KEEPALIVE_INTERVAL_S,
 )
 from offload.runner.driver import Environment
-from offload.runner.port_gate import PortGate, tcp_forward, udp_forward
+from offload.runner.port_gate import PortGate, standby_tcp_forward, tcp_forward, udp_forward
 from offload.sync.protocol import SYNC_CHANNEL_PATH
 from offload.sync.remote import RemoteEndpoint
 
@@ -197,6 +198,8 @@ class _Server(asyncssh.SSHServer):
         session: object
         if dest_path == ENGINE_CHANNEL_PATH:
             session = self._forward_to_engine()
+        elif dest_path == STANDBY_CHANNEL_PATH:
+            session = standby_tcp_forward(self._endpoint.port_gate, self._bound_env)
         elif dest_path == SYNC_CHANNEL_PATH:
             session = self._serve_sync  # a stream handler: asyncssh calls it with (reader, writer)
         elif parse_udp_channel_path(dest_path) is not None:

@@ -19,12 +19,13 @@ from typing import Any, cast
 
 import asyncssh
 
+from offload.agent.standby import STANDBY_CHANNEL_PATH, StandbyChannels
 from offload.agent.udp_relay import parse_udp_channel_path, udp_channel_path
 from offload.core import ssh_fastpath
 from offload.core.schemas import ENGINE_CHANNEL_PATH, InstanceSpec
 from offload.runner.driver import Environment, EnvState
 from offload.runner.netns_connect import connect_in_netns, relay_udp_channel
-from offload.runner.port_gate import PortGate, tcp_forward, udp_forward
+from offload.runner.port_gate import PortGate, standby_tcp_forward, tcp_forward, udp_forward
 from offload.runner.ssh_endpoint import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, ENCRYPTION_ALGS
 from tests.integration.tunnel.support import Dockerd
 from tests.support.images import TEST_IMAGE
@@ -251,7 +252,17 @@ class PortsServer(asyncssh.SSHServer):
             return self._conn.forward_unix_connection(str(self.env.engine_socket))
         if parse_udp_channel_path(dest_path) is not None:
             return udp_forward(self.gate, self.env, dest_path)
+        if dest_path == STANDBY_CHANNEL_PATH:
+            return (
+                self._conn.create_unix_channel(
+                    window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE
+                ),
+                standby_tcp_forward(self.gate, self._env),
+            )
         return False
+
+    async def _env(self) -> Environment:
+        return self.env
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -263,6 +274,23 @@ class SSHPair:
 
     server: asyncssh.SSHAcceptor
     client: asyncssh.SSHClientConnection
+    standby: StandbyChannels | None = None
+
+    def take_tcp(self, port: int, session_factory: Callable[[], Any]) -> Any | None:
+        """What the agent does first for a forwarded connection: a channel opened ahead."""
+        if self.standby is None:
+            self.standby = StandbyChannels(self._open_standby)
+        return self.standby.take(port, session_factory)
+
+    async def _open_standby(self, session_factory: Callable[[], Any]) -> Any:
+        chan, _ = await self.client.create_unix_connection(
+            session_factory,
+            STANDBY_CHANNEL_PATH,
+            encoding=None,
+            window=CHANNEL_WINDOW,
+            max_pktsize=CHANNEL_MAX_PKTSIZE,
+        )
+        return chan
 
     async def open_tcp(self, port: int, session_factory: Callable[[], Any]) -> None:
         """What the agent's tunnel does for a forwarded connection: a `direct-tcpip` channel."""
@@ -286,6 +314,8 @@ class SSHPair:
         return await self.client.open_unix_connection(ENGINE_CHANNEL_PATH)
 
     async def close(self) -> None:
+        if self.standby is not None:
+            self.standby.close()
         self.client.close()
         await self.client.wait_closed()
         self.server.close()
