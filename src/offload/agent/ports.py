@@ -180,7 +180,11 @@ def _bind_failure(exc: OSError, port: int) -> str:
     if exc.errno == errno.EADDRINUSE:
         return "the port is already in use on this machine"
     if exc.errno == errno.EACCES:
-        return f"binding port {port} needs privileges on this machine"
+        return (
+            f"binding port {port} needs privileges on this machine: publish it on a port above "
+            "1023 (-p 8080:<container port>), or allow it with "
+            f"`sudo sysctl net.ipv4.ip_unprivileged_port_start={port}`"
+        )
     if exc.errno == errno.EADDRNOTAVAIL:
         return "this machine has no such address"
     return exc.strerror or str(exc)
