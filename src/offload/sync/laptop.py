@@ -179,6 +179,7 @@ class LaptopSync:
         self.remote_root: str | None = None
         self._base: Manifest = {}
         self._peer: _LaptopPeer | None = None
+        self._watcher: TreeWatcher | None = None
         self._state = SyncState.STARTING
         self._errors: list[SyncError] = []
         self._conflicts: list[SyncConflict] = []
@@ -220,8 +221,12 @@ class LaptopSync:
             self._task = None
 
     async def flush(self) -> None:
-        """Return once every laptop change noticed so far is applied on the runner."""
-        await self._require_peer().settle()
+        """Return once every laptop change made so far is applied on the runner (including
+        those still in the watcher's debounce window)."""
+        peer = self._require_peer()
+        if self._watcher is not None:
+            await self._watcher.caught_up()
+        await peer.settle()
 
     def status(self) -> SyncedPathStatus:
         peer = self._peer
@@ -319,12 +324,14 @@ class LaptopSync:
             self._peer = peer
             run = loop.create_task(peer.run(reader, parser, pending))
             watcher.run(loop)
+            self._watcher = watcher
             await self._initial(peer, plan, run)
             await run
         finally:
             if peer is not None:
                 self._base = dict(peer.base)
             if watcher is not None:
+                self._watcher = None
                 await loop.run_in_executor(None, watcher.stop)
             if peer is not None:
                 await peer.shutdown()

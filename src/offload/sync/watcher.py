@@ -24,6 +24,7 @@ import asyncio
 import errno
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 # an editor's save lands in one batch and a single edit is visible within tens of ms.
 DEBOUNCE_MS = 100
 STEP_MS = 10
+# How long an idle watch waits before it returns to look for `caught_up` callers (cheap: the
+# Rust side sleeps; the event loop hears of it only while someone waits).
+IDLE_CYCLE_MS = 20
 FULL_RESCAN = ""  # delivered when events were lost: compare the whole tree
 
 OnPaths = Callable[[set[str]], None]
@@ -70,9 +74,13 @@ class _ThreadedWatcher:
         self._close()
 
     def _emit(self, paths: set[str]) -> bool:
+        return self._call(self._on_paths, paths)
+
+    def _call(self, callback: Callable[..., None], *args: object) -> bool:
+        """Run `callback(*args)` on the event loop, after what was handed over before."""
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(self._on_paths, paths)
+            self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the loop is closed: nobody listens any more
             return False
         return True
@@ -102,6 +110,35 @@ class TreeWatcher(_ThreadedWatcher):
         self._debounce_ms = debounce_ms
         self._step_ms = step_ms
         self._notify: RustNotify | None = None
+        self._cycles = 0  # watch() calls completed (the watcher thread writes it)
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # event loop only
+        self._waiting = threading.Event()
+
+    async def caught_up(self) -> None:
+        """Return once every change the system reported before this call has been handed over.
+
+        Edits land in the watcher's current batch for up to `debounce_ms`: a file saved just
+        before `docker run` would otherwise reach the container late. Two complete watch cycles
+        after the call bound that (the one in progress may have started before the change).
+        """
+        if self._thread is None or not self._thread.is_alive():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._cycles + 2, waiter))
+        self._waiting.set()
+        await waiter
+
+    def _cycle_done(self, cycles: int) -> None:
+        keep = []
+        for target, waiter in self._waiters:
+            if cycles >= target:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                keep.append((target, waiter))
+        self._waiters = keep
+        if not keep:
+            self._waiting.clear()
 
     def start(self) -> None:
         self._notify = RustNotify([self.root], False, False, 50, self._recursive, True)
@@ -112,19 +149,29 @@ class TreeWatcher(_ThreadedWatcher):
             self._notify = None
 
     def _deliver(self) -> None:
+        try:
+            self._watch_until_stopped()
+        finally:  # stopped or failed: nobody waiting for a catch-up must hang
+            self._call(self._cycle_done, sys.maxsize)
+
+    def _watch_until_stopped(self) -> None:
         assert self._notify is not None
         while not self._stop.is_set():
             try:
-                changes = self._notify.watch(self._debounce_ms, self._step_ms, 0, self._stop)
+                changes = self._notify.watch(
+                    self._debounce_ms, self._step_ms, IDLE_CYCLE_MS, self._stop
+                )
             except Exception:
                 log.exception("watching %s failed", self.root)
                 return
-            if isinstance(changes, str):  # 'stop', 'signal' or 'timeout'
-                if changes == "stop":
+            if changes == "stop":
+                return
+            if not isinstance(changes, str):  # else 'signal' or 'timeout'
+                paths = self._relative({p for _, p in changes})
+                if paths and not self._emit(paths):
                     return
-                continue
-            paths = self._relative({p for _, p in changes})
-            if paths and not self._emit(paths):
+            self._cycles += 1
+            if self._waiting.is_set() and not self._call(self._cycle_done, self._cycles):
                 return
 
     def _relative(self, paths: set[str]) -> set[str]:

@@ -236,3 +236,17 @@ async def test_manager_probes_the_mount_area_and_starts_each_sync_once(
         assert [s.state for s in manager.statuses()] == [SyncState.SYNCED, SyncState.SYNCED]
     finally:
         await manager.close()
+
+
+async def test_an_edit_just_before_a_flush_is_on_the_runner_after_it(
+    link: SyncLink, laptop: Path
+) -> None:
+    """`echo v2 > app.txt && docker run -v "$PWD":/app …`: the container create flushes the
+    sync, and must see the edit although the watcher has not handed it over yet."""
+    (laptop / "app.txt").write_text("v1")
+    sync = await link.start_sync(laptop)
+    remote = link.remote()
+    for version in range(2, 7):
+        (laptop / "app.txt").write_text(f"v{version}")
+        await sync.flush()
+        assert (remote / "app.txt").read_text() == f"v{version}"
