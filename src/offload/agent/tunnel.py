@@ -38,6 +38,7 @@ from offload.core.errors import (
     NotFound,
     OffloadError,
     PermissionDenied,
+    Suspended,
     Unreachable,
 )
 from offload.core.schemas import ENGINE_CHANNEL_PATH
@@ -388,7 +389,7 @@ class Tunnel:
     def _require_conn(self) -> asyncssh.SSHClientConnection:
         if self._conn is None:
             if self.suspended:
-                raise Unreachable("the tunnel is suspended while the session is idle")
+                raise Suspended("the tunnel is suspended while the session is idle")
             if self.failed is not None:
                 raise Unreachable(self.failed.message)
             self.kick()

@@ -84,6 +84,10 @@ class Unreachable(OffloadError):
     exit_code = 7
 
 
+class Suspended(Unreachable):
+    """The tunnel is closed on purpose while the session is idle; it comes back on activity."""
+
+
 class EnvironmentError_(OffloadError):
     """An environment (session engine) could not be created, resumed or destroyed."""
 

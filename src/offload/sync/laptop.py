@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from offload.core.errors import OffloadError, Unreachable
+from offload.core.errors import OffloadError, Suspended, Unreachable
 from offload.sync.ignore import IgnoreRules
 from offload.sync.paths import SafeRoot
 from offload.sync.peer import Op, Output, Report, SyncPeer
@@ -268,6 +268,7 @@ class LaptopSync:
     async def _supervise(self) -> None:
         delay, delay_max = self._reconnect
         while not self._closing.is_set():
+            suspended = False
             try:
                 await self._session()
                 reason = "the sync stream closed"
@@ -275,6 +276,7 @@ class LaptopSync:
                 raise
             except (OffloadError, ProtocolError, OSError, ConnectionError) as exc:
                 reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+                suspended = isinstance(exc, Suspended)
             except Exception as exc:  # a bug: say so, and let the supervisor go on
                 log.exception("sync of %s failed", self.laptop_path)
                 reason = f"internal error ({type(exc).__name__})"
@@ -285,8 +287,13 @@ class LaptopSync:
                     Unreachable(f"could not sync {self.laptop_path} to the runner: {reason}")
                 )
                 return
-            log.warning("sync of %s interrupted (%s); reconnecting", self.laptop_path, reason)
             self._wake.clear()
+            if suspended:  # the session is idle: nothing to retry until the tunnel is back
+                log.info("sync of %s paused while the session is idle", self.laptop_path)
+                await self._wake.wait()
+                delay = self._reconnect[0]
+                continue
+            log.warning("sync of %s interrupted (%s); reconnecting", self.laptop_path, reason)
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
                 delay = self._reconnect[0]  # kicked: the tunnel is back, start over

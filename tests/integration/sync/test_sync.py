@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
+import pytest
+
+from offload.core.errors import Suspended
+from offload.sync.laptop import LaptopSync
 from offload.sync.status import SyncState
 
 from .support import SyncLink, until
@@ -250,3 +255,34 @@ async def test_an_edit_just_before_a_flush_is_on_the_runner_after_it(
         (laptop / "app.txt").write_text(f"v{version}")
         await sync.flush()
         assert (remote / "app.txt").read_text() == f"v{version}"
+
+
+async def test_an_idle_session_pauses_the_sync_until_the_tunnel_is_back(
+    link: SyncLink, laptop: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the tunnel is suspended on purpose, the sync waits for the kick that comes with the
+    tunnel (no retry loop, no warnings), then picks up the edits made meanwhile."""
+    caplog.set_level(logging.INFO, logger="offload.sync.laptop")
+    suspended = False
+
+    async def open_stream():  # type: ignore[no-untyped-def]
+        if suspended:
+            raise Suspended("the tunnel is suspended while the session is idle")
+        return await link.open_stream()
+
+    sync = LaptopSync(laptop, "b0test", open_stream, reconnect_initial_s=0.01)
+    link.syncs.append(sync)
+    await sync.start()
+    suspended = True
+    assert sync._peer is not None
+    sync._peer.writer.close()  # what suspending the tunnel does to the stream
+    await until(lambda: "paused while the session is idle" in caplog.text, "the pause")
+    assert sync.status().state == SyncState.DISCONNECTED
+    (laptop / "while-idle.txt").write_text("edited while idle")
+
+    suspended = False
+    sync.kick()  # the tunnel is back
+    await until(lambda: (link.remote() / "while-idle.txt").exists(), "the edit after the resume")
+    assert not [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "Suspended" in r.getMessage()
+    ]
