@@ -270,6 +270,19 @@ def test_read_only_bind_is_one_way(make_user, hello_context: Path, tmp_path: Pat
     assert wait_synced(user, laptop)["read_only"] is True
 
 
+def test_the_docker_socket_mounted_into_a_container_is_the_session_engine(
+    make_user, hello_context: Path
+) -> None:
+    """CI jobs and testcontainers mount /var/run/docker.sock to drive "the" engine: inside an
+    Offload session that is the session's own engine (a socket), not a laptop file."""
+    user = started(make_user(), hello_context)
+    probe = ["test", "-S", "/var/run/docker.sock"]
+    run = user.docker(
+        "run", "--rm", "-v", "/var/run/docker.sock:/var/run/docker.sock", "hello", *probe
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+
+
 # ---- docker-py ------------------------------------------------------------------------------
 
 

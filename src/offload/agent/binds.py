@@ -9,6 +9,10 @@ source is not absolute, `Mounts` of type `volume`), tmpfs and everything else st
 A bind of a single file syncs its directory restricted to that one name (`only`), and the
 source becomes `<mount area>/<id>/<name>`.
 
+The Docker socket (`/var/run/docker.sock`, `/run/docker.sock`) means "the engine" to the tools
+that mount it (CI runners, testcontainers, docker-in-docker builds): it becomes the session
+engine's socket in the mount area (`ENGINE_SOCKET_IN_MOUNT_AREA`), never a laptop file.
+
 Pure apart from `probe`, which looks at the laptop's file system (tests pass their own).
 """
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from offload.core.errors import InvalidInput
+from offload.core.schemas import ENGINE_SOCKET_IN_MOUNT_AREA
 
 PathKind = Literal["dir", "file", "missing"]
 Probe = Callable[[str], tuple[PathKind, str]]  # laptop path -> (kind, real path)
@@ -43,10 +48,7 @@ class BindSync:
 class BindRewrite:
     body: bytes
     syncs: list[BindSync]
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.syncs)
+    changed: bool = False
 
 
 def probe_laptop_path(path: str) -> tuple[PathKind, str]:
@@ -83,12 +85,12 @@ def rewrite_create_body(
         return BindRewrite(body, [])
     plans: dict[str, _Plan] = {}
     area = posixpath.normpath(mount_area)
-    _rewrite_binds(host_config, area, probe, plans)
-    _rewrite_mounts(host_config, area, probe, plans)
-    if not plans:
+    changed = _rewrite_binds(host_config, area, probe, plans)
+    changed = _rewrite_mounts(host_config, area, probe, plans) or changed
+    if not changed:
         return BindRewrite(body, [])
     syncs = [p.sync() for p in plans.values()]
-    return BindRewrite(json.dumps(doc).encode(), syncs)
+    return BindRewrite(json.dumps(doc).encode(), syncs, changed=True)
 
 
 def has_laptop_binds(body: bytes) -> bool:
@@ -135,6 +137,8 @@ def _plan_for(
     if not source.startswith("/"):
         return None  # a named volume
     normal = posixpath.normpath(source)
+    if normal in DOCKER_SOCKETS:
+        return f"{area}/{ENGINE_SOCKET_IN_MOUNT_AREA}"
     if normal == area or normal.startswith(area + "/"):
         return None  # already a runner path in the mount area
     kind, real = probe(normal)
@@ -159,6 +163,8 @@ def _plan_for(
     return remote
 
 
+DOCKER_SOCKETS = ("/var/run/docker.sock", "/run/docker.sock")
+
 # The laptop's root and its kernel file systems are not files to copy: syncing them would read
 # the whole disk or pseudo-files that mean nothing on another machine.
 _UNSYNCABLE = ("/proc", "/sys", "/dev")
@@ -175,10 +181,11 @@ def _refuse_unsyncable(source: str, real: str) -> None:
 
 def _rewrite_binds(
     host_config: dict[str, Any], area: str, probe: Probe, plans: dict[str, _Plan]
-) -> None:
+) -> bool:
     binds = _get(host_config, "Binds")
     if not isinstance(binds, list):
-        return
+        return False
+    changed = False
     out: list[Any] = []
     for bind in binds:
         if not isinstance(bind, str):
@@ -188,15 +195,18 @@ def _rewrite_binds(
         options = rest.split(":", 1)[1].split(",") if rest.count(":") >= 1 else []
         remote = _plan_for(source, "ro" in options, area, probe, plans, must_exist=False)
         out.append(bind if remote is None else remote + sep + rest)
+        changed = changed or remote is not None
     host_config[_key(host_config, "Binds")] = out
+    return changed
 
 
 def _rewrite_mounts(
     host_config: dict[str, Any], area: str, probe: Probe, plans: dict[str, _Plan]
-) -> None:
+) -> bool:
     mounts = _get(host_config, "Mounts")
     if not isinstance(mounts, list):
-        return
+        return False
+    changed = False
     for mount in mounts:
         if not isinstance(mount, dict) or str(_get(mount, "Type") or "").lower() != "bind":
             continue
@@ -208,3 +218,5 @@ def _rewrite_mounts(
         )
         if remote is not None:
             mount[_key(mount, "Source")] = remote
+            changed = True
+    return changed

@@ -55,6 +55,10 @@ API_VERSION = "1"
 # The one unix-socket name a client may ask the runner's SSH endpoint for: the runner maps it to
 # the engine of the session named by the client's certificate, never to any other path.
 ENGINE_CHANNEL_PATH = "/docker.sock"
+# Each environment's engine also listens here, inside its mount area, so that a container given
+# `-v /var/run/docker.sock:/var/run/docker.sock` talks to the session's own engine (under the
+# same policy), as it would to the local one.
+ENGINE_SOCKET_IN_MOUNT_AREA = ".docker.sock"
 
 
 class SessionState(StrEnum):

@@ -38,7 +38,7 @@ import httpx
 from offload.core.config import RunnerSettings
 from offload.core.engine_http import engine_client
 from offload.core.errors import EnvironmentError_, OffloadError
-from offload.core.schemas import InstanceSpec
+from offload.core.schemas import ENGINE_SOCKET_IN_MOUNT_AREA, InstanceSpec
 from offload.core.waiting import WaitTimeout, async_wait_until
 from offload.runner import cgroups, mounts, netns
 from offload.runner.cgroups import EnvCgroups
@@ -216,6 +216,7 @@ class DockerdDriver:
             "--exec-root", str(paths.exec_root),
             "--pidfile", str(paths.pidfile),
             "-H", f"unix://{paths.socket}",
+            *_area_listener(paths),
             "--group", "root",
             "--cgroup-parent", rt.cgroups.relative,
             "--authorization-plugin", rt.policy.name,
@@ -563,6 +564,25 @@ def reference_name(ref: str) -> str:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+
+# sun_path holds 108 bytes with its terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def _area_listener(paths: EnvPaths) -> list[str]:
+    """dockerd's second listener, in the mount area (`ENGINE_SOCKET_IN_MOUNT_AREA`): what a
+    container's `-v /var/run/docker.sock` becomes. Skipped, and said, if the path is too long
+    for a unix socket (a very deep data directory)."""
+    path = str(paths.mount_area / ENGINE_SOCKET_IN_MOUNT_AREA)
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        log.warning(
+            "environment %s: %s is too long for a unix socket; containers that mount "
+            "/var/run/docker.sock will not reach the engine (use a shorter runner data dir)",
+            paths.env_id, path,
+        )  # fmt: skip
+        return []
+    return ["-H", f"unix://{path}"]
 
 
 def _engine_client(socket: Path, timeout: float) -> httpx.AsyncClient:

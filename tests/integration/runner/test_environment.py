@@ -11,7 +11,9 @@ import pytest
 import pytest_asyncio
 
 from offload.core.config import RunnerSettings
+from offload.core.engine_http import engine_client
 from offload.core.errors import EnvironmentError_
+from offload.core.schemas import ENGINE_SOCKET_IN_MOUNT_AREA
 from offload.runner import cgroups, netns
 from offload.runner.driver import Environment, EnvState
 from offload.runner.environment import (
@@ -61,6 +63,9 @@ async def test_engine_answers(env: Environment) -> None:
     assert result.out.startswith("20.10")
     assert env.mount_area.is_dir()
     assert env.state == EnvState.WARM
+    # The same engine listens in the mount area, for containers that mount the Docker socket.
+    async with engine_client(env.mount_area / ENGINE_SOCKET_IN_MOUNT_AREA, 10) as engine:
+        assert (await engine.get("/_ping")).text == "OK"
 
 
 async def test_dockerd_runs_in_the_environment_netns(

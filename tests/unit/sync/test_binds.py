@@ -8,6 +8,7 @@ import pytest
 
 from offload.agent.binds import rewrite_create_body, stable_id
 from offload.core.errors import InvalidInput
+from offload.core.schemas import ENGINE_SOCKET_IN_MOUNT_AREA
 
 AREA = "/var/lib/offload/env-1/mounts"
 KINDS = {"/home/me/app": "dir", "/home/me/app.yml": "file", "/home/me/data": "dir"}
@@ -121,3 +122,19 @@ def test_the_laptops_root_and_kernel_file_systems_are_refused(source: str) -> No
     body = json.dumps({"HostConfig": {"Binds": [f"{source}:/x"]}}).encode()
     with pytest.raises(InvalidInput, match="cannot bind-mount"):
         rewrite_create_body(body, "/area", probe=lambda p: ("dir", p))
+
+
+def test_the_docker_socket_becomes_the_session_engines_and_syncs_nothing() -> None:
+    body = create(
+        {
+            "Binds": ["/var/run/docker.sock:/var/run/docker.sock"],
+            "Mounts": [{"Type": "bind", "Source": "/run/docker.sock", "Target": "/d.sock"}],
+        }
+    )
+    # The laptop has no such socket (the probe says missing): --mount must not refuse it.
+    result = rewrite_create_body(body, AREA, probe=lambda p: ("missing", p))
+    doc = json.loads(result.body)["HostConfig"]
+    engine = f"{AREA}/{ENGINE_SOCKET_IN_MOUNT_AREA}"
+    assert doc["Binds"] == [f"{engine}:/var/run/docker.sock"]
+    assert doc["Mounts"][0]["Source"] == engine
+    assert result.changed and result.syncs == []
