@@ -12,9 +12,11 @@ carry bulk data and hand everything else to asyncssh's own code unchanged:
 
 - sending: on a connection whose keys are exchanged, whose user is authenticated and which uses
   AES-GCM without compression, a connection-layer packet is laid out in a reusable buffer once and
-  encrypted with `encrypt_into` next to its clear length, then written as one buffer. Packets
-  before that point (key exchange, authentication), a rekey that is due, compression, other
-  ciphers and asyncssh's packet-level debug logging all take the original path.
+  encrypted with `encrypt_into` next to its clear length, then written as one buffer. That
+  output buffer is reused only while the transport holds none of it: Python 3.12+ queues a
+  view of what it cannot send at once instead of a copy, so a backlogged transport gets new
+  buffers. Packets before that point (key exchange, authentication), a rekey that is due,
+  compression, other ciphers and asyncssh's packet-level debug logging take the original path.
 - receiving: a packet for an open channel is decrypted straight out of the input buffer and
   handed to the channel without re-slicing. Anything else (key exchange, global requests,
   unknown channels, errors) is left in the buffer for the original code, which decrypts it again.
@@ -116,16 +118,13 @@ def _aead(cipher: GCMCipher) -> AESGCM:
     return aead
 
 
-def _buffers(conn: Any, size: int) -> tuple[bytearray, bytearray]:
-    """The connection's reusable plaintext and output buffers, at least `size` bytes each.
-
-    Reuse is safe: asyncio's transport either sends a buffer or copies what it could not send
-    before `write` returns, and nothing else keeps them.
-    """
-    buffers: tuple[bytearray, bytearray] | None = conn.__dict__.get("_offload_buffers")
-    if buffers is None or len(buffers[0]) < size:
-        buffers = conn._offload_buffers = (bytearray(size), bytearray(size))
-    return buffers
+def _buffer(conn: Any, name: str, size: int) -> bytearray:
+    """A reusable buffer of the connection, at least `size` bytes."""
+    buffer: bytearray | None = conn.__dict__.get(name)
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(size)
+        setattr(conn, name, buffer)
+    return buffer
 
 
 def _fast_send(conn: Any) -> bool:
@@ -150,7 +149,8 @@ def _send_packet(self: Any, pkttype: int, *args: bytes, handler: Any = None) -> 
     if padlen < 4:
         padlen += self._send_blocksize
     pktlen = 1 + payload_len + padlen
-    plain, out = _buffers(self, 4 + pktlen + _GCM_TAG)
+    size = 4 + pktlen + _GCM_TAG
+    plain = _buffer(self, "_offload_plain", pktlen)
     plain[0] = padlen
     plain[1] = pkttype
     pos = 2
@@ -160,15 +160,27 @@ def _send_packet(self: Any, pkttype: int, *args: bytes, handler: Any = None) -> 
         pos = end
     plain[pos : pos + padlen] = os.urandom(padlen)
     header = pktlen.to_bytes(4, "big")
-    out[:4] = header
     cipher = self._send_encryption._cipher
-    with memoryview(plain) as p, memoryview(out) as o:
-        _aead(cipher).encrypt_into(cipher._iv, p[:pktlen], header, o[4 : 4 + pktlen + _GCM_TAG])
-        cipher._update_iv()
-        try:
-            self._transport.write(o[: 4 + pktlen + _GCM_TAG])
-        except ConnectionError:  # as asyncssh's _send: the connection's loss is reported apart
-            pass
+    transport = self._transport
+    try:
+        with memoryview(plain) as p:
+            if transport.get_write_buffer_size():
+                # Backlogged: the transport queues what it is given (Python 3.12+ without a
+                # copy), so it gets buffers of its own.
+                sealed = _aead(cipher).encrypt(cipher._iv, p[:pktlen], header)
+                transport.write(header)
+                transport.write(sealed)
+            else:
+                out = _buffer(self, "_offload_out", size)
+                out[:4] = header
+                with memoryview(out) as o:
+                    _aead(cipher).encrypt_into(cipher._iv, p[:pktlen], header, o[4:size])
+                    transport.write(o[:size])
+                if transport.get_write_buffer_size():
+                    self._offload_out = None  # it may hold a view of `out`: never reuse it
+    except ConnectionError:  # as asyncssh's _send: the connection's loss is reported apart
+        pass
+    cipher._update_iv()
     self._send_seq = (self._send_seq + 1) & 0xFFFFFFFF
     self._rekey_bytes_sent += pktlen
     Counters.sent += 1

@@ -94,7 +94,34 @@ async def fast_server(keys: Path) -> AsyncIterator[tuple[int, list[Any]]]:
     await server.wait_closed()
 
 
-async def fast_echo(port: int, keys: Path, user: str = "peer") -> tuple[bytes, Any]:
+class RetainingTransport:
+    """A transport that keeps what it is given, uncopied, until the next loop iteration, as
+    Python 3.12+'s socket transport does with whatever it cannot send at once (3.11 copied)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._queue: list[Any] = []
+
+    def write(self, data: Any) -> None:
+        if not self._queue:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queue.append(data if isinstance(data, bytes) else memoryview(data))
+
+    def get_write_buffer_size(self) -> int:
+        return sum(map(len, self._queue)) + int(self._inner.get_write_buffer_size())
+
+    def _flush(self) -> None:
+        queue, self._queue = self._queue, []
+        for data in queue:
+            self._inner.write(bytes(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+async def fast_echo(
+    port: int, keys: Path, user: str = "peer", retaining: bool = False
+) -> tuple[bytes, Any]:
     """PAYLOAD through `cat` over a fast-path client connection: (what came back, connection)."""
     conn = await asyncssh.connect(
         "127.0.0.1",
@@ -108,6 +135,8 @@ async def fast_echo(port: int, keys: Path, user: str = "peer") -> tuple[bytes, A
         max_pktsize=CHANNEL_MAX_PKTSIZE,
         rekey_bytes=256 * 1024,
     )
+    if retaining:
+        conn._transport = RetainingTransport(conn._transport)
     async with conn:
         process = await conn.create_process("cat", encoding=None)
 
@@ -156,6 +185,15 @@ async def test_fast_client_and_fast_server_through_rekeys(
     received, _ = await fast_echo(port, keys)
     assert_same(received)
     assert kexinits > 10  # 3 MiB each way, a new key every 256 KiB
+
+
+@pytest.mark.usefixtures("counted")
+async def test_no_buffer_is_reused_while_the_transport_still_holds_it(
+    keys: Path, fast_server: tuple[int, list[Any]]
+) -> None:
+    port, _ = fast_server
+    received, _ = await fast_echo(port, keys, retaining=True)
+    assert_same(received)
 
 
 @pytest.mark.usefixtures("counted")
