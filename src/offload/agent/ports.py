@@ -6,8 +6,9 @@
 port becomes a laptop listener on the same host IP and port as docker would bind (`-p 8080:80` on
 0.0.0.0 and `::`, `-p 127.0.0.1:8080:80` on loopback only; `-P`, ranges and compose services are
 just more entries of the same list). Every accepted connection is forwarded through the injected
-`open_tcp(port)`, which the agent wires to a `direct-tcpip` channel of the session's SSH
-connection; the runner maps it to that port inside the session's network namespace. UDP ports
+`take_tcp(port)` (a standby channel opened ahead, `offload.agent.standby`) or, when none is
+ready, `open_tcp(port)`, which the agent wires to a `direct-tcpip` channel of the session's SSH
+connection; the runner maps either to that port inside the session's network namespace. UDP ports
 relay datagrams per client address (`offload.agent.udp_relay`).
 
 A port already taken on the laptop does not stop anything else: it is kept as a `PortConflict`

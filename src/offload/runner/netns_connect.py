@@ -3,8 +3,10 @@
 A socket belongs to the network namespace it was *created* in, for its whole life, whichever
 thread later uses it. So only `socket()` has to run inside the namespace: the calling thread
 enters the environment's namespace with setns(2), creates the socket and switches straight back,
-a few microseconds in all. (A dedicated worker thread did this before: the hop to it and back
-cost about 0.3 ms per forwarded connection on a busy host, a third of bench/ports.py's overhead.)
+a few microseconds in all. (A dedicated worker thread did this before; with asyncio's connect
+wait, a traced forward spent about 0.35 ms between asking for the socket and having it
+connected on a busy 2-core host. That is gone now, though the p50 of bench/ports.py moved by
+only ~0.03 ms: on that host other work fills the freed time.)
 Should the switch back ever fail (setns needs CAP_SYS_ADMIN and memory, nothing else), the
 process stops at once: a runner thread left in a tenant's namespace must not make one more
 socket. Connecting, reading and writing then happen on the event loop like any other socket.
