@@ -30,6 +30,7 @@ from enum import Enum
 
 from offload.core.errors import OffloadError
 from offload.core.schemas import ActivityReport
+from offload.core.waiting import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,4 @@ class ActivityReporter:
             if delay is None:
                 self._set_quiet(True)
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, delay)

@@ -54,6 +54,7 @@ from offload.core.api_client import UserClient
 from offload.core.config import ClientPaths
 from offload.core.errors import Conflict, InvalidInput, NotFound, OffloadError
 from offload.core.schemas import SessionInfo
+from offload.core.waiting import wait_event
 from offload.sync.laptop import SyncManager
 
 log = logging.getLogger("offload.agent")
@@ -272,11 +273,7 @@ async def _renew_in_background(
 
 async def _wait(event: asyncio.Event, timeout: float) -> bool:
     """True if `event` was set within `timeout`."""
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except TimeoutError:
-        return False
-    return True
+    return await wait_event(event, timeout)
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:

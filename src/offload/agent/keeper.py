@@ -41,7 +41,7 @@ from offload.core.api_client import UserClient
 from offload.core.config import ClientPaths
 from offload.core.errors import NotFound, OffloadError, PermissionDenied, Unreachable
 from offload.core.schemas import ActivityReport, SessionCreate, SessionInfo, SessionState
-from offload.core.waiting import WaitTimeout, async_wait_until
+from offload.core.waiting import WaitTimeout, async_wait_until, within
 
 if TYPE_CHECKING:
     from offload.agent.daemon import Credentials, StateWriter
@@ -121,7 +121,7 @@ class Notifier:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
             )
-            await asyncio.wait_for(process.wait(), 10)
+            await within(process.wait(), 10)
         except (OSError, TimeoutError):
             log.info("desktop notification not shown (%s)", argv[0])
 
@@ -258,7 +258,7 @@ class SessionKeeper:
             reader, writer = await self.tunnel.open_engine_channel()
             try:
                 writer.write(_PAUSED_QUERY)
-                data = await asyncio.wait_for(reader.read(), 5)
+                data = await within(reader.read(), 5)
             finally:
                 writer.close()
             _, _, body = data.partition(b"\r\n\r\n")

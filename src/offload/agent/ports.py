@@ -25,7 +25,6 @@ into a namespace, the agent through its tunnel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
@@ -40,6 +39,7 @@ import h11
 from pydantic import BaseModel
 
 from offload.agent.udp_relay import IDLE_TIMEOUT_S, UdpForward
+from offload.core.waiting import wait_event, within
 
 log = logging.getLogger(__name__)
 
@@ -481,9 +481,7 @@ class PortForwarder:
     async def sync(self) -> None:
         """List the engine's published ports and make the laptop listeners match them."""
         async with self._sync_lock:
-            containers = await asyncio.wait_for(
-                self._engine_get_json("/containers/json"), ENGINE_TIMEOUT_S
-            )
+            containers = await within(self._engine_get_json("/containers/json"), ENGINE_TIMEOUT_S)
             await self._apply(wanted_ports(containers))
             for forward in self._forwards.values():
                 forward.sweep()
@@ -553,8 +551,7 @@ class PortForwarder:
         """Re-list when the follower marks a change, and every `resync_interval_s` anyway (retries
         conflicts, sweeps idle UDP relays, and catches anything an event stream could miss)."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), self.resync_interval_s)
+            await wait_event(self._dirty, self.resync_interval_s)
             self._dirty.clear()
             try:
                 await self.sync()
@@ -586,8 +583,7 @@ class PortForwarder:
                 self._following = False
                 self._notify()
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await wait_event(self._wake, delay)
             delay = min(delay * 2, self.retry_max_s)
 
     def _set_error(self, exc: BaseException) -> None:

@@ -43,6 +43,7 @@ from offload.core.errors import (
 )
 from offload.core.schemas import ENGINE_CHANNEL_PATH
 from offload.core.tunnel_tuning import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, ENCRYPTION_ALGS
+from offload.core.waiting import wait_event
 from offload.sync.protocol import SYNC_CHANNEL_PATH
 
 log = logging.getLogger(__name__)
@@ -176,10 +177,7 @@ class Tunnel:
                     f"the tunnel to the runner did not come up within {timeout:g}s{reason}"
                 )
             self._state_changed.clear()
-            try:
-                await asyncio.wait_for(self._state_changed.wait(), remaining)
-            except TimeoutError:
-                pass
+            await wait_event(self._state_changed, remaining)
 
     async def _stop_keeping_up(self) -> None:
         task, self._task = self._task, None
@@ -256,10 +254,7 @@ class Tunnel:
     async def _backoff(self, delay: float) -> None:
         self._wake.clear()
         # Jitter so that many agents of a restarted runner do not reconnect in lockstep.
-        try:
-            await asyncio.wait_for(self._wake.wait(), delay * random.uniform(0.8, 1.2))
-        except TimeoutError:
-            pass
+        await wait_event(self._wake, delay * random.uniform(0.8, 1.2))
 
     # ---- connecting -----------------------------------------------------------------------
 

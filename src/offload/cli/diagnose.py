@@ -6,7 +6,6 @@ the first failure is the one to fix.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -21,6 +20,7 @@ from offload.cli.session_ops import ping_engine
 from offload.core.api_client import UserClient
 from offload.core.config import ClientPaths
 from offload.core.errors import OffloadError
+from offload.core.waiting import within
 
 MAX_CLOCK_SKEW_S = 60.0
 
@@ -154,7 +154,7 @@ async def _runner_check(session: SessionFile | None) -> Check:
     )
     where = f"{runner.name} at {runner.ssh_host}:{runner.ssh_port}"
     try:
-        conn = await asyncio.wait_for(
+        conn = await within(
             asyncssh.connect(
                 runner.ssh_host,
                 runner.ssh_port,

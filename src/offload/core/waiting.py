@@ -37,3 +37,24 @@ async def async_wait_until(
         if time.monotonic() >= deadline:
             raise WaitTimeout(f"gave up after {timeout:.1f}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """`awaitable`'s result, or TimeoutError after `timeout` seconds (None: no limit).
+
+    Use this, not `asyncio.wait_for`: on Python 3.11 that swallows a cancellation that arrives
+    just as the awaited thing completes, and a loop around it then runs on as if never
+    cancelled. That was an agent that now and then would not stop (its activity reporter and
+    port follower kept waiting). `asyncio.timeout` delivers the cancellation.
+    """
+    async with asyncio.timeout(timeout):
+        return await awaitable
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Whether `event` is set within `timeout` seconds (None: no limit); see `within`."""
+    try:
+        await within(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True

@@ -57,6 +57,7 @@ from offload.core.errors import (
     Unreachable,
 )
 from offload.core.schemas import InstanceType, RunnerDesired, RunnerRegister
+from offload.core.waiting import wait_event
 from offload.runner import cgroups
 from offload.runner.driver import Environment
 from offload.runner.environment import DockerdDriver, cleanup_orphans
@@ -153,11 +154,7 @@ class Backoff:
 
 async def sleep_or_stop(stop: asyncio.Event, delay_s: float) -> bool:
     """Wait `delay_s` unless `stop` is set first; True when stopping."""
-    try:
-        await asyncio.wait_for(stop.wait(), delay_s)
-    except TimeoutError:
-        return False
-    return True
+    return await wait_event(stop, delay_s)
 
 
 async def until_stop(stop: asyncio.Event, call: Awaitable[T]) -> T | None:

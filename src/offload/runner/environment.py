@@ -39,7 +39,7 @@ from offload.core.config import RunnerSettings
 from offload.core.engine_http import engine_client
 from offload.core.errors import EnvironmentError_, OffloadError
 from offload.core.schemas import ENGINE_SOCKET_IN_MOUNT_AREA, InstanceSpec
-from offload.core.waiting import WaitTimeout, async_wait_until
+from offload.core.waiting import WaitTimeout, async_wait_until, within
 from offload.runner import cgroups, mounts, netns
 from offload.runner.cgroups import EnvCgroups
 from offload.runner.driver import (
@@ -415,7 +415,7 @@ async def _stop_dockerd(
     await asyncio.to_thread(env_cgroups.kill, True, KILL_TIMEOUT_S)
     if process is not None:
         try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+            await within(process.wait(), STOP_TIMEOUT_S)
             return
         except TimeoutError:
             pass
@@ -523,9 +523,7 @@ async def read_contents(env: Environment, timeout_s: float) -> EngineContents:
     EnvironmentError_ when the engine does not answer in time; callers keep what they knew."""
     try:
         async with _engine_client(env.engine_socket, timeout=timeout_s) as client:
-            response = await asyncio.wait_for(
-                client.get("/containers/json", params={"all": "1"}), timeout_s
-            )
+            response = await within(client.get("/containers/json", params={"all": "1"}), timeout_s)
         response.raise_for_status()
         containers = response.json()
     except (httpx.HTTPError, TimeoutError, ValueError) as exc:

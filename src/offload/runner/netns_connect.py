@@ -46,6 +46,7 @@ import asyncssh
 from offload.agent.standby import STANDBY_HEADER
 from offload.agent.udp_relay import DatagramDecoder, frame_datagram
 from offload.core.errors import NotFound, Unreachable
+from offload.core.waiting import within
 from offload.runner.netns import netns_path
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
             raise OSError(error, os.strerror(error))
         return
     loop = asyncio.get_running_loop()
-    await asyncio.wait_for(loop.sock_connect(sock, address), CONNECT_TIMEOUT_S)
+    await within(loop.sock_connect(sock, address), CONNECT_TIMEOUT_S)
 
 
 async def open_connection_in_netns(

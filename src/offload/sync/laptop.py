@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from offload.core.errors import OffloadError, Suspended, Unreachable
+from offload.core.waiting import wait_event
 from offload.sync.ignore import IgnoreRules
 from offload.sync.paths import SafeRoot
 from offload.sync.peer import Op, Output, Report, SyncPeer
@@ -205,12 +206,10 @@ class LaptopSync:
 
     async def ready(self, timeout: float) -> None:
         """Until the stream is connected and reconciled; Unreachable after `timeout`."""
-        try:
-            await asyncio.wait_for(self._synced.wait(), timeout)
-        except TimeoutError:
+        if not await wait_event(self._synced, timeout):
             raise Unreachable(
                 f"the sync of {self.laptop_path} did not reconnect within {timeout:g}s"
-            ) from None
+            )
 
     async def close(self) -> None:
         self._closing.set()
@@ -294,10 +293,9 @@ class LaptopSync:
                 delay = self._reconnect[0]
                 continue
             log.warning("sync of %s interrupted (%s); reconnecting", self.laptop_path, reason)
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
+            if await wait_event(self._wake, delay):
                 delay = self._reconnect[0]  # kicked: the tunnel is back, start over
-            except TimeoutError:
+            else:
                 delay = min(delay * 2, delay_max)
 
     async def _session(self) -> None:

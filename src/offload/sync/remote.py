@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from offload.core.waiting import within
 from offload.sync.ignore import IgnoreRules
 from offload.sync.paths import PathRefused, SafeRoot
 from offload.sync.peer import Output, Report, SyncPeer
@@ -108,7 +109,7 @@ class RemoteEndpoint:
     async def _serve(self, reader: ByteReader, writer: ByteWriter) -> None:
         parser = FrameParser()
         pending: list[Any] = []
-        kind, payload = await asyncio.wait_for(read_one(reader, parser, pending), HELLO_TIMEOUT_S)
+        kind, payload = await within(read_one(reader, parser, pending), HELLO_TIMEOUT_S)
         if kind != Kind.HELLO:
             raise ProtocolError(f"expected HELLO, got {kind.name}")
         hello = decode_json(payload)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 
+from offload.core.waiting import wait_event
+
 
 class RunnerSignals:
     def __init__(self) -> None:
@@ -57,10 +59,7 @@ class RunnerSignals:
         event = self._events.setdefault(runner_id, asyncio.Event())
         self._waiting[runner_id] = self._waiting.get(runner_id, 0) + 1
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+            return await wait_event(event, timeout)
         finally:
             self._waiting[runner_id] -= 1
             if not self._waiting[runner_id]:
