@@ -183,6 +183,7 @@ class StateWriter:
             started_at=datetime.now(UTC),
         )
         self._scheduled: asyncio.TimerHandle | None = None
+        self._ports: PortForwarder | None = None
 
     def tunnel_changed(self, tunnel: Tunnel) -> None:
         was = self.state.connected
@@ -201,8 +202,14 @@ class StateWriter:
         self._write_soon()
 
     def ports_changed(self, forwarder: PortForwarder) -> None:
-        self.state.ports = forwarder.snapshot()
+        # Snapshot when writing: every forwarded connection opens and closes this, and building
+        # a snapshot of every forward each time is work on the forward's own path.
+        self._ports = forwarder
         self._write_soon()
+
+    def detach_ports(self) -> None:
+        """The forwarder is gone: `ports` stays what the caller sets."""
+        self._ports = None
 
     def syncs_changed(self, manager: SyncManager) -> None:
         statuses = manager.statuses()
@@ -219,6 +226,8 @@ class StateWriter:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
+        if self._ports is not None:
+            self.state.ports = self._ports.snapshot()
         write_model(self._paths.agent_state_file, self.state)
 
 
@@ -393,6 +402,7 @@ async def run_agent(
         state.state.connected_since = None
         state.state.open_connections = 0
         state.state.suspended = False
+        state.detach_ports()
         state.state.ports = None
         state.state.synced_paths = []
         state.state.last_error = "the agent stopped"
