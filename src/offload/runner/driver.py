@@ -32,6 +32,10 @@ class Environment:
     spec: InstanceSpec
     state: EnvState = EnvState.WARM
     session_id: str | None = None
+    # The host uid/gid that is root inside the environment's sandbox: what the runner makes
+    # the owner of files it writes into the mount area, so that containers can change them.
+    area_owner: tuple[int, int] | None = None
+    isolation: str = "rootless"  # said by status and diagnose
 
 
 @dataclass
