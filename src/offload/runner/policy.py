@@ -14,7 +14,9 @@ dockerd checks the plugin when it starts, so the plugin must listen before its e
 Anything other than a 200 answer makes dockerd refuse the request, so the policy fails closed:
 a plugin that is down, slow to come back or confused never lets a request through.
 
-The rules themselves live in `policy_rules.py` (`evaluate`); this module only serves them.
+The rules themselves live in `policy_rules.py` (`evaluate`); this module only serves them.  Since
+session engines run in their own sandboxes, the rules are a second wall that refuses only legacy
+API versions; the plugin still fails closed on anything it cannot read.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ class _CallError(Exception):
 class PolicyPlugin:
     """Serves the policy for one environment's engine on `socket_path`.
 
-    Many instances can run in one event loop (one per environment); each judges bind sources
-    against its own `mount_area`.
+    Many instances can run in one event loop (one per environment).  `mount_area` is kept for the
+    callers' sake: the rules no longer look at bind sources (the sandbox confines them).
     """
 
     def __init__(self, name: str, mount_area: Path, plugin_dir: Path = DEFAULT_PLUGIN_DIR) -> None:
@@ -191,8 +193,7 @@ class PolicyPlugin:
         except ValueError as exc:
             raise _CallError(400, str(exc)) from None
         try:
-            # realpath() on bind sources touches the disk: keep it off the event loop.
-            decision = await asyncio.to_thread(evaluate, request, self.mount_area)
+            decision = evaluate(request, self.mount_area)
         except Exception:
             log.exception("policy %s: evaluating a request failed; denying it", self.name)
             decision = _INTERNAL_ERROR
@@ -203,8 +204,9 @@ class PolicyPlugin:
     def _log_denial(self, request: AuthzRequest, decision: Decision) -> None:
         # The path without its query (build args can carry secrets) and the rule: never the body.
         try:
-            path = split_uri(request.uri)[0]
-        except ValueError:
+            version, rest = split_uri(request.uri)
+            path = f"/v{version}{rest}" if version else rest
+        except Exception:
             path = "<unreadable>"
         log.warning(
             "policy %s denied %s %s (rule %s)",

@@ -2,8 +2,10 @@
 
 The plugin runs in an event loop on a background thread (as it would inside the runner), the engine
 is started after it (dockerd checks its authorization plugins at start-up), and the tests drive
-the engine with the real docker CLI.  Teardown leaves nothing: no process, mount, netns, cgroup,
-directory or plugin socket, even when a test fails.
+the engine with the real docker CLI and with raw HTTP.  A second engine without any plugin
+(`plain_engine`) is the reference: what the policy lets through must get that engine's own answer,
+byte for byte.  Teardown leaves nothing: no process, mount, netns, cgroup, directory or plugin
+socket, even when a test fails.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 
 from offload.core.waiting import WaitTimeout, wait_until
@@ -79,6 +82,11 @@ class Engine:
             env={**os.environ, **(env or {})},
         )
 
+    def http(self) -> httpx.Client:
+        """A raw HTTP client on the engine's socket (paths are sent as written)."""
+        transport = httpx.HTTPTransport(uds=str(self.socket))
+        return httpx.Client(transport=transport, base_url="http://docker", timeout=60)
+
     def answers(self) -> bool:
         return self.docker("version", "--format", "{{.Server.Version}}", timeout=30).returncode == 0
 
@@ -98,7 +106,7 @@ def make_engine(base: Path) -> Engine:
     )
 
 
-def start_engine(engine: Engine, plugin_name: str) -> None:
+def start_engine(engine: Engine, plugin_name: str | None) -> None:
     base = engine.base
     _ip("netns", "add", engine.netns)
     _ip("-n", engine.netns, "link", "set", "lo", "up")
@@ -111,8 +119,9 @@ def start_engine(engine: Engine, plugin_name: str) -> None:
         "--pidfile", str(base / "dockerd.pid"),
         "-H", engine.host,
         "--cgroup-parent", f"/{engine.cgroup}",
-        "--authorization-plugin", plugin_name,
     ]  # fmt: skip
+    if plugin_name is not None:
+        command += ["--authorization-plugin", plugin_name]
     with engine.log.open("wb") as log:
         proc = engine.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -243,3 +252,24 @@ def engine(workdir: Path, plugin: PolicyPlugin) -> Iterator[Engine]:
 @pytest.fixture(scope="module")
 def image(engine: Engine) -> str:
     return build_test_image(engine.host)
+
+
+@pytest.fixture(scope="module")
+def plain_engine() -> Iterator[Engine]:
+    """The same dockerd, started the same way, without any authorization plugin."""
+    base = Path(f"/tmp/otq-{secrets.token_hex(3)}")
+    base.mkdir()
+    engine = make_engine(base)
+    try:
+        start_engine(engine, None)
+        yield engine
+    finally:
+        try:
+            stop_engine(engine)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def plain_image(plain_engine: Engine) -> str:
+    return build_test_image(plain_engine.host)

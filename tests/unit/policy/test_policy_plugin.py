@@ -58,22 +58,48 @@ async def test_activate_declares_authz(plugin: PolicyPlugin) -> None:
 async def test_requests_are_allowed_and_denied_over_one_kept_alive_connection(
     plugin: PolicyPlugin, caplog: pytest.LogCaptureFixture
 ) -> None:
-    privileged = {"Image": "x", "HostConfig": {"Privileged": True, "Env": ["TOKEN=secret"]}}
+    privileged = {"Image": "x", "HostConfig": {"Privileged": True, "PidMode": "host"}}
     async with client(plugin) as c:
         allowed = await c.post("/AuthZPlugin.AuthZReq", json=authz_call("/v1.41/containers/json"))
-        denied = await c.post(
+        # Privileged and host namespaces are the sandbox's business now: allowed.
+        privileged_create = await c.post(
             "/AuthZPlugin.AuthZReq", json=authz_call("/v1.41/containers/create", privileged)
+        )
+        denied = await c.post(
+            "/AuthZPlugin.AuthZReq",
+            json=authz_call("/v1.23/containers/create?name=x&token=secret", privileged),
         )
         response = await c.post("/AuthZPlugin.AuthZRes", json=authz_call("/v1.41/_ping"))
     assert allowed.json() == {"Allow": True, "Msg": "", "Err": ""}
+    assert privileged_create.json() == {"Allow": True, "Msg": "", "Err": ""}
     assert denied.status_code == 200
-    assert denied.json()["Allow"] is False
-    assert denied.json()["Msg"].startswith("Offload policy: --privileged is not allowed")
+    assert denied.json() == {
+        "Allow": False,
+        "Msg": "client version 1.23 is too old. Minimum supported API version is 1.24, "
+        "please upgrade your client to a newer version",
+        "Err": "",
+    }
     assert response.json() == {"Allow": True}
-    # The denial is logged with the engine's plugin name and the rule, never the body.
+    # The denial is logged with the engine's plugin name and the rule, never the query or body.
     logged = [r.getMessage() for r in caplog.records if "denied" in r.getMessage()]
-    assert logged == ["policy offload-policy-unit denied POST /containers/create (rule privileged)"]
+    assert logged == [
+        "policy offload-policy-unit denied POST /v1.23/containers/create (rule api-version-too-old)"
+    ]
     assert "secret" not in caplog.text
+
+
+async def test_an_internal_error_denies(
+    plugin: PolicyPlugin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug in the rules")
+
+    monkeypatch.setattr("offload.runner.policy.evaluate", broken)
+    async with client(plugin) as c:
+        answer = await c.post("/AuthZPlugin.AuthZReq", json=authz_call("/v1.41/containers/json"))
+    assert answer.status_code == 200
+    assert answer.json()["Allow"] is False
+    assert "internal error" in answer.json()["Msg"]
 
 
 async def test_malformed_calls_fail_so_the_engine_refuses(plugin: PolicyPlugin) -> None:
@@ -81,11 +107,19 @@ async def test_malformed_calls_fail_so_the_engine_refuses(plugin: PolicyPlugin) 
         empty = await c.post("/AuthZPlugin.AuthZReq", content=b"")
         no_uri = await c.post("/AuthZPlugin.AuthZReq", json={"RequestMethod": "GET"})
         not_object = await c.post("/AuthZPlugin.AuthZReq", json=[1])
+        not_json = await c.post("/AuthZPlugin.AuthZReq", content=b'{"RequestMethod": "GET"')
+        emptied = await c.post("/AuthZPlugin.AuthZReq", json={})  # dockerd's retry of a call
+        odd_uri = await c.post(
+            "/AuthZPlugin.AuthZReq", json={"RequestMethod": "GET", "RequestUri": 5}
+        )
         unknown = await c.post("/VolumeDriver.Create", json={})
-    for response in (empty, no_uri, not_object):
+        # The connection still serves after refused calls.
+        activate = await c.post("/Plugin.Activate")
+    for response in (empty, no_uri, not_object, not_json, emptied, odd_uri):
         assert response.status_code == 400
         assert response.json()["Err"]
     assert unknown.status_code == 404
+    assert activate.json() == {"Implements": ["authz"]}
 
 
 async def test_socket_is_private_and_removed_on_stop(short_dir: Path) -> None:
@@ -101,25 +135,19 @@ async def test_socket_is_private_and_removed_on_stop(short_dir: Path) -> None:
 
 
 async def test_several_plugins_share_one_event_loop(short_dir: Path) -> None:
-    areas = [short_dir / "a1", short_dir / "a2"]
-    for area in areas:
-        area.mkdir()
     plugins = [
-        PolicyPlugin(f"offload-policy-{i}", area, plugin_dir=short_dir / "p")
-        for i, area in enumerate(areas)
+        PolicyPlugin(f"offload-policy-{i}", short_dir / f"a{i}", plugin_dir=short_dir / "p")
+        for i in range(2)
     ]
     for plugin in plugins:
         await plugin.start()
     try:
-        body = {"HostConfig": {"Binds": [f"{areas[0]}:/src"]}}
-        answers = []
         for plugin in plugins:
             async with client(plugin) as c:
-                call = authz_call("/v1.41/containers/create", body)
-                answers.append((await c.post("/AuthZPlugin.AuthZReq", json=call)).json())
-        # Each plugin judges against its own mount area.
-        assert answers[0]["Allow"] is True
-        assert answers[1]["Allow"] is False
+                new = await c.post("/AuthZPlugin.AuthZReq", json=authz_call("/v1.41/info"))
+                old = await c.post("/AuthZPlugin.AuthZReq", json=authz_call("/v1.12/info"))
+            assert new.json()["Allow"] is True
+            assert old.json()["Allow"] is False
     finally:
         for plugin in plugins:
             await plugin.stop()
