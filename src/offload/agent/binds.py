@@ -13,6 +13,9 @@ The Docker socket (`/var/run/docker.sock`, `/run/docker.sock`) means "the engine
 that mount it (CI runners, testcontainers, docker-in-docker builds): it becomes the session
 engine's socket in the mount area (`ENGINE_SOCKET_IN_MOUNT_AREA`), never a laptop file.
 
+Each rewritten source comes back with the path the client named (`BindRewrite.sources`), so
+that the engine's answers can show it again (`offload.agent.bind_sources`).
+
 Pure apart from `probe`, which looks at the laptop's file system (tests pass their own).
 """
 
@@ -23,7 +26,7 @@ import json
 import os
 import posixpath
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from offload.core.errors import InvalidInput
@@ -45,10 +48,19 @@ class BindSync:
 
 
 @dataclass(frozen=True)
+class RemoteSource:
+    """A bind source as the client named it, and what the rewritten body names instead."""
+
+    remote: str  # in the mount area: `<area>/<id>`, `<area>/<id>/<name>` or the engine socket
+    laptop: str  # the client's source, normalized (as a local engine shows it in `Mounts`)
+
+
+@dataclass(frozen=True)
 class BindRewrite:
     body: bytes
     syncs: list[BindSync]
     changed: bool = False
+    sources: tuple[RemoteSource, ...] = ()
 
 
 def probe_laptop_path(path: str) -> tuple[PathKind, str]:
@@ -83,14 +95,14 @@ def rewrite_create_body(
     host_config = _get(doc, "HostConfig")
     if not isinstance(host_config, dict):
         return BindRewrite(body, [])
-    plans: dict[str, _Plan] = {}
-    area = posixpath.normpath(mount_area)
-    changed = _rewrite_binds(host_config, area, probe, plans)
-    changed = _rewrite_mounts(host_config, area, probe, plans) or changed
+    plans = _Plans(posixpath.normpath(mount_area), probe)
+    changed = _rewrite_binds(host_config, plans)
+    changed = _rewrite_mounts(host_config, plans) or changed
     if not changed:
         return BindRewrite(body, [])
-    syncs = [p.sync() for p in plans.values()]
-    return BindRewrite(json.dumps(doc).encode(), syncs, changed=True)
+    syncs = [p.sync() for p in plans.by_subdir.values()]
+    sources = tuple(RemoteSource(remote, laptop) for remote, laptop in plans.sources.items())
+    return BindRewrite(json.dumps(doc).encode(), syncs, changed=True, sources=sources)
 
 
 def has_laptop_binds(body: bytes) -> bool:
@@ -130,18 +142,34 @@ def _key(obj: dict[str, Any], key: str) -> str:
     return next((k for k in obj if k.lower() == key.lower()), key)
 
 
-def _plan_for(
-    source: str, read_only: bool, area: str, probe: Probe, plans: dict[str, _Plan], must_exist: bool
-) -> str | None:
+@dataclass
+class _Plans:
+    """What one create body's rewrite records: the syncs, and each rewritten source."""
+
+    area: str
+    probe: Probe
+    by_subdir: dict[str, _Plan] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # remote source -> laptop source
+
+
+def _plan_for(source: str, read_only: bool, plans: _Plans, must_exist: bool) -> str | None:
     """The rewritten source of a laptop path, recording what to sync; None: leave it alone."""
+    remote = _remote_for(source, read_only, plans, must_exist)
+    if remote is not None:
+        plans.sources[remote] = posixpath.normpath(source)
+    return remote
+
+
+def _remote_for(source: str, read_only: bool, plans: _Plans, must_exist: bool) -> str | None:
     if not source.startswith("/"):
         return None  # a named volume
+    area = plans.area
     normal = posixpath.normpath(source)
     if normal in DOCKER_SOCKETS:
         return f"{area}/{ENGINE_SOCKET_IN_MOUNT_AREA}"
     if normal == area or normal.startswith(area + "/"):
         return None  # already a runner path in the mount area
-    kind, real = probe(normal)
+    kind, real = plans.probe(normal)
     _refuse_unsyncable(source, real)
     if kind == "missing" and must_exist:
         raise InvalidInput(
@@ -155,9 +183,9 @@ def _plan_for(
     else:
         laptop_dir, only = real, None
         remote = f"{area}/{subdir}"
-    plan = plans.get(subdir)
+    plan = plans.by_subdir.get(subdir)
     if plan is None:
-        plans[subdir] = _Plan(laptop_dir, subdir, only, read_only, remote)
+        plans.by_subdir[subdir] = _Plan(laptop_dir, subdir, only, read_only, remote)
     else:
         plan.read_only = plan.read_only and read_only
     return remote
@@ -179,9 +207,7 @@ def _refuse_unsyncable(source: str, real: str) -> None:
         )
 
 
-def _rewrite_binds(
-    host_config: dict[str, Any], area: str, probe: Probe, plans: dict[str, _Plan]
-) -> bool:
+def _rewrite_binds(host_config: dict[str, Any], plans: _Plans) -> bool:
     binds = _get(host_config, "Binds")
     if not isinstance(binds, list):
         return False
@@ -193,16 +219,14 @@ def _rewrite_binds(
             continue
         source, sep, rest = bind.partition(":")
         options = rest.split(":", 1)[1].split(",") if rest.count(":") >= 1 else []
-        remote = _plan_for(source, "ro" in options, area, probe, plans, must_exist=False)
+        remote = _plan_for(source, "ro" in options, plans, must_exist=False)
         out.append(bind if remote is None else remote + sep + rest)
         changed = changed or remote is not None
     host_config[_key(host_config, "Binds")] = out
     return changed
 
 
-def _rewrite_mounts(
-    host_config: dict[str, Any], area: str, probe: Probe, plans: dict[str, _Plan]
-) -> bool:
+def _rewrite_mounts(host_config: dict[str, Any], plans: _Plans) -> bool:
     mounts = _get(host_config, "Mounts")
     if not isinstance(mounts, list):
         return False
@@ -213,9 +237,7 @@ def _rewrite_mounts(
         source = _get(mount, "Source")
         if not isinstance(source, str):
             continue
-        remote = _plan_for(
-            source, bool(_get(mount, "ReadOnly")), area, probe, plans, must_exist=True
-        )
+        remote = _plan_for(source, bool(_get(mount, "ReadOnly")), plans, must_exist=True)
         if remote is not None:
             mount[_key(mount, "Source")] = remote
             changed = True

@@ -9,7 +9,9 @@ after `offload start` wrote the session file. It
 - forwards the ports the session's containers publish to the same ports on this laptop
   (`offload.agent.ports`, `offload.agent.channels`), re-read after every reconnect or resume;
 - syncs the laptop directories that container creates bind into the session's mount area and
-  points the binds there (`offload.agent.intercept`, `offload.sync.laptop.SyncManager`);
+  points the binds there (`offload.agent.intercept`, `offload.sync.laptop.SyncManager`), and
+  shows those binds' laptop paths in the engine's answers (`offload.agent.bind_sources`,
+  remembered in `run/bind-sources.json` for the next agent);
 - tells the control plane about Docker activity (`offload.agent.activity`) and follows the
   session's lifecycle: tunnel suspended while idle, resumed, or a new session once the old one
   was wiped (`offload.agent.keeper`);
@@ -37,6 +39,7 @@ import asyncssh
 from asyncssh.public_key import SSHOpenSSHCertificate
 
 from offload.agent.activity import ActivityReporter, ActivityTracker
+from offload.agent.bind_sources import SOURCES_FILE, BindSources
 from offload.agent.channels import ForwardChannels
 from offload.agent.intercept import CreateBinds
 from offload.agent.keeper import (
@@ -322,7 +325,11 @@ async def run_agent(
     )
     tracker = ActivityTracker(stream_after_s=settings.stream_after_s)
     syncs = SyncManager(tunnel.open_sync_stream)
-    proxy = AgentProxy(paths.agent_socket, tunnel, tracker=tracker, creates=CreateBinds(syncs))
+    sources = BindSources(paths.agent_state_file.with_name(SOURCES_FILE))
+    creates = CreateBinds(syncs, sources=sources)
+    proxy = AgentProxy(
+        paths.agent_socket, tunnel, tracker=tracker, creates=creates, responses=sources
+    )
     proxy.on_change = state.proxy_changed
     keeper = SessionKeeper(
         paths=paths,

@@ -7,6 +7,10 @@ until its body is complete. The scan stops for good at the first upgrade or hija
 start, BuildKit's session), after which the connection is a raw stream; a body of known length
 is skipped by counting, so large uploads cost no parsing.
 
+It also marks the requests whose answers name bind sources (`GET /containers/json`,
+`GET /containers/{id}/json`: `Scan.responses`), so that the proxy shows those answers with the
+laptop's paths (`offload.agent.bind_sources`, `offload.agent.responses`).
+
 `CreateBinds.prepare` then syncs each laptop directory the body binds into the session's mount
 area (the initial sync completes first, and a running sync is flushed, so the container sees the
 laptop's files as they are now) and rewrites the bind sources to point there
@@ -23,6 +27,7 @@ from enum import Enum
 
 import h11
 
+from offload.agent.bind_sources import BindSources, ResponseKind
 from offload.agent.binds import BindSync, has_laptop_binds, rewrite_create_body
 from offload.sync.laptop import SyncManager
 
@@ -42,6 +47,9 @@ _HIJACK = re.compile(
     _VERSIONED + rb"/(?:containers/[^/?]+/attach|exec/[^/?]+/start|session|grpc)(?:\?.*)?"
 )
 _DROPPED_HEADERS = (b"content-length", b"transfer-encoding")
+# GET requests whose answers name bind sources.
+_LIST = re.compile(_VERSIONED + rb"/containers/json(?:\?.*)?")
+_INSPECT = re.compile(_VERSIONED + rb"/containers/[^/?]+/json(?:\?.*)?")
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,8 @@ class Scan:
     forward: bytes = b""  # send on now (comes before `create`)
     create: CreateRequest | None = None  # held: prepare it, send it, then feed `rest`
     rest: bytes = b""  # what followed the create, not scanned yet
+    # Requests in `forward` (in order) whose answers name bind sources.
+    responses: tuple[ResponseKind, ...] = ()
 
 
 class _Mode(Enum):
@@ -96,6 +106,7 @@ class RequestScanner:
         self._create: h11.Request | None = None
         self._raw = bytearray()  # a held create as it came
         self._body = bytearray()  # its body, decoded
+        self._marked: list[ResponseKind] = []
 
     @property
     def raw(self) -> bool:
@@ -120,8 +131,14 @@ class RequestScanner:
             else:
                 view, create = self._head_bytes(view, out)
             if create is not None:
-                return Scan(bytes(out), create, bytes(view))
-        return Scan(bytes(out))
+                return Scan(bytes(out), create, bytes(view), self._take_marks())
+        return Scan(bytes(out), responses=self._take_marks())
+
+    def _take_marks(self) -> tuple[ResponseKind, ...]:
+        if not self._marked:
+            return ()
+        marked, self._marked = tuple(self._marked), []
+        return marked
 
     # ---- request heads ----------------------------------------------------------------------
 
@@ -162,6 +179,8 @@ class RequestScanner:
         self._holding = False
         self._pass_head(out)
         self._reset_head()
+        if (kind := _names_bind_sources(request)) is not None:
+            self._marked.append(kind)
         self._mode = _framing(request)
         if self._mode is _Mode.CHUNKED:
             self._conn = conn
@@ -260,6 +279,16 @@ def _is_create_line(line: bytes) -> bool:
     return len(parts) == 3 and parts[0] == b"POST" and _CREATE.fullmatch(parts[1]) is not None
 
 
+def _names_bind_sources(request: h11.Request) -> ResponseKind | None:
+    if request.method != b"GET":
+        return None
+    if _LIST.fullmatch(request.target):
+        return ResponseKind.LIST
+    if _INSPECT.fullmatch(request.target):
+        return ResponseKind.INSPECT
+    return None
+
+
 def _unusual(request: h11.Request) -> bool:
     """A create not worth holding: the client waits for `100 Continue` before its body, or
     says the body is larger than any create the runner accepts."""
@@ -298,9 +327,15 @@ class CreateBinds:
     """Syncs the laptop directories a create binds, then points its bind sources at them."""
 
     def __init__(
-        self, manager: SyncManager, *, reconnect_timeout_s: float = SYNC_RECONNECT_TIMEOUT_S
+        self,
+        manager: SyncManager,
+        *,
+        sources: BindSources | None = None,
+        reconnect_timeout_s: float = SYNC_RECONNECT_TIMEOUT_S,
     ) -> None:
         self.manager = manager
+        # What each rewritten source stands for, for the engine's answers that name it.
+        self.sources = sources if sources is not None else BindSources()
         self.reconnect_timeout_s = reconnect_timeout_s
 
     async def prepare(self, body: bytes) -> bytes:
@@ -312,6 +347,7 @@ class CreateBinds:
         if not rewrite.changed:
             return body
         await asyncio.gather(*(self._synced(bind) for bind in rewrite.syncs))
+        self.sources.learn(mount_area, rewrite.sources)
         return rewrite.body
 
     async def _synced(self, bind: BindSync) -> None:

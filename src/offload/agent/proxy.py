@@ -16,6 +16,10 @@ them there before it goes on; a bad bind is answered with a 400, a failed sync w
 with a JSON `message`. Every other request is handed on in the same call that received it, so
 the scan adds no latency; it stops at the first upgrade or hijack of a connection.
 
+The answers to the requests the scan marks as naming bind sources (container inspect and list)
+go through the `responses` hook: that one response is held whole (`offload.agent.responses`),
+its runner paths shown as the laptop's, and the splice goes on raw after it.
+
 Every chunk is also shown to the connection's `ConnectionWatch` (offload.agent.activity), which
 peeks at request lines and response heads to tell what counts as activity. While the session is
 idle (tunnel suspended) or has ended, a new connection is held while the `gate` wakes the session
@@ -29,15 +33,19 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 import asyncssh
 
 from offload.agent.activity import ActivityTracker
+from offload.agent.bind_sources import ResponseKind
 from offload.agent.intercept import CreateRequest, RequestScanner
+from offload.agent.responses import ResponseRewriter
 from offload.agent.tunnel import Tunnel
 from offload.core.errors import InvalidInput, OffloadError
 
@@ -76,6 +84,14 @@ class CreateHook(Protocol):
         anything else: 502)."""
 
 
+class ResponseHook(Protocol):
+    """Shows the engine's answers that name bind sources as a local engine's (the agent's
+    `BindSources`)."""
+
+    def restore(self, kind: ResponseKind, body: bytes) -> bytes:
+        """The body to hand on instead (`body` itself when nothing changes)."""
+
+
 class AgentProxy:
     def __init__(
         self,
@@ -86,6 +102,7 @@ class AgentProxy:
         tracker: ActivityTracker | None = None,
         gate: Gate | None = None,
         creates: CreateHook | None = None,
+        responses: ResponseHook | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.tunnel = tunnel
@@ -93,6 +110,7 @@ class AgentProxy:
         self.tracker = tracker or ActivityTracker(clock)
         self.gate = gate
         self.creates = creates
+        self.responses = responses
         self._server: asyncio.AbstractServer | None = None
         self._pipes: set[_ClientPipe] = set()
         self._total = 0
@@ -179,8 +197,12 @@ class _ClientPipe(asyncio.Protocol):
         self._engine_eof = False
         self._refusing: str | None = None  # the 503 message, once refusing
         self._watch = proxy.tracker.opened()
-        # Container creates are looked for only when there is something to do with them.
-        self._scanner = RequestScanner() if proxy.creates is not None else None
+        # Requests are looked at only when there is something to do with them.
+        self._responses = proxy.responses
+        scan = proxy.creates is not None or self._responses is not None
+        self._scanner = RequestScanner() if scan else None
+        self._marked: deque[ResponseKind] = deque()  # answers to rewrite, in request order
+        self._response: ResponseRewriter | None = None  # the answer being rewritten
         self._held: bytearray | None = None  # client bytes behind a create being prepared
         self._preparing: asyncio.Task[None] | None = None
         self._settled = False  # the channel is open, or will never be (refusing)
@@ -304,6 +326,8 @@ class _ClientPipe(asyncio.Protocol):
         scan = self._scanner.feed(data)
         if self._scanner.raw:
             self._scanner = None  # upgraded or hijacked: a raw stream from here on
+        if scan.responses and self._responses is not None:
+            self._marked.extend(scan.responses)
         if scan.forward:
             self._to_engine(scan.forward)
         if scan.create is not None:
@@ -369,16 +393,52 @@ class _ClientPipe(asyncio.Protocol):
     def engine_data(self, data: bytes) -> None:
         self._proxy._touch()
         self._watch.engine_bytes(data)
-        if self._transport is not None:
+        if self._transport is None:
+            return
+        if self._response is None and not self._marked:
             self._transport.write(data)
+        else:
+            self._rewrite(data)
+
+    def _rewrite(self, data: bytes) -> None:
+        """Engine bytes while an answer to rewrite is expected or being held."""
+        assert self._transport is not None
+        while data:
+            response = self._response
+            if response is None:
+                if not self._marked or self._responses is None:
+                    self._transport.write(data)
+                    return
+                kind = self._marked.popleft()
+                response = self._response = ResponseRewriter(partial(self._responses.restore, kind))
+            step = response.feed(data)
+            if step.out:
+                self._transport.write(step.out)
+            if step.raw:  # not HTTP we can follow: the rest of this connection is spliced
+                self._response, self._responses = None, None
+                self._marked.clear()
+                return
+            if not step.done:
+                return
+            self._response, data = None, step.rest
+
+    def _flush_response(self) -> None:
+        """The engine's side ended: whatever of an answer is held goes to the client as it is."""
+        if self._response is not None:
+            held = self._response.abandon()
+            self._response = None
+            if held and self._transport is not None:
+                self._transport.write(held)
 
     def engine_eof(self) -> bool:
+        self._flush_response()
         self._engine_eof = True
         if self._transport is not None and self._transport.can_write_eof():
             self._transport.write_eof()
         return not self._client_eof  # False: both directions done, asyncssh closes the channel
 
     def engine_closed(self) -> None:
+        self._flush_response()
         self._chan = None
         if self._transport is not None:
             self._transport.close()  # flushes what the engine sent, then closes

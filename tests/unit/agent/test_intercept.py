@@ -4,10 +4,13 @@ handed on unchanged and at once, however the bytes are cut."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from offload.agent.intercept import MAX_CREATE_BODY, CreateRequest, RequestScanner
+from offload.agent.bind_sources import ResponseKind
+from offload.agent.binds import stable_id
+from offload.agent.intercept import MAX_CREATE_BODY, CreateBinds, CreateRequest, RequestScanner
 
 PING = b"HEAD /_ping HTTP/1.1\r\nHost: api.moby.localhost\r\n\r\n"
 BODY = json.dumps({"Image": "x", "HostConfig": {"Binds": ["/home/me/app:/app"]}}).encode()
@@ -128,3 +131,57 @@ def test_a_create_waiting_for_100_continue_is_not_held() -> None:
     )
     scanner = RequestScanner()
     assert scanner.feed(head).forward == head
+
+
+# ---- answers that name bind sources ---------------------------------------------------------
+
+
+def marks(stream: bytes, step: int) -> list[ResponseKind]:
+    scanner, found = RequestScanner(), []
+    chunks = [stream[i : i + step] for i in range(0, len(stream), step)]
+    while chunks:
+        scan = scanner.feed(chunks.pop(0))
+        found += scan.responses
+        if scan.rest:  # after a create
+            chunks.insert(0, scan.rest)
+    return found
+
+
+@pytest.mark.parametrize("step", [1, 7, 100_000])
+def test_inspect_and_list_requests_are_marked_in_order(step: int) -> None:
+    inspect = b"GET /v1.45/containers/web/json?size=1 HTTP/1.1\r\nHost: d\r\n\r\n"
+    listing = b"GET /containers/json?all=1&filters=%7B%7D HTTP/1.1\r\nHost: d\r\n\r\n"
+    top = b"GET /v1.45/containers/web/top HTTP/1.1\r\nHost: d\r\n\r\n"
+    head = b"HEAD /v1.45/containers/web/json HTTP/1.1\r\nHost: d\r\n\r\n"
+    stream = PING + inspect + UPLOAD + top + head + listing + CREATE + inspect
+    assert marks(stream, step) == [ResponseKind.INSPECT, ResponseKind.LIST, ResponseKind.INSPECT]
+    assert run(stream, step)[0] == stream  # marking changes no byte
+
+
+def test_nothing_is_marked_after_a_hijack() -> None:
+    inspect = b"GET /containers/web/json HTTP/1.1\r\nHost: d\r\n\r\n"
+    assert marks(ATTACH + inspect, 1000) == []
+
+
+async def test_a_prepared_create_remembers_its_laptop_sources(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+
+    class Sync:
+        async def ready(self, timeout: float) -> None: ...
+
+        async def flush(self) -> None: ...
+
+    class Manager:
+        async def mount_area(self) -> str:
+            return "/area"
+
+        async def ensure(self, *args: object, **kwargs: object) -> Sync:
+            return Sync()
+
+    creates = CreateBinds(Manager())  # type: ignore[arg-type]
+    body = json.dumps({"HostConfig": {"Binds": [f"{project}/:/app"]}}).encode()
+    rewritten = json.loads(await creates.prepare(body))["HostConfig"]["Binds"][0]
+    remote = rewritten.split(":")[0]
+    assert remote == f"/area/{stable_id(str(project))}"
+    assert creates.sources.laptop_source(remote) == str(project)
