@@ -37,6 +37,7 @@ BIN = Path(sys.executable).parent
 RESULTS = REPO / "bench" / "results"
 
 from offload.core.waiting import wait_until  # noqa: E402
+from offload.runner.environment import ENV_LABEL  # noqa: E402
 from tests.support.images import write_build_context  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
@@ -85,7 +86,7 @@ class Bench:
 
     def warm_pool_ready(self) -> bool:
         """One more environment than sessions: the warm one is waiting."""
-        return len(list(self.run_dir.glob("env-*/docker.sock"))) >= 1 + self.sessions_running()
+        return len(list(self.run_dir.glob("env-*/sock/docker.sock"))) >= 1 + self.sessions_running()
 
     def sessions_running(self) -> int:
         return 1 if (self.home / ".offload" / "session.json").exists() else 0
@@ -94,15 +95,12 @@ class Bench:
         self.run("docker", "offload", "start", "--timeout", "60s")
 
     def session_engine(self) -> Path:
-        engine_id = self.run("docker", "info", "--format", "{{.DockerRootDir}}").stdout.strip()
-        for sock in self.run_dir.glob("env-*/docker.sock"):
-            probe = subprocess.run(
-                ["docker", "-H", f"unix://{sock}", "info", "--format", "{{.DockerRootDir}}"],
-                capture_output=True,
-                text=True,
-            )
-            if probe.stdout.strip() == engine_id:
-                return sock
+        labels = self.run("docker", "info", "--format", "{{json .Labels}}").stdout.strip()
+        engine_id = next(x for x in json.loads(labels) if x.startswith(ENV_LABEL + "="))
+        env_id = engine_id.partition("=")[2]
+        sock = self.run_dir / env_id / "sock" / "docker.sock"
+        if sock.exists():
+            return sock
         raise RuntimeError("session engine not found")
 
     @contextmanager

@@ -33,6 +33,7 @@ from offload.core import schemas as s
 from offload.core.config import ServerSettings
 from offload.core.waiting import wait_until
 from tests.e2e.conftest import VENV_BIN, User, _free_port, _user_env
+from tests.support.engines import LABELS_FORMAT, environment_id
 
 CLOCK_BEHIND = timedelta(hours=2)
 # A desktop cannot exist here: a stand-in `notify-send` records what the agent would show.
@@ -299,10 +300,8 @@ class EnvironmentOnRunner:
 
 
 def environment_of(laptop: Laptop, clocked: ClockedDeployment) -> EnvironmentOnRunner:
-    """The runner environment serving `laptop`'s session, from its engine's data-root."""
-    root = Path(laptop.docker("info", "--format", "{{.DockerRootDir}}").stdout.strip())
-    env_home = root.parent
-    assert env_home.parent == clocked.runner_data_dir / "envs", root
-    return EnvironmentOnRunner(
-        env_home.name, clocked.run_dir / env_home.name / "docker.sock", env_home
-    )
+    """The runner environment serving `laptop`'s session, from its engine's label."""
+    env_id = environment_id(laptop.docker("info", "--format", LABELS_FORMAT).stdout.strip())
+    env_home = clocked.runner_data_dir / "envs" / env_id
+    assert env_home.is_dir(), env_home
+    return EnvironmentOnRunner(env_id, clocked.run_dir / env_id / "sock" / "docker.sock", env_home)

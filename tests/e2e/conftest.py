@@ -175,7 +175,7 @@ def started(user: User, hello_context: Path) -> User:
 
 
 def environment_sockets(deployment: Deployment) -> set[Path]:
-    return set(deployment.run_dir.glob("env-*/docker.sock"))
+    return set(deployment.run_dir.glob("env-*/sock/docker.sock"))
 
 
 def wait_gone(path: Path, timeout: float = 60) -> None:

@@ -13,22 +13,23 @@ import uuid
 from pathlib import Path
 
 from tests.e2e.conftest import Deployment, User, environment_sockets, started, wait_gone
+from tests.support.engines import LABELS_FORMAT, environment_id
 
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 
 
 def _engine_of_session(user: User, deployment: Deployment) -> Path:
     """The session engine's own socket on the runner, found by asking each engine for its name."""
-    # Engines on one host share an ID (key.json), but each has its own data-root.
-    name = user.docker("info", "--format", "{{.DockerRootDir}}").stdout.strip()
+    # Engines on one host share an ID (key.json), but each is labelled with its environment.
+    name = environment_id(user.docker("info", "--format", LABELS_FORMAT).stdout.strip())
     for sock in environment_sockets(deployment):
         probe = subprocess.run(
-            ["docker", "-H", f"unix://{sock}", "info", "--format", "{{.DockerRootDir}}"],
+            ["docker", "-H", f"unix://{sock}", "info", "--format", LABELS_FORMAT],
             capture_output=True,
             text=True,
             timeout=30,
         )
-        if probe.stdout.strip() == name:
+        if probe.returncode == 0 and environment_id(probe.stdout.strip()) == name:
             return sock
     raise AssertionError(f"no environment engine has id {name}")
 

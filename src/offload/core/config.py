@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SERVER_PORT = 8421
@@ -58,8 +60,34 @@ class RunnerSettings(BaseSettings):
     pool_size: int = Field(default=1, ge=0, le=64)
     capacity: int = Field(default=8, ge=1, le=1024)
     cgroup_parent: str = "offload"
+    # Where the cgroup filesystem is, and which version to use there ("auto": what is mounted;
+    # a hybrid host with v1 controllers counts as v1).
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    cgroup_mode: Literal["auto", "v1", "v2"] = "auto"
     dockerd: str = "dockerd"
+    rootlesskit: str = "rootlesskit"
     dockerd_start_timeout_s: float = Field(default=30.0, gt=0)
+    # Each environment runs as an unprivileged identity of its own: uid (= gid) base + slot,
+    # subordinate ids subid_base + slot * 65536 (see offload.runner.identities).
+    identity_uid_base: int = Field(default=1_900_000, ge=1000, lt=2**31)
+    subid_base: int = Field(default=2_000_000, ge=1000, lt=2**31)
+    # The sandboxed engines' daemon.json (JSON object), e.g. registry mirrors.
+    dockerd_config: str = "{}"
+    # Private ranges the sandboxes may reach (comma-separated CIDRs, e.g. a LAN registry);
+    # the runner's own addresses, loopback and link-local stay out of reach whatever this says.
+    egress_allow: str = ""
+
+    @field_validator("dockerd_config")
+    @classmethod
+    def _config_is_an_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"OFFLOAD_RUNNER_DOCKERD_CONFIG is not JSON ({exc})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("OFFLOAD_RUNNER_DOCKERD_CONFIG must be a JSON object, e.g. {}")
+        return value
+
     # The control plane caps this at half its runner timeout (15 s by default).
     heartbeat_wait_s: float = Field(default=15.0, ge=0, le=60)
 

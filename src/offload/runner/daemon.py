@@ -1,6 +1,7 @@
 """`offload runner`: the runner daemon.
 
-Start-up: check the host (root, dockerd, nsenter, ip, cgroup v1), wipe what a previous runner
+Start-up: check the host (root, dockerd, rootlesskit, slirp4netns, uidmap, iptables, user
+namespaces, cgroups), install the egress rules of the sandboxes, wipe what a previous runner
 process left, load (or create) the SSH host key, start warming environments, register with the
 control plane (retrying while it is unreachable), then serve the SSH endpoint.
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Awaitable
@@ -58,9 +58,10 @@ from offload.core.errors import (
 )
 from offload.core.schemas import InstanceType, RunnerDesired, RunnerRegister
 from offload.core.waiting import wait_event
-from offload.runner import cgroups
+from offload.runner import cgroups, host_checks
 from offload.runner.driver import Environment
-from offload.runner.environment import DockerdDriver, cleanup_orphans
+from offload.runner.egress import EgressFirewall
+from offload.runner.environment import RootlessDriver, cleanup_orphans, identity_range
 from offload.runner.pool import EnvironmentPool
 
 if TYPE_CHECKING:
@@ -71,7 +72,6 @@ log = logging.getLogger("offload.runner")
 T = TypeVar("T")
 
 HOST_KEY_FILE = "ssh_host_ed25519_key"
-INSTALL_FIX = "Install the runner's tools: `apt-get install docker.io iproute2`."
 # Errors that waiting does not cure: the operator must fix the configuration.
 FATAL_AT_REGISTRATION = (NotAuthenticated, PermissionDenied, InvalidInput)
 # Long-poll wait while a bound environment is not paused: below the shortest idle timeout (10 s)
@@ -86,7 +86,7 @@ def check_prerequisites(settings: RunnerSettings) -> None:
     """Refuse to start on a host where environments cannot work; each error names its fix."""
     if os.geteuid() != 0:
         raise EnvironmentError_(
-            "The runner must run as root: it creates network namespaces, cgroups and engines.",
+            "The runner must run as root: it creates sandboxes, cgroups and egress rules.",
             "Start it as root (sudo, or a systemd unit without User=).",
         )
     if not settings.token:
@@ -95,24 +95,22 @@ def check_prerequisites(settings: RunnerSettings) -> None:
             "Set OFFLOAD_RUNNER_TOKEN to a runner token (`offload up` creates one for the "
             "embedded default).",
         )
-    if shutil.which(settings.dockerd) is None:
-        raise EnvironmentError_(
-            f"dockerd was not found (looked for {settings.dockerd!r}).",
-            f"{INSTALL_FIX} Or set OFFLOAD_RUNNER_DOCKERD to its path.",
-        )
-    for tool in ("nsenter", "ip"):
-        if shutil.which(tool) is None:
-            raise EnvironmentError_(f"`{tool}` was not found on PATH.", INSTALL_FIX)
-    missing = cgroups.missing_controllers()
-    if len(missing) == len(cgroups.CONTROLLERS):
-        raise EnvironmentError_(
-            "No cgroup v1 controller is mounted under /sys/fs/cgroup: environments cannot be "
-            "limited or frozen.",
-            "Boot with cgroup v1 (systemd.unified_cgroup_hierarchy=0) or mount the controllers "
-            "(`apt-get install cgroupfs-mount && cgroupfs-mount`).",
-        )
-    for controller in missing:
-        log.warning("cgroup v1 controller %s is not mounted: its limit is not enforced", controller)
+    problems = host_checks.problems(settings)
+    if problems:
+        raise problems[0]
+    identity_range(settings).check()
+    for warning in host_checks.prepare(settings):
+        log.warning("%s", warning)
+
+
+def egress_firewall(settings: RunnerSettings) -> EgressFirewall:
+    """The sandboxes' egress rules: one chain per identity range, so runners with their own
+    ranges (tests, several runners on one host) never touch each other's rules."""
+    return EgressFirewall(
+        identity_range(settings).uids,
+        allow=[settings.egress_allow] if settings.egress_allow.strip() else [],
+        chain=f"OFFLOAD-{settings.identity_uid_base}",
+    )
 
 
 def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
@@ -367,8 +365,10 @@ async def run_runner(settings: RunnerSettings, stop: asyncio.Event | None = None
     stop = stop or asyncio.Event()
     await asyncio.to_thread(check_prerequisites, settings)
     await cleanup_orphans(settings)
+    egress = egress_firewall(settings)
+    await egress.install()
     host_key = await asyncio.to_thread(load_or_create_host_key, settings.data_dir / HOST_KEY_FILE)
-    pool = EnvironmentPool(DockerdDriver(settings), settings.pool_size, settings.capacity)
+    pool = EnvironmentPool(RootlessDriver(settings), settings.pool_size, settings.capacity)
     client = RunnerClient(settings.server_url, settings.token)
     runner = Runner(settings, client, pool, host_key)
     try:
@@ -388,7 +388,9 @@ async def run_runner(settings: RunnerSettings, stop: asyncio.Event | None = None
             await runner.endpoint.stop()
         await pool.close()
         await client.aclose()
-        await asyncio.to_thread(cgroups.remove_parent, settings.cgroup_parent)
+        await asyncio.to_thread(cgroups.remove_parent, settings.cgroup_parent, settings.cgroup_root)
+        # No environment is left: its rules can go (the next start installs them again).
+        await egress.uninstall()
         log.info("runner stopped")
 
 

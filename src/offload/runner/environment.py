@@ -1,18 +1,27 @@
-"""`DockerdDriver`: one dedicated `dockerd` per environment.
+"""`RootlessDriver`: one sandboxed, rootless `dockerd` per environment.
 
-Each environment gets its own network namespace (`off-<hex>`), data-root, exec-root, engine
-socket and cgroup (`/<cgroup_parent>/<env_id>`, limited to the instance type).  The dockerd
-process joins the cgroups before it execs, so the containerd, shims and containers it starts
-inherit them; that is also how `destroy` finds every process to kill.
+Each environment's engine runs under an unprivileged host identity of its own
+(`offload.runner.identities`), inside rootlesskit's user, mount, pid, ipc, uts, network and
+cgroup namespaces, on a private root filesystem (`sandbox_init.sh`: only /usr of the host is
+shared, read-only).  Inside, everything a local engine allows works (privileged containers,
+host namespaces, swarm): it all stays in the sandbox.  Containers reach the outside world
+through slirp4netns, confined by the runner's egress rules.  The runner keeps from outside what
+the tenant must not change: the cgroups with the instance type's limits (the sandbox manages
+its own children below them), the authorization plugin (a second wall), the egress rules.
 
-Layout (short paths: unix sockets are limited to 108 bytes):
+Layout on the host (short paths: unix sockets are limited to 108 bytes):
 
-    data_dir/envs/<id>/data        --data-root
-    data_dir/envs/<id>/mounts      mount area: the only bind sources the policy allows
-    data_dir/envs/<id>/dockerd.log dockerd's output (no secret goes through it)
-    run_dir/<id>/exec              --exec-root
-    run_dir/<id>/docker.sock       the engine API
-    run_dir/<id>/dockerd.pid       --pidfile (lets a later runner find a stale dockerd)
+    data_dir/envs/<id>/data        the engine's /var/lib/docker (owned by the identity's ids)
+    data_dir/envs/<id>/mounts      mount area, at the same path inside; file sync writes here
+    data_dir/envs/<id>/daemon.json dockerd's configuration (copied in)
+    data_dir/envs/<id>/dockerd.log output of rootlesskit, the init and dockerd
+    data_dir/envs/<id>/identity    the identity slot this environment holds
+    run_dir/<id>/sock/docker.sock  the engine API
+    run_dir/<id>/plugins/          this environment's policy plugin socket (nobody else's)
+    run_dir/<id>/rk/               rootlesskit's state (child_pid)
+    run_dir/<id>/root/             mount point of the private root (mounted inside only)
+    run_dir/<id>/home/             a bind mount of data_dir/envs/<id>: the sandbox reaches its
+                                   directories through run_dir, whatever data_dir's parents allow
 
 The directories are the record of an environment: teardown removes them last, so a runner that
 died half-way leaves something `cleanup_orphans` can find.
@@ -21,6 +30,7 @@ died half-way leaves something `cleanup_orphans` can find.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -40,33 +50,30 @@ from offload.core.engine_http import engine_client
 from offload.core.errors import EnvironmentError_, OffloadError
 from offload.core.schemas import ENGINE_SOCKET_IN_MOUNT_AREA, InstanceSpec
 from offload.core.waiting import WaitTimeout, async_wait_until, within
-from offload.runner import cgroups, mounts, netns
-from offload.runner.cgroups import EnvCgroups
+from offload.runner import cgroups, identities, mounts, netns
 from offload.runner.driver import (
     DriverCapabilities,
     Environment,
     EnvironmentDescription,
     EnvState,
 )
+from offload.runner.identities import Identity, IdentityRange
+from offload.runner.sandbox import SandboxSpec
 
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "env-"
 NETNS_PREFIX = "off-"
 POLICY_PREFIX = "offload-policy-"
-PLUGIN_DIR = Path("/run/docker/plugins")
-# sun_path holds 108 bytes with its NUL; containerd's ttrpc socket is the longest we create.
-MAX_SOCKET_PATH = 100
+ISOLATION = "rootless"  # what status and diagnose name
+ENV_LABEL = "offload.environment"  # engine labels (`docker info`)
+ISOLATION_LABEL = "offload.isolation"
 STOP_TIMEOUT_S = 10.0
 KILL_TIMEOUT_S = 10.0
 # Images named in one heartbeat report (the control plane keeps 100 per session).
 MAX_IMAGES_REPORTED = 100
-# Joins the cgroups named by its arguments, then execs the rest: a wrapper rather than a
-# preexec_fn, which is unsafe in a process with threads (asyncio.to_thread's pool).
-JOIN_CGROUPS_AND_EXEC = (
-    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 97; shift; n=$((n-1)); done; '
-    'exec "$@"'
-)
+# sun_path holds 108 bytes with its terminating NUL.
+MAX_SOCKET_PATH = 107
 
 
 class PolicyLike(Protocol):
@@ -74,18 +81,25 @@ class PolicyLike(Protocol):
 
     name: str
 
+    @property
+    def socket_path(self) -> Path: ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
 
 
-PolicyFactory = Callable[[str, Path], PolicyLike]
+PolicyFactory = Callable[[str, Path, Path], PolicyLike]
 
 
-def default_policy_factory(name: str, mount_area: Path) -> PolicyLike:
+def default_policy_factory(name: str, mount_area: Path, plugin_dir: Path) -> PolicyLike:
     from offload.runner.policy import PolicyPlugin  # lazy: keeps the driver importable alone
 
-    return PolicyPlugin(name, mount_area)
+    return PolicyPlugin(name, mount_area, plugin_dir)
+
+
+def identity_range(settings: RunnerSettings) -> IdentityRange:
+    return IdentityRange(settings.identity_uid_base, settings.subid_base, settings.capacity)
 
 
 @dataclass(frozen=True)
@@ -117,16 +131,45 @@ class EnvPaths:
         return self.home / "daemon.json"
 
     @property
-    def exec_root(self) -> Path:
-        return self.run / "exec"
+    def identity_file(self) -> Path:
+        return self.home / "identity"
+
+    @property
+    def sockets(self) -> Path:
+        return self.run / "sock"
 
     @property
     def socket(self) -> Path:
-        return self.run / "docker.sock"
+        return self.sockets / "docker.sock"
 
     @property
-    def pidfile(self) -> Path:
-        return self.run / "dockerd.pid"
+    def plugins(self) -> Path:
+        return self.run / "plugins"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.run / "rk"
+
+    @property
+    def root(self) -> Path:
+        return self.run / "root"
+
+    @property
+    def staged_home(self) -> Path:
+        return self.run / "home"
+
+    def staged(self, path: Path) -> Path:
+        """`path` (under home) as the sandbox's start reaches it: through `staged_home`."""
+        return self.staged_home / path.relative_to(self.home)
+
+    @property
+    def child_pidfile(self) -> Path:
+        """rootlesskit's: the sandbox's first process (its pid 1), parent of dockerd."""
+        return self.state_dir / "child_pid"
+
+    @property
+    def area_socket(self) -> Path:
+        return self.mount_area / ENGINE_SOCKET_IN_MOUNT_AREA
 
     @property
     def netns(self) -> str:
@@ -136,25 +179,22 @@ class EnvPaths:
     def policy_name(self) -> str:
         return POLICY_PREFIX + self.env_id
 
-    @property
-    def longest_socket(self) -> Path:
-        return self.exec_root / "containerd" / "containerd.sock.ttrpc"
-
 
 @dataclass
 class _Runtime:
     """What the driver holds for an environment it created in this process."""
 
     paths: EnvPaths
-    cgroups: EnvCgroups
+    cgroups: cgroups.EnvCgroups
+    identity: Identity | None = None
     policy: PolicyLike | None = None
     process: asyncio.subprocess.Process | None = None
     # Containers that pause() froze: resume() thaws these and no others.
     paused: list[str] = field(default_factory=list)
 
 
-class DockerdDriver:
-    """EnvironmentDriver with a dedicated dockerd per environment (see module docstring)."""
+class RootlessDriver:
+    """EnvironmentDriver with a sandboxed, rootless dockerd per environment (module docstring)."""
 
     capabilities = DriverCapabilities(gpus=0, pause=True)
 
@@ -162,9 +202,13 @@ class DockerdDriver:
         self, settings: RunnerSettings, policy_factory: PolicyFactory | None = None
     ) -> None:
         self.settings = settings
+        self.identities = identity_range(settings)
         self._policy_factory = policy_factory or default_policy_factory
         self._runtimes: dict[str, _Runtime] = {}
         self._destroying: dict[str, asyncio.Task[None]] = {}
+        # Identity slots held by environments of this process, and those whose environment
+        # could not be wiped (reused only once nothing of it remains).
+        self._held_slots: dict[int, str] = {}
 
     # ---- create ------------------------------------------------------------------------------
 
@@ -172,7 +216,7 @@ class DockerdDriver:
         env_id = ENV_PREFIX + secrets.token_hex(5)
         paths = EnvPaths.of(self.settings, env_id)
         _check_socket_paths(paths)
-        rt = _Runtime(paths, EnvCgroups(self.settings.cgroup_parent, env_id))
+        rt = _Runtime(paths, env_cgroups(self.settings, env_id))
         self._runtimes[env_id] = rt
         started = time.monotonic()
         try:
@@ -185,53 +229,81 @@ class DockerdDriver:
                 raise _create_error(env_id, exc, tail) from None
             raise
         log.info("environment %s ready in %.2fs", env_id, time.monotonic() - started)
+        assert rt.identity is not None
         return Environment(
             id=env_id,
             engine_socket=paths.socket,
             mount_area=paths.mount_area,
             netns=paths.netns,
             spec=spec,
+            area_owner=(rt.identity.uid, rt.identity.gid),
+            isolation=ISOLATION,
         )
 
     async def _start(self, rt: _Runtime, spec: InstanceSpec) -> None:
         paths = rt.paths
-        await asyncio.to_thread(_make_dirs, paths)
-        await netns.add(paths.netns)
-        procs = await asyncio.to_thread(rt.cgroups.create, spec)
-        rt.policy = self._policy_factory(paths.policy_name, paths.mount_area)
+        rt.identity = identity = await self._take_identity(paths.env_id)
+        await asyncio.to_thread(_make_dirs, paths, identity, self.settings.dockerd_config)
+        await asyncio.to_thread(mounts.bind, paths.home, paths.staged_home)
+        rt.policy = self._policy_factory(paths.policy_name, paths.mount_area, paths.plugins)
         # dockerd checks its authorization plugin at start-up: the plugin must answer first.
         await rt.policy.start()
-        rt.process = await self._spawn_dockerd(rt, procs)
-        await self._wait_for_engine(rt)
+        os.chown(rt.policy.socket_path, identity.uid, identity.gid)
+        await self._launch(rt, spec)
 
-    async def _spawn_dockerd(self, rt: _Runtime, procs: list[Path]) -> asyncio.subprocess.Process:
+    async def _launch(self, rt: _Runtime, spec: InstanceSpec) -> None:
+        """Start the sandbox on the environment's prepared directories (again, after a crash:
+        its data-root and mount area are kept)."""
+        assert rt.identity is not None
         paths = rt.paths
-        assert rt.policy is not None
-        command = [
-            "sh", "-c", JOIN_CGROUPS_AND_EXEC, "sh", str(len(procs)), *map(str, procs),
-            "nsenter", f"--net={netns.netns_path(paths.netns)}",
-            self.settings.dockerd,
-            "--config-file", str(paths.config_file),
-            "--data-root", str(paths.data_root),
-            "--exec-root", str(paths.exec_root),
-            "--pidfile", str(paths.pidfile),
-            "-H", f"unix://{paths.socket}",
-            *_area_listener(paths),
-            "--group", "root",
-            "--cgroup-parent", rt.cgroups.relative,
-            "--authorization-plugin", rt.policy.name,
-            "--log-level", "warn",
-        ]  # fmt: skip
-        with open(paths.log_file, "ab") as log_out:
-            # New session: a Ctrl-C meant for the runner must not reach the engines directly;
-            # the runner stops them itself, in order.
-            return await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_out,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
+        procs = await asyncio.to_thread(rt.cgroups.create, spec)
+        await asyncio.to_thread(rt.cgroups.delegate, rt.identity.uid, rt.identity.gid)
+        rt.process = await _spawn(self._sandbox(rt, rt.identity, procs), paths.log_file)
+        await self._wait_for_engine(rt)
+        await netns.attach(paths.netns, await asyncio.to_thread(_sandbox_pid, paths))
+
+    def _sandbox(self, rt: _Runtime, identity: Identity, procs: list[Path]) -> SandboxSpec:
+        paths = rt.paths
+        return SandboxSpec(
+            env_id=paths.env_id,
+            identity=identity,
+            root=paths.root,
+            data_root=paths.staged(paths.data_root),
+            mount_area=paths.mount_area,
+            staged_area=paths.staged(paths.mount_area),
+            sockets=paths.sockets,
+            plugins=paths.plugins,
+            config_file=paths.staged(paths.config_file),
+            state_dir=paths.state_dir,
+            cgroup_procs=procs,
+            inner_cgroups=cgroups.inner_mount_spec(rt.cgroups),
+            evacuate_cgroup2=rt.cgroups.mode == "v2",
+            policy_name=paths.policy_name,
+            area_socket=_area_listener(paths),
+            rootlesskit=self.settings.rootlesskit,
+            dockerd=self.settings.dockerd,
+        )
+
+    async def _take_identity(self, env_id: str) -> Identity:
+        """A free identity slot whose previous environment left no process behind."""
+        for slot in range(self.identities.count):
+            if slot in self._held_slots:
+                continue
+            identity = self.identities.identity(slot)
+            if await asyncio.to_thread(identities.processes_of, [identity]):
+                log.warning("identity %s still has processes: not reused yet", identity.name)
+                continue
+            self._held_slots[slot] = env_id
+            try:
+                await asyncio.to_thread(identities.ensure_account, identity)
+            except BaseException:
+                self._held_slots.pop(slot, None)
+                raise
+            return identity
+        raise EnvironmentError_(
+            f"All {self.identities.count} sandbox identities are in use or not yet clean.",
+            "Wait for sessions to end, or raise OFFLOAD_RUNNER_CAPACITY.",
+        )
 
     async def _wait_for_engine(self, rt: _Runtime) -> None:
         process = rt.process
@@ -241,7 +313,8 @@ class DockerdDriver:
             async def answers() -> bool:
                 if process.returncode is not None:
                     raise EnvironmentError_(
-                        f"dockerd exited with status {process.returncode} while starting."
+                        f"The sandboxed dockerd exited with status {process.returncode} "
+                        "while starting."
                     )
                 try:
                     return (await client.get("/_ping")).status_code == 200
@@ -326,8 +399,7 @@ class DockerdDriver:
             await self._engine_call(env, "GET", "/containers/json", params={"all": "1"})
         ).json()
         running = sum(1 for c in containers if c.get("State") in ("running", "paused"))
-        env_cgroups = EnvCgroups(self.settings.cgroup_parent, env.id)
-        pids = await asyncio.to_thread(env_cgroups.pids)
+        pids = await asyncio.to_thread(env_cgroups(self.settings, env.id).pids)
         return EnvironmentDescription(
             id=env.id,
             state=env.state,
@@ -358,6 +430,9 @@ class DockerdDriver:
         finally:
             self._runtimes.pop(env_id, None)
             self._destroying.pop(env_id, None)
+            # A slot whose processes survived stays out of use: `_take_identity` checks again.
+            for slot in [s for s, e in self._held_slots.items() if e == env_id]:
+                del self._held_slots[slot]
 
     async def _teardown_quietly(self, env_id: str) -> None:
         try:
@@ -366,17 +441,23 @@ class DockerdDriver:
             log.error("cleaning up after a failed create: %s", exc)
 
 
+def env_cgroups(settings: RunnerSettings, env_id: str) -> cgroups.EnvCgroups:
+    mode = None if settings.cgroup_mode == "auto" else settings.cgroup_mode
+    return cgroups.env_cgroups(settings.cgroup_parent, env_id, settings.cgroup_root, mode)
+
+
 # ---- teardown (shared by destroy and cleanup_orphans) -----------------------------------------
 
 
 async def teardown(settings: RunnerSettings, env_id: str, rt: _Runtime | None = None) -> None:
-    """Wipe one environment from whatever state it is in; raise if something stays behind."""
+    """Wipe one environment from whatever state it is in; raise if something stays behind.
+
+    Nothing needs a graceful stop: every mount the engine made lives in the sandbox's own mount
+    namespace, which goes with its last process."""
     paths = EnvPaths.of(settings, env_id)
-    env_cgroups = EnvCgroups(settings.cgroup_parent, env_id)
     started = time.monotonic()
     problems: list[str] = []
-    await _stop_dockerd(paths, rt.process if rt else None, env_cgroups)
-    left = await asyncio.to_thread(env_cgroups.kill, False, KILL_TIMEOUT_S)
+    left = await _kill_everything(settings, paths, rt)
     if left:
         problems.append(f"processes still alive: {left}")
     stuck = await asyncio.to_thread(mounts.unmount_under, [paths.home, paths.run])
@@ -386,12 +467,12 @@ async def teardown(settings: RunnerSettings, env_id: str, rt: _Runtime | None = 
         await netns.delete(paths.netns)
     except EnvironmentError_ as exc:
         problems.append(exc.message)
-    left_cgroups = await asyncio.to_thread(env_cgroups.remove)
+    left_cgroups = await asyncio.to_thread(env_cgroups(settings, env_id).remove)
     if left_cgroups:
         problems.append(f"cgroups left: {[str(p) for p in left_cgroups]}")
     if not stuck:  # never rm -rf through a mount: it could reach host files
         await asyncio.to_thread(_remove_dirs, paths)
-    await _stop_policy(paths, rt.policy if rt else None)
+    await _stop_policy(rt.policy if rt else None)
     if problems:
         raise EnvironmentError_(
             f"Environment {env_id} was not fully wiped: {'; '.join(problems)}.",
@@ -401,82 +482,59 @@ async def teardown(settings: RunnerSettings, env_id: str, rt: _Runtime | None = 
     log.info("environment %s destroyed in %.2fs", env_id, time.monotonic() - started)
 
 
-async def _stop_dockerd(
-    paths: EnvPaths, process: asyncio.subprocess.Process | None, env_cgroups: EnvCgroups
-) -> None:
-    """SIGTERM, bounded wait, SIGKILL; by our child handle, else by a pidfile we can verify."""
-    pid = process.pid if process else _pid_from_pidfile(paths)
-    if pid is None or (process is not None and process.returncode is not None):
-        return
-    if not _signal(pid, signal.SIGTERM):
-        return
-    # Then the containers (each in a child cgroup): a stopping dockerd would otherwise wait out
-    # each one's stop timeout, and once it is stopping it no longer restarts any of them.
-    await asyncio.to_thread(env_cgroups.kill, True, KILL_TIMEOUT_S)
-    if process is not None:
-        try:
-            await within(process.wait(), STOP_TIMEOUT_S)
-            return
-        except TimeoutError:
-            pass
-    else:
-        try:
-            await async_wait_until(
-                lambda: _async_true(not Path(f"/proc/{pid}").exists()),
-                STOP_TIMEOUT_S,
-                "dockerd to stop",
-            )
-            return
-        except WaitTimeout:
-            pass
-    log.warning("dockerd of %s did not stop in %.0fs: killing it", paths.env_id, STOP_TIMEOUT_S)
-    _signal(pid, signal.SIGKILL)
-    if process is not None:
-        await process.wait()
+async def _kill_everything(
+    settings: RunnerSettings, paths: EnvPaths, rt: _Runtime | None
+) -> list[int]:
+    """SIGKILL the environment's processes: by cgroup, then by identity (a process that left
+    its cgroup still has the identity's ids); return those still alive after the bound."""
+    left = await asyncio.to_thread(env_cgroups(settings, paths.env_id).kill, False, KILL_TIMEOUT_S)
+    identity = (rt.identity if rt else None) or _recorded_identity(settings, paths)
+    if identity is not None:
+        left = sorted(set(left) | set(await asyncio.to_thread(_kill_identity, identity)))
+    if rt is not None and rt.process is not None and rt.process.returncode is None:
+        with contextlib.suppress(TimeoutError):
+            await within(rt.process.wait(), STOP_TIMEOUT_S)
+    return left
 
 
-async def _async_true(value: bool) -> bool:
-    return value
+def _kill_identity(identity: Identity) -> list[int]:
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    while True:
+        pids = identities.processes_of([identity])
+        if not pids or time.monotonic() >= deadline:
+            return pids
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)  # the kernel reaps asynchronously; re-read
 
 
-def _pid_from_pidfile(paths: EnvPaths) -> int | None:
-    """The pid in the pidfile, if that process is really this environment's dockerd."""
+def _recorded_identity(settings: RunnerSettings, paths: EnvPaths) -> Identity | None:
     try:
-        pid = int(paths.pidfile.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return identity_range(settings).identity(int(paths.identity_file.read_text()))
     except (OSError, ValueError):
         return None
-    return pid if os.fsencode(str(paths.pidfile)) in cmdline else None
 
 
-def _signal(pid: int, sig: signal.Signals) -> bool:
-    try:
-        os.kill(pid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-async def _stop_policy(paths: EnvPaths, policy: PolicyLike | None) -> None:
+async def _stop_policy(policy: PolicyLike | None) -> None:
     if policy is not None:
         try:
             await policy.stop()
         except Exception as exc:  # noqa: BLE001 - a plugin failing to stop must not stop the wipe
             log.warning("policy plugin %s did not stop cleanly: %s", policy.name, exc)
-    # A previous runner process's plugin leaves its socket/spec behind when it dies.
-    for stale in PLUGIN_DIR.glob(f"{paths.policy_name}.*") if PLUGIN_DIR.is_dir() else []:
-        stale.unlink(missing_ok=True)
 
 
 # ---- orphans ----------------------------------------------------------------------------------
 
 
 async def cleanup_orphans(settings: RunnerSettings, netns_min_age_s: float = 60.0) -> list[str]:
-    """Wipe what a previous runner process left: envs, stale dockerd, netns, cgroups.
+    """Wipe what a previous runner process left: envs, their processes, netns, cgroups.
 
-    Environments are found by their directories and cgroups.  `off-*` namespaces that no process
-    uses and that are older than `netns_min_age_s` go too (the age keeps a namespace another
-    runner has just created).  Returns the environment ids wiped.
+    Environments are found by their directories and cgroups; then any process still running
+    under one of the runner's identities is killed (nothing may run there before an environment
+    does).  `off-*` namespaces that no process uses and that are older than `netns_min_age_s`
+    go too (the age keeps a namespace another runner has just created).  Returns the
+    environment ids wiped.
     """
     env_ids = await asyncio.to_thread(_leftover_env_ids, settings)
     for env_id in sorted(env_ids):
@@ -485,13 +543,19 @@ async def cleanup_orphans(settings: RunnerSettings, netns_min_age_s: float = 60.
             await teardown(settings, env_id)
         except EnvironmentError_ as exc:
             log.error("%s", exc)
+    every = identity_range(settings)
+    strays = [every.identity(slot) for slot in range(every.count)]
+    for pid in await asyncio.to_thread(identities.processes_of, strays):
+        log.warning("killing process %d left under an Offload identity", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     for name in await asyncio.to_thread(netns.unused, NETNS_PREFIX, netns_min_age_s):
         log.warning("deleting unused network namespace %s", name)
         try:
             await netns.delete(name)
         except EnvironmentError_ as exc:
             log.error("%s", exc)
-    await asyncio.to_thread(cgroups.remove_parent, settings.cgroup_parent)
+    await asyncio.to_thread(cgroups.remove_parent, settings.cgroup_parent, settings.cgroup_root)
     return sorted(env_ids)
 
 
@@ -500,7 +564,11 @@ def _leftover_env_ids(settings: RunnerSettings) -> set[str]:
     for directory in (settings.data_dir / "envs", settings.run_dir):
         if directory.is_dir():
             found.update(p.name for p in directory.iterdir() if p.name.startswith(ENV_PREFIX))
-    found.update(n for n in cgroups.children(settings.cgroup_parent) if n.startswith(ENV_PREFIX))
+    found.update(
+        n
+        for n in cgroups.children(settings.cgroup_parent, settings.cgroup_root)
+        if n.startswith(ENV_PREFIX)
+    )
     return found
 
 
@@ -564,23 +632,62 @@ def reference_name(ref: str) -> str:
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-# sun_path holds 108 bytes with its terminating NUL.
-MAX_SOCKET_PATH = 107
+async def _spawn(sandbox: SandboxSpec, log_file: Path) -> asyncio.subprocess.Process:
+    with open(log_file, "ab") as log_out:
+        # New session: a Ctrl-C meant for the runner must not reach the engines directly;
+        # the runner stops them itself, in order.
+        return await asyncio.create_subprocess_exec(
+            *sandbox.command(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_out,
+            stderr=asyncio.subprocess.STDOUT,
+            env=sandbox.environment(),
+            start_new_session=True,
+        )
 
 
-def _area_listener(paths: EnvPaths) -> list[str]:
+def _sandbox_pid(paths: EnvPaths) -> int:
+    """The host pid of the sandbox's first process: its namespaces are the environment's."""
+    try:
+        return int(paths.child_pidfile.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise EnvironmentError_(
+            f"rootlesskit did not record the sandbox's process ({exc.__class__.__name__})."
+        ) from None
+
+
+def engine_pid(paths: EnvPaths) -> int | None:
+    """The host pid of the environment's dockerd (a child of the sandbox's first process)."""
+    try:
+        child = int(paths.child_pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        name, _, rest = stat.partition(" (")[2].rpartition(") ")
+        if name == "dockerd" and int(rest.split()[1]) == child:
+            return int(entry.name)
+    return None
+
+
+def _area_listener(paths: EnvPaths) -> str | None:
     """dockerd's second listener, in the mount area (`ENGINE_SOCKET_IN_MOUNT_AREA`): what a
     container's `-v /var/run/docker.sock` becomes. Skipped, and said, if the path is too long
     for a unix socket (a very deep data directory)."""
-    path = str(paths.mount_area / ENGINE_SOCKET_IN_MOUNT_AREA)
+    path = str(paths.area_socket)
     if len(path.encode()) > MAX_SOCKET_PATH:
         log.warning(
             "environment %s: %s is too long for a unix socket; containers that mount "
             "/var/run/docker.sock will not reach the engine (use a shorter runner data dir)",
             paths.env_id, path,
         )  # fmt: skip
-        return []
-    return ["-H", f"unix://{path}"]
+        return None
+    return path
 
 
 def _engine_client(socket: Path, timeout: float) -> httpx.AsyncClient:
@@ -588,21 +695,43 @@ def _engine_client(socket: Path, timeout: float) -> httpx.AsyncClient:
 
 
 def _check_socket_paths(paths: EnvPaths) -> None:
-    for path in (paths.socket, paths.longest_socket):
-        if len(os.fsencode(str(path))) >= MAX_SOCKET_PATH:
-            raise EnvironmentError_(
-                f"The socket path {path} is too long for a unix socket (limit ~100 bytes).",
-                "Set OFFLOAD_RUNNER_RUN_DIR to a short directory such as /run/offload.",
-            )
+    if len(os.fsencode(str(paths.socket))) >= MAX_SOCKET_PATH:
+        raise EnvironmentError_(
+            f"The socket path {paths.socket} is too long for a unix socket (limit ~100 bytes).",
+            "Set OFFLOAD_RUNNER_RUN_DIR to a short directory such as /run/offload.",
+        )
 
 
-def _make_dirs(paths: EnvPaths) -> None:
-    for directory in (paths.data_root, paths.mount_area, paths.exec_root):
-        directory.mkdir(parents=True, exist_ok=True)
-    paths.home.chmod(0o700)
-    paths.run.chmod(0o700)
-    # An empty config of our own: the host's /etc/docker/daemon.json must not shape tenants.
-    paths.config_file.write_text("{}\n")
+def _make_dirs(paths: EnvPaths, identity: Identity, dockerd_config: str) -> None:
+    """The environment's directories: its own ones owned by its identity, the rest root's.
+
+    The identity reaches them through run_dir only (mode 0711 on the way: traversable, not
+    listable); data_dir's parents may be closed to it (e.g. under /root)."""
+    paths.home.parent.mkdir(parents=True, exist_ok=True)
+    paths.run.parent.mkdir(parents=True, exist_ok=True)
+    paths.run.parent.chmod(0o711)
+    for directory in (paths.home, paths.run):
+        directory.mkdir(mode=0o711)
+    owned = (paths.data_root, paths.mount_area, paths.sockets, paths.state_dir, paths.root)
+    for directory in owned:
+        directory.mkdir(mode=0o700 if directory != paths.mount_area else 0o755)
+        os.chown(directory, identity.uid, identity.gid)
+    paths.plugins.mkdir(mode=0o755)
+    paths.staged_home.mkdir(mode=0o711)
+    paths.identity_file.write_text(f"{identity.slot}\n")
+    # Our own config: the host's /etc/docker/daemon.json must not shape tenants.
+    paths.config_file.write_text(json.dumps(engine_config(paths.env_id, dockerd_config)) + "\n")
+    paths.config_file.chmod(0o644)
+    paths.log_file.touch(mode=0o600)
+
+
+def engine_config(env_id: str, operator_config: str) -> dict[str, Any]:
+    """daemon.json: the operator's, plus labels that `docker info` shows (which environment,
+    which isolation: what `offload status` and `diagnose` report)."""
+    config: dict[str, Any] = json.loads(operator_config)
+    labels = [str(label) for label in config.get("labels", [])]
+    config["labels"] = [*labels, f"{ENV_LABEL}={env_id}", f"{ISOLATION_LABEL}={ISOLATION}"]
+    return config
 
 
 def _remove_dirs(paths: EnvPaths) -> None:
@@ -621,13 +750,14 @@ def _create_error(env_id: str, exc: Exception, tail: str) -> EnvironmentError_:
     what = exc.message if isinstance(exc, OffloadError) else f"{exc.__class__.__name__}: {exc}"
     message = f"Could not create environment {env_id}: {what}"
     if tail:
-        message += "\n  dockerd log (last lines):\n    " + tail.replace("\n", "\n    ")
+        message += "\n  sandbox log (last lines):\n    " + tail.replace("\n", "\n    ")
     fix = (
         exc.fix
         if isinstance(exc, OffloadError) and exc.fix
         else (
-            "Run the runner as root on a host with cgroup v1, `apt-get install docker.io iproute2` "
-            "(dockerd, nsenter, ip), and read the dockerd log lines above."
+            "Run the runner as root with `apt-get install docker.io rootlesskit slirp4netns "
+            "uidmap iptables iproute2`, and read the log lines above (`offload diagnose` "
+            "checks the host)."
         )
     )
     return EnvironmentError_(message, fix)

@@ -55,6 +55,22 @@ def _umount(target: str, flags: int) -> int:
     return ctypes.get_errno()
 
 
+MS_BIND = 4096
+MS_PRIVATE = 1 << 18
+
+
+def bind(source: Path, target: Path) -> None:
+    """Bind-mount `source` on `target`, private: nothing mounted later under either
+    propagates to the other."""
+    for src, flags in ((source, MS_BIND), (None, MS_PRIVATE)):
+        rc = _libc.mount(
+            os.fsencode(str(src)) if src else None, os.fsencode(str(target)), None, flags, None
+        )
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+
 def unmount_under(roots: list[Path]) -> list[str]:
     """Unmount everything below `roots` (deepest first; lazy as fallback); return what stays."""
     # Mounts can stack on one point: repeat until a pass finds nothing more to do.

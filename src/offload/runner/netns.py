@@ -36,6 +36,16 @@ async def add(name: str) -> None:
             )
 
 
+async def attach(name: str, pid: int) -> None:
+    """Name the network namespace of process `pid` (made by rootlesskit) for port forwards."""
+    rc, out = await run_ip("netns", "attach", name, str(pid))
+    if rc != 0:
+        raise EnvironmentError_(
+            f"Could not name the sandbox's network namespace {name}: {out}",
+            "Run the runner as root with iproute2 installed (`apt-get install iproute2`).",
+        )
+
+
 async def delete(name: str) -> None:
     """Delete the namespace; a missing one is fine (idempotent)."""
     if not netns_path(name).exists():

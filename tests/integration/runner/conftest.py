@@ -11,6 +11,8 @@ calls go through `docker()` below, sync helpers through `asyncio.to_thread`).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,9 +23,9 @@ import pytest
 
 from offload.core.config import RunnerSettings
 from offload.core.schemas import InstanceSpec
-from offload.runner import cgroups, mounts, netns
+from offload.runner import cgroups, identities, mounts, netns
 from offload.runner.driver import Environment
-from offload.runner.environment import PLUGIN_DIR, EnvPaths, cleanup_orphans
+from offload.runner.environment import EnvPaths, cleanup_orphans, identity_range
 
 # Small enough for a 2-core test host, large enough for dockerd + containerd + a few containers.
 SMALL = InstanceSpec(cpus=1.0, memory_bytes=1024**3, pids=1024)
@@ -63,8 +65,15 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def leftovers(settings: RunnerSettings, env_id: str, pids: list[int] = ()) -> list[str]:  # type: ignore[assignment]
-    """Everything of environment `env_id` still on the host; [] when it is fully wiped."""
+def leftovers(
+    settings: RunnerSettings,
+    env_id: str,
+    pids: list[int] = (),
+    owner: int | None = None,  # type: ignore[assignment]
+) -> list[str]:
+    """Everything of environment `env_id` still on the host; [] when it is fully wiped.
+
+    `owner`: the environment's identity uid, whose processes must all be gone too."""
     paths = EnvPaths.of(settings, env_id)
     found = [f"pid {p}" for p in pids if _alive(p)]
     found += [str(d) for d in (paths.home, paths.run) if d.exists()]
@@ -76,7 +85,10 @@ def leftovers(settings: RunnerSettings, env_id: str, pids: list[int] = ()) -> li
         if (h / settings.cgroup_parent / env_id).exists()
     ]
     found += [f"mount {m}" for m in mounts.mounts_under([paths.home, paths.run])]
-    found += [str(p) for p in PLUGIN_DIR.glob(f"{paths.policy_name}.*")]
+    if owner is not None:
+        every = identity_range(settings)
+        identity = every.identity(owner - settings.identity_uid_base)
+        found += [f"pid {p} of {identity.name}" for p in identities.processes_of([identity])]
     return found
 
 
@@ -84,7 +96,23 @@ def _sweep(settings: RunnerSettings) -> list[str]:
     leaked = asyncio.run(cleanup_orphans(settings, netns_min_age_s=3600))
     cgroups.remove_parent(settings.cgroup_parent)
     shutil.rmtree(settings.run_dir, ignore_errors=True)
+    identities.remove_accounts(identity_range(settings))
     return leaked
+
+
+# Each settings object gets identity ranges of its own (a runner owns its range: its cleanup
+# kills whatever runs there), apart from those of other test processes on the machine.
+_RANGE_SLOTS = itertools.count(os.getpid() % 20 * 32)
+TEST_CAPACITY = 8
+
+
+def identity_overrides() -> dict[str, int]:
+    k = next(_RANGE_SLOTS)
+    return {
+        "identity_uid_base": 3_000_000 + k * 16,
+        "subid_base": 10_000_000 + k * TEST_CAPACITY * identities.SUBID_COUNT,
+        "capacity": TEST_CAPACITY,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +126,7 @@ def make_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeSett
             "run_dir": Path(f"/run/ot-{suffix}"),
             "cgroup_parent": f"offload-test-{suffix}",
             "dockerd_start_timeout_s": 30.0,
+            **identity_overrides(),
         }
         values.update(overrides)
         settings = RunnerSettings(**values)  # type: ignore[arg-type]

@@ -42,6 +42,7 @@ from offload.runner.daemon import check_prerequisites, load_or_create_host_key, 
 from offload.runner.driver import Environment
 from offload.runner.environment import EnvPaths
 from tests.integration.runner.conftest import MakeSettings, docker, leftovers
+from tests.support.engines import environment_id
 from tests.support.images import TEST_IMAGE, build_test_image
 from tests.support.net import free_port as _free_port
 
@@ -183,7 +184,7 @@ async def test_runner_serves_sessions_and_survives_a_control_plane_restart(
             lambda: _is(state_of(user, session.id), SessionState.ACTIVE), 60, "active session"
         )
         info = await engine_info_over_ssh(session, key)
-        env_id = Path(str(info["DockerRootDir"])).parent.name
+        env_id = environment_id(info["Labels"])  # type: ignore[arg-type]
         assert env_id.startswith("env-")
 
         # Stopping the session wipes its environment.
@@ -235,7 +236,8 @@ async def test_prerequisites_name_the_fix(make_settings: MakeSettings) -> None:
     settings = make_settings(token="off_r_x", dockerd="/nonexistent/dockerd")
     with pytest.raises(EnvironmentError_) as caught:
         check_prerequisites(settings)
-    assert "apt-get install docker.io iproute2" in caught.value.fix
+    assert "/nonexistent/dockerd" in caught.value.message
+    assert "apt-get install docker.io rootlesskit slirp4netns uidmap" in caught.value.fix
 
 
 async def test_host_key_is_created_private_and_reused(tmp_path: Path) -> None:
@@ -353,7 +355,7 @@ async def test_runner_follows_activity_idle_takeover_and_its_own_restart(
 
 def _env_of(settings: RunnerSettings, info: dict[str, object]) -> Environment:
     """The environment behind an engine's /info (its data-root names it), for the docker CLI."""
-    env_id = Path(str(info["DockerRootDir"])).parent.name
+    env_id = environment_id(info["Labels"])  # type: ignore[arg-type]
     paths = EnvPaths.of(settings, env_id)
     return Environment(env_id, paths.socket, paths.mount_area, paths.netns, InstanceSpec())
 

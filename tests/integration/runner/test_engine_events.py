@@ -4,8 +4,6 @@ containers live less than one survey, yet the heartbeat counts them and names th
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +14,12 @@ import pytest_asyncio
 from offload.core.config import RunnerSettings
 from offload.core.schemas import EnvironmentReport, RunnerHeartbeat, SessionState
 from offload.core.waiting import async_wait_until
+from offload.runner import netns
 from offload.runner.driver import Environment
 from offload.runner.engine_events import EngineEvents
-from offload.runner.environment import DockerdDriver
+from offload.runner.environment import RootlessDriver
 from offload.runner.pool import EnvironmentPool
 from tests.integration.runner.conftest import SMALL, docker
-from tests.integration.runner.standin_policy import PermissiveStandInPolicy
 from tests.integration.runner.test_pool import make_session
 from tests.support.images import TEST_IMAGE, build_test_image
 
@@ -30,7 +28,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def pool(runner_settings: RunnerSettings) -> AsyncIterator[EnvironmentPool]:
-    driver = DockerdDriver(runner_settings, policy_factory=PermissiveStandInPolicy)
+    driver = RootlessDriver(runner_settings)
     pool = EnvironmentPool(driver, size=0, capacity=2, spec_for=lambda _: SMALL)
     await pool.start()
     yield pool
@@ -98,7 +96,7 @@ async def test_the_stream_reconnects_after_the_engine_restarts(pool: Environment
     await docker(env, "run", "--rm", TEST_IMAGE, "true")
     await wait_created(pool, sid, 1)
 
-    assert isinstance(pool.driver, DockerdDriver)
+    assert isinstance(pool.driver, RootlessDriver)
     await restart_engine(pool.driver, env)
     await docker(env, "run", "--rm", "--name", "after-restart", TEST_IMAGE, "true")
 
@@ -107,15 +105,15 @@ async def test_the_stream_reconnects_after_the_engine_restarts(pool: Environment
     await pool.release(sid)
 
 
-async def restart_engine(driver: DockerdDriver, env: Environment) -> None:
-    """Stop the environment's dockerd and start it again as the driver does (same paths)."""
+async def restart_engine(driver: RootlessDriver, env: Environment) -> None:
+    """Kill the environment's sandbox and start it again as the driver does (same data-root,
+    same paths): its engine's event stream breaks and comes back."""
     runtime = driver._runtimes[env.id]  # noqa: SLF001 - no production caller restarts an engine
     assert runtime.process is not None
-    os.kill(runtime.process.pid, signal.SIGTERM)
+    await asyncio.to_thread(runtime.cgroups.kill)
     await runtime.process.wait()
-    procs = await asyncio.to_thread(runtime.cgroups.create, SMALL)
-    runtime.process = await driver._spawn_dockerd(runtime, procs)  # noqa: SLF001
-    await driver._wait_for_engine(runtime)  # noqa: SLF001
+    await netns.delete(env.netns)
+    await driver._launch(runtime, SMALL)  # noqa: SLF001
 
 
 # ---- what one event changes (no engine needed) -------------------------------------------------

@@ -1,4 +1,5 @@
-"""DockerdDriver against real dockerd: isolation, limits, pause, and wiping without a trace."""
+"""RootlessDriver against real sandboxed dockerds: identity, namespaces, limits, pause, and
+wiping without a trace.  The real policy plugin guards every engine here."""
 
 from __future__ import annotations
 
@@ -17,27 +18,29 @@ from offload.core.schemas import ENGINE_SOCKET_IN_MOUNT_AREA
 from offload.runner import cgroups, netns
 from offload.runner.driver import Environment, EnvState
 from offload.runner.environment import (
-    DockerdDriver,
     EnvPaths,
+    PolicyLike,
+    RootlessDriver,
     cleanup_orphans,
     contents_of,
+    default_policy_factory,
+    engine_pid,
     image_name,
     read_contents,
 )
 from tests.integration.runner.conftest import SMALL, MakeSettings, docker, leftovers
-from tests.integration.runner.standin_policy import PermissiveStandInPolicy
 from tests.support.images import TEST_IMAGE, build_test_image
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def driver(runner_settings: RunnerSettings) -> DockerdDriver:
-    return DockerdDriver(runner_settings, policy_factory=PermissiveStandInPolicy)
+async def driver(runner_settings: RunnerSettings) -> RootlessDriver:
+    return RootlessDriver(runner_settings)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def env(driver: DockerdDriver) -> AsyncIterator[Environment]:
+async def env(driver: RootlessDriver) -> AsyncIterator[Environment]:
     env = await driver.create(SMALL)
     try:
         await asyncio.to_thread(build_test_image, f"unix://{env.engine_socket}")
@@ -47,7 +50,17 @@ async def env(driver: DockerdDriver) -> AsyncIterator[Environment]:
 
 
 def dockerd_pid(settings: RunnerSettings, env: Environment) -> int:
-    return int(EnvPaths.of(settings, env.id).pidfile.read_text())
+    pid = engine_pid(EnvPaths.of(settings, env.id))
+    assert pid is not None, "the environment's dockerd is not running"
+    return pid
+
+
+def host_ids(pid: int) -> tuple[int, int]:
+    """(real uid, real gid) of a host process."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    uid = next(int(line.split()[1]) for line in status if line.startswith("Uid:"))
+    gid = next(int(line.split()[1]) for line in status if line.startswith("Gid:"))
+    return uid, gid
 
 
 async def run_sleeper(env: Environment, name: str) -> str:
@@ -68,13 +81,20 @@ async def test_engine_answers(env: Environment) -> None:
         assert (await engine.get("/_ping")).text == "OK"
 
 
-async def test_dockerd_runs_in_the_environment_netns(
+async def test_dockerd_runs_as_the_identity_in_namespaces_of_its_own(
     runner_settings: RunnerSettings, env: Environment
 ) -> None:
     pid = dockerd_pid(runner_settings, env)
     env_netns = f"net:[{netns.inode(env.netns)}]"
     assert os.readlink(f"/proc/{pid}/ns/net") == env_netns
-    assert os.readlink("/proc/self/ns/net") != env_netns
+    for kind in ("net", "mnt", "pid", "ipc", "uts", "cgroup", "user"):
+        assert os.readlink(f"/proc/{pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}"), kind
+    # Root inside is the environment's own unprivileged identity outside.
+    assert env.area_owner is not None and env.area_owner[0] >= runner_settings.identity_uid_base
+    assert host_ids(pid) == env.area_owner
+    uid_map = Path(f"/proc/{pid}/uid_map").read_text().split()
+    assert uid_map[:3] == ["0", str(env.area_owner[0]), "1"]
+    assert env.isolation == "rootless"
 
 
 async def test_cgroup_limits_hold_dockerd_and_containers(
@@ -86,15 +106,29 @@ async def test_cgroup_limits_hold_dockerd_and_containers(
     assert (top["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "100000"
     assert (top["memory"] / "memory.limit_in_bytes").read_text().strip() == str(1024**3)
     assert (top["pids"] / "pids.max").read_text().strip() == "1024"
+    # The sandbox manages its own children but cannot raise its own limits.
+    assert (top["memory"] / "memory.limit_in_bytes").stat().st_uid == 0
+    assert (top["memory"] / "cgroup.procs").stat().st_uid == env.area_owner[0]  # type: ignore[index]
     pid = dockerd_pid(runner_settings, env)
     for directory in top.values():
         assert str(pid) in (directory / "cgroup.procs").read_text().split()
 
-    await run_sleeper(env, "limits")
-    container_pid = (await docker(env, "inspect", "-f", "{{.State.Pid}}", "limits")).out
-    lines = Path(f"/proc/{container_pid}/cgroup").read_text().splitlines()
+    cid = await run_sleeper(env, "limits")
+    inner = top["memory"] / "docker" / cid
+    container_pids = (inner / "cgroup.procs").read_text().split()
+    assert container_pids, "the container's process is in a child of the environment's cgroup"
+    lines = Path(f"/proc/{container_pids[0]}/cgroup").read_text().splitlines()
     memory_path = next(line.split(":", 2)[2] for line in lines if ":memory:" in line)
-    assert memory_path.startswith(f"/{runner_settings.cgroup_parent}/{env.id}/")
+    assert memory_path == f"/{runner_settings.cgroup_parent}/{env.id}/docker/{cid}"
+
+
+async def test_docker_run_limits_work_inside_below_the_environment(env: Environment) -> None:
+    """cgroup v1 delegation: the inner engine sets a container's own limit (as a local one)."""
+    result = await docker(
+        env, "run", "--rm", "-m", "64m", "--pids-limit", "50", TEST_IMAGE,
+        "cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/pids/pids.max",
+    )  # fmt: skip
+    assert result.out.split() == [str(64 * 1024**2), "50"]
 
 
 async def test_build_and_run_the_test_image(env: Environment) -> None:
@@ -103,7 +137,7 @@ async def test_build_and_run_the_test_image(env: Environment) -> None:
 
 
 async def test_pause_freezes_running_containers_and_resume_thaws_them(
-    driver: DockerdDriver, env: Environment
+    driver: RootlessDriver, env: Environment
 ) -> None:
     await run_sleeper(env, "frozen-by-idle")
     await run_sleeper(env, "paused-by-user")
@@ -124,7 +158,7 @@ async def test_pause_freezes_running_containers_and_resume_thaws_them(
 
 
 async def test_pause_twice_keeps_what_it_froze_and_freezes_newcomers(
-    driver: DockerdDriver, env: Environment
+    driver: RootlessDriver, env: Environment
 ) -> None:
     await run_sleeper(env, "first-frozen")
     await driver.pause(env)
@@ -173,7 +207,7 @@ async def test_image_names_are_repo_tag_and_never_bare_ids() -> None:
     assert (listed.running, listed.total, len(listed.images)) == (0, 300, 100)
 
 
-async def test_two_environments_are_isolated(driver: DockerdDriver, env: Environment) -> None:
+async def test_two_environments_are_isolated(driver: RootlessDriver, env: Environment) -> None:
     other = await driver.create(SMALL)
     try:
         await run_sleeper(env, "only-in-a")
@@ -181,12 +215,13 @@ async def test_two_environments_are_isolated(driver: DockerdDriver, env: Environ
         assert "only-in-a" not in listed.out
         assert netns.inode(other.netns) != netns.inode(env.netns)
         assert other.engine_socket != env.engine_socket
+        assert other.area_owner != env.area_owner  # never one identity for two environments
     finally:
         await driver.destroy(other)
 
 
 async def test_destroy_leaves_nothing_behind(
-    runner_settings: RunnerSettings, driver: DockerdDriver
+    runner_settings: RunnerSettings, driver: RootlessDriver
 ) -> None:
     victim = await driver.create(SMALL)
     await asyncio.to_thread(build_test_image, f"unix://{victim.engine_socket}")
@@ -200,13 +235,14 @@ async def test_destroy_leaves_nothing_behind(
     await driver.destroy(victim)
 
     assert victim.state == EnvState.DESTROYING
-    assert leftovers(runner_settings, victim.id, pids) == []
+    assert victim.area_owner is not None
+    assert leftovers(runner_settings, victim.id, pids, victim.area_owner[0]) == []
     await driver.destroy(victim)  # idempotent
 
 
 async def test_failed_create_cleans_up_and_explains(make_settings: MakeSettings) -> None:
     settings = make_settings(dockerd="/bin/false")
-    broken = DockerdDriver(settings, policy_factory=PermissiveStandInPolicy)
+    broken = RootlessDriver(settings)
 
     with pytest.raises(EnvironmentError_) as caught:
         await broken.create(SMALL)
@@ -216,19 +252,20 @@ async def test_failed_create_cleans_up_and_explains(make_settings: MakeSettings)
     assert not any((settings.data_dir / "envs").iterdir())
     assert not any(settings.run_dir.iterdir())
     assert not cgroups.children(settings.cgroup_parent)
+    assert not broken._held_slots  # the identity is free again
 
 
 async def test_cleanup_orphans_wipes_what_a_dead_runner_left(make_settings: MakeSettings) -> None:
     settings = make_settings()
-    policies: list[PermissiveStandInPolicy] = []
+    policies: list[PolicyLike] = []
 
-    def factory(name: str, mount_area: Path) -> PermissiveStandInPolicy:
-        policies.append(PermissiveStandInPolicy(name, mount_area))
+    def factory(name: str, mount_area: Path, plugin_dir: Path) -> PolicyLike:
+        policies.append(default_policy_factory(name, mount_area, plugin_dir))
         return policies[-1]
 
-    orphan = await DockerdDriver(settings, policy_factory=factory).create(SMALL)
+    orphan = await RootlessDriver(settings, policy_factory=factory).create(SMALL)
     pids = await asyncio.to_thread(cgroups.EnvCgroups(settings.cgroup_parent, orphan.id).pids)
-    # The runner "dies": its driver is dropped, dockerd keeps running on its own.
+    # The runner "dies": its driver is dropped, the sandbox keeps running on its own.
     try:
         wiped = await cleanup_orphans(settings)
     finally:
@@ -236,24 +273,15 @@ async def test_cleanup_orphans_wipes_what_a_dead_runner_left(make_settings: Make
             await policy.stop()
 
     assert wiped == [orphan.id]
-    assert leftovers(settings, orphan.id, pids) == []
+    assert orphan.area_owner is not None
+    assert leftovers(settings, orphan.id, pids, orphan.area_owner[0]) == []
 
 
-async def test_real_policy_plugin_guards_the_engine(make_settings: MakeSettings) -> None:
-    pytest.importorskip("offload.runner.policy")
-    settings = make_settings()
-    real = DockerdDriver(settings)  # the default factory: offload.runner.policy.PolicyPlugin
-    guarded = await real.create(SMALL)
-    try:
-        await asyncio.to_thread(build_test_image, f"unix://{guarded.engine_socket}")
-        assert (await docker(guarded, "run", "--rm", TEST_IMAGE)).out == "hello from offload"
-        refused = await docker(guarded, "run", "--rm", "--privileged", TEST_IMAGE, check=False)
-        assert refused.rc != 0
-        assert "privileged" in refused.err.lower()
-        await run_sleeper(guarded, "to-freeze")
-        await real.pause(guarded)
-        assert await paused(guarded, "to-freeze") == "true"
-        await real.resume(guarded)
-    finally:
-        await real.destroy(guarded)
-    assert leftovers(settings, guarded.id) == []
+async def test_the_policy_plugin_refuses_legacy_api_versions(env: Environment) -> None:
+    """The second wall: dockerd 20.10 still honours pre-1.24 request shapes; we do not."""
+    async with engine_client(env.engine_socket, 10) as engine:
+        refused = await engine.get("/v1.23/containers/json")
+        allowed = await engine.get("/v1.24/containers/json")
+    assert refused.status_code == 403
+    assert "client version 1.23 is too old" in refused.text  # plain text at <= 1.23, as dockerd
+    assert allowed.status_code == 200

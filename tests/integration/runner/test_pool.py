@@ -25,10 +25,9 @@ from offload.core.schemas import (
 from offload.core.waiting import async_wait_until
 from offload.runner.daemon import ACTIVE_WAIT_S, Runner
 from offload.runner.driver import Environment, EnvState
-from offload.runner.environment import DockerdDriver, EnvPaths
+from offload.runner.environment import EnvPaths, RootlessDriver, engine_pid
 from offload.runner.pool import EnvironmentPool
 from tests.integration.runner.conftest import SMALL, MakeSettings, docker, leftovers
-from tests.integration.runner.standin_policy import PermissiveStandInPolicy
 from tests.support.images import TEST_IMAGE, build_test_image
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -56,12 +55,12 @@ async def run_sleeper(env: Environment, name: str) -> None:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def driver(runner_settings: RunnerSettings) -> DockerdDriver:
-    return DockerdDriver(runner_settings, policy_factory=PermissiveStandInPolicy)
+async def driver(runner_settings: RunnerSettings) -> RootlessDriver:
+    return RootlessDriver(runner_settings)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def pool(driver: DockerdDriver) -> AsyncIterator[EnvironmentPool]:
+async def pool(driver: RootlessDriver) -> AsyncIterator[EnvironmentPool]:
     pool = EnvironmentPool(driver, size=1, capacity=3, spec_for=lambda _: SMALL)
     await pool.start()
     yield pool
@@ -165,7 +164,8 @@ async def test_survey_reports_what_each_engine_holds_and_outlasts_a_stuck_one(
 
     # A stuck engine (its dockerd stopped): the heartbeat does not wait on it, and reports what
     # it saw last rather than "nothing runs".
-    pid = int(EnvPaths.of(runner_settings, env.id).pidfile.read_text())
+    pid = engine_pid(EnvPaths.of(runner_settings, env.id))
+    assert pid is not None
     os.kill(pid, signal.SIGSTOP)
     try:
         stuck = _report_of(await pool.survey(timeout_s=0.5), session.session_id)
@@ -184,7 +184,7 @@ def _report_of(heartbeat: RunnerHeartbeat, session_id: str) -> EnvironmentReport
 async def test_capacity_bounds_what_the_runner_holds(make_settings: MakeSettings) -> None:
     settings = make_settings()
     small = EnvironmentPool(
-        DockerdDriver(settings, policy_factory=PermissiveStandInPolicy),
+        RootlessDriver(settings),
         size=0,
         capacity=1,
         spec_for=lambda _: SMALL,
