@@ -482,7 +482,14 @@ class SyncPeer:
             self._dirty_event.clear()
             paths, forced = self._dirty, self._forced
             self._dirty, self._forced = set(), {}
-            ops = await self.call(self._detect_batch, paths, forced)
+            try:
+                ops = await self.call(self._detect_batch, paths, forced)
+            except (OSError, PathRefused) as exc:
+                # Never let one odd path stop this direction of the sync for good.
+                log.warning(
+                    "sync %s: looking at %d changed paths failed: %s", self.name, len(paths), exc
+                )
+                ops = []
             if ops:
                 await self.send_ops(ops)
             if not self._dirty:
@@ -574,6 +581,11 @@ class SyncPeer:
                 current = self.root.entry(rel)
             except PathRefused:
                 current = None  # under a symlink now: for this tree, it is gone
+            except OSError as exc:
+                # Changing while we looked (a directory swapped for a link and back): the
+                # change that raced us is reported by the watcher, and looked at again then.
+                log.info("sync %s: %s changed while being read (%s)", self.name, rel, exc)
+                continue
             old = self.base.get(rel)
             force = rel in forced
             if current is None:
@@ -648,11 +660,10 @@ class SyncPeer:
             yield Report("recheck", rel)  # gone meanwhile: the recheck sends the delete
             return
         except (PathRefused, OSError) as exc:
-            yield (
-                Report("recheck", rel)
-                if isinstance(exc, PathRefused)
-                else Report("error", rel, f"cannot read: {exc}")
-            )
+            swapped = isinstance(exc, PathRefused) or (
+                exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EAGAIN)
+            )  # a link or a directory there now: look again, and send what it is
+            yield Report("recheck", rel) if swapped else Report("error", rel, f"cannot read: {exc}")
             return
         try:
             before = os.fstat(fd)

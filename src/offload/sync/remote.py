@@ -10,13 +10,25 @@ Conflicts: the laptop wins. The runner's version is moved aside, outside the syn
 no container sees it and it never syncs back), to
 `<mount area>/.offload-conflicts/<subdir>/<UTC time>-<n>-<quoted path>`, and reported.
 
-Every path goes through `offload.sync.paths.SafeRoot`: `..`, absolute paths, symlinks in an
-intermediate directory and symlinks whose target leaves the area are refused and logged.
+Every path goes through `offload.sync.paths.SafeRoot`: `..` and absolute paths are refused, and
+no symlink is ever followed, whatever a container swaps in between two operations: a symlink
+where a directory is expected is an error for that path (logged, reported to the laptop); one
+where the laptop writes a file, a link or a directory is replaced (renamed over or kept aside as
+a conflict), never written through. Symlinks themselves travel as they are, both ways, with
+their target text unchanged (absolute and dangling ones too), as on a local bind mount; reading
+a file to send it opens it with `O_NOFOLLOW`, so a link to a host file sends the link, never the
+file.
+
+The runner is root on the host; root inside the engine's sandbox is an unprivileged host uid
+(`Environment.area_owner`). Everything the endpoint creates in the mount area (the synced
+directory, its files, directories and links, the conflicts directory) is given to that owner, so
+that containers can change and delete it as on a local bind mount.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from datetime import UTC, datetime
@@ -26,7 +38,7 @@ from urllib.parse import quote
 
 from offload.core.waiting import within
 from offload.sync.ignore import IgnoreRules
-from offload.sync.paths import PathRefused, SafeRoot
+from offload.sync.paths import Owner, PathRefused, SafeRoot
 from offload.sync.peer import Output, Report, SyncPeer
 from offload.sync.protocol import (
     PROTOCOL_VERSION,
@@ -87,9 +99,12 @@ class _RunnerPeer(SyncPeer):
 class RemoteEndpoint:
     """Serves sync streams for one mount area (one session's environment)."""
 
-    def __init__(self, mount_area: Path, *, batch_ms: int = 5) -> None:
+    def __init__(
+        self, mount_area: Path, *, batch_ms: int = 5, area_owner: Owner | None = None
+    ) -> None:
         self.mount_area = Path(mount_area)
         self.batch_ms = batch_ms
+        self.area_owner = area_owner  # uid/gid of what the sync creates; None: the runner's own
         self.active: set[str] = set()  # subdirs being served now
 
     async def serve(self, reader: ByteReader, writer: ByteWriter) -> None:
@@ -120,7 +135,9 @@ class RemoteEndpoint:
             return
         subdir, read_only, ignore = _parse_hello(hello)
         loop = asyncio.get_running_loop()
-        area = await loop.run_in_executor(None, SafeRoot, self.mount_area)
+        area = await loop.run_in_executor(
+            None, functools.partial(SafeRoot, self.mount_area, owner=self.area_owner)
+        )
         root: SafeRoot | None = None
         watcher: SafeTreeWatcher | None = None
         peer: _RunnerPeer | None = None

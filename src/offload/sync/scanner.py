@@ -14,7 +14,7 @@ import os
 import stat
 
 from offload.sync.ignore import IgnoreRules
-from offload.sync.paths import PathRefused, SafeRoot, entry_from_stat
+from offload.sync.paths import PathRefused, SafeRoot, entry_from_stat, stat_entry
 from offload.sync.protocol import CHUNK_SIZE, Entry
 
 Manifest = dict[str, Entry]
@@ -35,8 +35,8 @@ def scan(root: SafeRoot, ignore: IgnoreRules, under: str = "") -> Manifest:
         try:
             with root.directory(under) as fd:
                 _walk(fd, under + "/", ignore, manifest)
-        except (FileNotFoundError, NotADirectoryError):
-            pass
+        except (FileNotFoundError, NotADirectoryError, PathRefused):
+            pass  # gone, or swapped for a symlink since: the watcher reports what is there now
         return manifest
     _walk(root.fd, "", ignore, manifest)
     return manifest
@@ -52,9 +52,13 @@ def _walk(dir_fd: int, prefix: str, ignore: IgnoreRules, out: Manifest) -> None:
                     st = item.stat(follow_symlinks=False)
                     target = None
                     if stat.S_ISLNK(st.st_mode):
-                        target = os.readlink(item.name, dir_fd=dir_fd)
+                        st, target = stat_entry(dir_fd, item.name)
                 except FileNotFoundError:
                     continue  # removed while we looked
+                except OSError as exc:
+                    if exc.errno != errno.EAGAIN:
+                        raise
+                    continue  # swapped back and forth while we looked: the watcher says so
                 is_dir = stat.S_ISDIR(st.st_mode)
                 if ignore.ignored(rel):
                     if is_dir and not ignore.prune(rel):

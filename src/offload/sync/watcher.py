@@ -289,9 +289,10 @@ class SafeTreeWatcher(_ThreadedWatcher):
                 log.exception("watching %s failed", self._root.path)
                 return
             paths: set[str] = set()
+            overflow = False
             for wd, mask, _, name in events:
                 if mask & iflags.Q_OVERFLOW:
-                    paths.add(FULL_RESCAN)
+                    overflow = True
                     continue
                 if mask & iflags.IGNORED:
                     self._dirs.pop(wd, None)
@@ -306,5 +307,20 @@ class SafeTreeWatcher(_ThreadedWatcher):
                         self._forget(rel)
                     elif mask & (iflags.CREATE | iflags.MOVED_TO) and not self._ignore.prune(rel):
                         self._watch_tree(rel)
+            if overflow:
+                # Events were lost, among them perhaps the moves and creations that say which
+                # directories to watch: watch the tree as it is now, then compare all of it.
+                self._rewatch()
+                paths.add(FULL_RESCAN)
             if paths and not self._emit(paths):
                 return
+
+    def _rewatch(self) -> None:
+        assert self._inotify is not None
+        for wd in list(self._dirs):
+            try:
+                self._inotify.rm_watch(wd)
+            except OSError:
+                pass
+        self._dirs.clear()
+        self._watch_tree("")

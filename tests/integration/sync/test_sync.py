@@ -179,9 +179,12 @@ async def test_ignore_rules(link: SyncLink, laptop: Path) -> None:
     assert not (laptop / "build" / "big.o").exists()
 
 
-async def test_status_reports_pending_and_errors(link: SyncLink, laptop: Path) -> None:
+async def test_status_reports_pending_and_errors(
+    link: SyncLink, laptop: Path, tmp_path: Path
+) -> None:
     (laptop / "a.txt").write_text("a")
-    sync = await link.start_sync(laptop)
+    (laptop / "d").mkdir()
+    sync = await link.start_sync(laptop, read_only=True)  # the runner does not watch: no echo
     assert sync.status().state == SyncState.SYNCED
 
     # A change noticed and not yet confirmed is pending (marked the way the watcher does).
@@ -192,12 +195,17 @@ async def test_status_reports_pending_and_errors(link: SyncLink, laptop: Path) -
     await sync.flush()
     await until(lambda: sync.status().pending_files == 0, "pending drained")
 
-    os.symlink("/etc/passwd", laptop / "escape")  # the runner refuses to create it
-    await until(lambda: sync.status().errors, "the refused symlink reported")
+    # A container swapped the directory for a link: the runner refuses to write through it.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (link.remote() / "d").rmdir()
+    os.symlink(elsewhere, link.remote() / "d")
+    (laptop / "d" / "new.txt").write_text("x")
+    await until(lambda: sync.status().errors, "the refused path reported")
     snapshot = sync.status()
     assert snapshot.state == SyncState.ERROR
-    assert snapshot.errors[-1].path == "escape" and "outside" in snapshot.errors[-1].message
-    assert not os.path.lexists(link.remote() / "escape")
+    assert snapshot.errors[-1].path == "d/new.txt" and "symlink" in snapshot.errors[-1].message
+    assert not os.listdir(elsewhere)
 
 
 async def test_manager_probes_the_mount_area_and_starts_each_sync_once(
