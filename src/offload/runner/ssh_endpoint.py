@@ -374,8 +374,14 @@ class SSHEndpoint:
     def sync_endpoint(self, env: Environment) -> RemoteEndpoint:
         """The file-sync endpoint of `env`'s mount area (one per environment)."""
         endpoint = self._sync.get(env.id)
-        if endpoint is None or endpoint.mount_area != env.mount_area:
-            endpoint = self._sync[env.id] = RemoteEndpoint(env.mount_area)
+        if endpoint is None or (endpoint.mount_area, endpoint.area_owner) != (
+            env.mount_area,
+            env.area_owner,
+        ):
+            # What it creates belongs to root in the environment's sandbox (`area_owner`).
+            endpoint = self._sync[env.id] = RemoteEndpoint(
+                env.mount_area, area_owner=env.area_owner
+            )
         return endpoint
 
     async def disconnect(self, session_id: str) -> int:
