@@ -34,6 +34,7 @@ from offload.core.config import ServerSettings
 from offload.core.waiting import wait_until
 from tests.e2e.conftest import VENV_BIN, User, _free_port, _user_env
 from tests.support.engines import LABELS_FORMAT, environment_id
+from tests.support.identities import identity_env
 
 CLOCK_BEHIND = timedelta(hours=2)
 # A desktop cannot exist here: a stand-in `notify-send` records what the agent would show.
@@ -83,6 +84,9 @@ def _serve(settings: ServerSettings, clock: SteppedClock) -> tuple[object, threa
     return server, thread
 
 
+_RANGES: dict[Path, dict[str, str]] = {}
+
+
 def _start_runner(
     deployment: ClockedDeployment, token: str, ssh_port: int
 ) -> subprocess.Popen[bytes]:
@@ -97,6 +101,8 @@ def _start_runner(
         OFFLOAD_RUNNER_CGROUP_PARENT=deployment.cgroup_parent,
         OFFLOAD_RUNNER_POOL_SIZE="1",
         OFFLOAD_RUNNER_HEARTBEAT_WAIT_S="5",
+        # One identity range per deployment, the same across the runner's restarts.
+        **_RANGES.setdefault(deployment.run_dir, identity_env()),
     )
     log = open(deployment.runner_log, "ab")  # noqa: SIM115 - the runner keeps it while it runs
     try:

@@ -22,6 +22,7 @@ import pytest
 from offload.core.config import ServerSettings
 from offload.core.schemas import Role
 from offload.core.waiting import wait_until
+from tests.support.identities import identity_env
 from tests.support.images import write_build_context
 from tests.support.net import free_port as _free_port
 
@@ -99,7 +100,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     suffix = uuid.uuid4().hex[:6]
     run_dir = Path(f"/run/oe2e-{suffix}")
     cgroup_parent = f"offload-e2e-{suffix}"
-    admin = User("admin", home, _user_env(home))
+    # The embedded runner gets an identity range of its own (see tests/support/identities.py).
+    admin = User("admin", home, {**_user_env(home), **identity_env()})
     port, ssh_port = _free_port(), _free_port()
     admin.offload(
         "up",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from offload.agent.state import ClientConfig, read_model, write_model
 from offload.core.schemas import Role
+from offload.core.waiting import wait_until
 from tests.e2e.conftest import User, started
 
 
@@ -19,9 +20,19 @@ def _diagnose(user: User) -> tuple[int, dict[str, dict[str, str]]]:
     return result.returncode, {check["name"]: check for check in report["checks"]}
 
 
+def _isolation(user: User) -> str | None:
+    return json.loads(user.offload("status", "-f", "json").stdout)["isolation"]
+
+
 def test_healthy_session_passes_every_check(make_user, hello_context: Path) -> None:
     user = started(make_user(), hello_context)
+    # The agent asks the engine how it is isolated once connected: wait for its answer.
+    isolation = wait_until(lambda: _isolation(user), 30, "the agent to learn the isolation", 0.5)
+    assert isolation.startswith("sandboxed: rootless engine")
+    assert "Isolation" in user.offload("status").stdout
     code, checks = _diagnose(user)
+    assert checks["session isolation"]["status"] == "pass", checks
+    assert checks["session isolation"]["detail"] == isolation
     assert code == 0, checks
     for name in ("control plane reachable", "credentials", "agent", "clock skew"):
         assert checks[name]["status"] == "pass", checks[name]

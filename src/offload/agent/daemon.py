@@ -41,6 +41,7 @@ from asyncssh.public_key import SSHOpenSSHCertificate
 from offload.agent.activity import ActivityReporter, ActivityTracker
 from offload.agent.bind_sources import SOURCES_FILE, BindSources
 from offload.agent.channels import ForwardChannels
+from offload.agent.engine_requests import OpenEngine, engine_isolation
 from offload.agent.intercept import CreateBinds
 from offload.agent.keeper import (
     SESSION_ENDED,
@@ -57,7 +58,7 @@ from offload.core.api_client import UserClient
 from offload.core.config import ClientPaths
 from offload.core.errors import Conflict, InvalidInput, NotFound, OffloadError
 from offload.core.schemas import SessionInfo
-from offload.core.waiting import wait_event
+from offload.core.waiting import wait_event, within
 from offload.sync.laptop import SyncManager
 
 log = logging.getLogger("offload.agent")
@@ -72,6 +73,7 @@ MIN_RENEW_INTERVAL_S = 60.0
 STATE_WRITE_DELAY_S = 0.5
 # How often the synced paths' status is looked at for `offload status`.
 SYNC_STATUS_INTERVAL_S = 1.0
+ISOLATION_QUERY_TIMEOUT_S = 10.0
 
 
 class Credentials:
@@ -363,6 +365,7 @@ async def run_agent(
     reporter.on_quiet = on_quiet
 
     was_connected = False
+    learning: set[asyncio.Task[None]] = set()
 
     def on_tunnel_change(t: Tunnel) -> None:
         nonlocal was_connected
@@ -371,6 +374,9 @@ async def run_agent(
             # Reconnected, resumed or a new session: its engine and mount area may differ.
             ports.kick()
             syncs.kick()
+            task = asyncio.create_task(_learn_isolation(channels.open_engine, state))
+            learning.add(task)
+            task.add_done_callback(learning.discard)
         was_connected = t.connected
         if t.failed is not None:
             keeper.tunnel_gave_up(t.failed)
@@ -395,7 +401,7 @@ async def run_agent(
         await stop.wait()
         log.info("agent stopping")
     finally:
-        for task in background:
+        for task in [*background, *learning]:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await keeper.close()
@@ -415,6 +421,18 @@ async def run_agent(
         state.state.last_error = "the agent stopped"
         state.write()
         log.info("agent stopped")
+
+
+async def _learn_isolation(open_engine: OpenEngine, state: StateWriter) -> None:
+    """Ask the (new) engine how it is isolated, for `offload status` and `diagnose`."""
+    try:
+        isolation = await within(engine_isolation(open_engine), ISOLATION_QUERY_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError, asyncssh.Error) as exc:
+        log.info("could not ask the engine for its isolation: %s", exc)
+        return
+    if isolation != state.state.isolation:
+        state.state.isolation = isolation
+        state.write()
 
 
 async def _watch_syncs(syncs: SyncManager, state: StateWriter, stop: asyncio.Event) -> None:

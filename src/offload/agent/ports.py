@@ -35,16 +35,14 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote
 
-import h11
 from pydantic import BaseModel
 
+from offload.agent.engine_requests import OpenEngine, Streams, engine_get_json, engine_stream
 from offload.agent.udp_relay import IDLE_TIMEOUT_S, UdpForward
 from offload.core.waiting import wait_event, within
 
 log = logging.getLogger(__name__)
 
-Streams = tuple[Any, Any]  # (reader, writer): asyncio or asyncssh streams
-OpenEngine = Callable[[], Awaitable[Streams]]
 OpenUdp = Callable[[int], Awaitable[Streams]]
 # open_tcp(port, protocol_factory): connect the protocol the factory makes to `port` in the
 # session, e.g. `conn.create_connection(factory, "127.0.0.1", port)` (asyncssh) or
@@ -596,47 +594,11 @@ class PortForwarder:
     # ---- a tiny HTTP/1.1 client over the engine channel ----------------------------------
 
     async def _engine_get_json(self, path: str) -> Any:
-        body = bytearray()
-        async for chunk in self._engine_body(path):
-            body += chunk
-        return json.loads(body)
+        return await engine_get_json(self._open_engine, path)
 
     async def _engine_stream(self, path: str) -> AsyncIterator[dict[str, Any] | None]:
-        """Yields None once the response has started, then each JSON line as it comes."""
-        pending = b""
-        yielded_start = False
-        async for chunk in self._engine_body(path, stream=True):
-            if not yielded_start:
-                yielded_start = True
-                yield None
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    yield json.loads(line)
-
-    async def _engine_body(self, path: str, stream: bool = False) -> AsyncIterator[bytes]:
-        reader, writer = await self._open_engine()
-        try:
-            conn = h11.Connection(h11.CLIENT)
-            request = h11.Request(method="GET", target=path, headers=[("Host", "docker")])
-            writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
-            await writer.drain()
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(65536))
-                elif isinstance(event, h11.Response):
-                    if event.status_code != 200:
-                        raise ConnectionError(f"the engine answered {event.status_code} to {path}")
-                    if stream:
-                        yield b""  # the stream is open: the caller may list now
-                elif isinstance(event, h11.Data):
-                    yield bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                    return
-        finally:
-            writer.close()
+        async for event in engine_stream(self._open_engine, path):
+            yield event
 
     # ---- activity ----------------------------------------------------------------------------
 

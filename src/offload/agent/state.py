@@ -66,6 +66,9 @@ class AgentState(BaseModel):
     ports: PortsSnapshot | None = None
     # Laptop directories bind-mounted into containers, synced into the session's mount area.
     synced_paths: list[SyncedPathStatus] = []
+    # How the session's engine is isolated on its runner (its `offload.isolation` label, e.g.
+    # "rootless"); None until the engine said, or when it names none.
+    isolation: str | None = None
 
 
 def notice_marker(paths: ClientPaths) -> Path:

@@ -16,7 +16,7 @@ import httpx
 from offload import __version__
 from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model
 from offload.cli import dockerctx, processes
-from offload.cli.session_ops import ping_engine
+from offload.cli.session_ops import isolation_label, ping_engine
 from offload.core.api_client import UserClient
 from offload.core.config import ClientPaths
 from offload.core.errors import OffloadError
@@ -214,6 +214,7 @@ async def _local_checks(paths: ClientPaths, session: SessionFile | None) -> list
             )
         )
     checks.append(await _agent_check(paths, session))
+    checks.append(_isolation_check(paths, session))
     return checks
 
 
@@ -247,6 +248,21 @@ async def _agent_check(paths: ClientPaths, session: SessionFile | None) -> Check
             f"See {paths.agent_log}; `docker offload start` restarts it.",
         )
     return Check("agent", "pass", f"pid {agent.pid}, engine answers on {paths.agent_socket}")
+
+
+def _isolation_check(paths: ClientPaths, session: SessionFile | None) -> Check:
+    """Which sandbox the session's engine runs in, as the agent learnt it from the engine."""
+    if session is None:
+        return Check("session isolation", "skip", "no session started")
+    agent = read_model(paths.agent_state_file, AgentState)
+    if agent is None or agent.isolation is None:
+        return Check(
+            "session isolation",
+            "warn",
+            "the engine has not said how it is isolated (an older runner, or not connected yet)",
+            "Run a docker command, then `offload diagnose` again; ask your operator if it stays.",
+        )
+    return Check("session isolation", "pass", isolation_label(agent.isolation) or "")
 
 
 def as_json(checks: list[Check]) -> dict[str, object]:

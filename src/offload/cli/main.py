@@ -331,6 +331,7 @@ def _status_table(data: dict[str, Any]) -> Table:
         ("Control plane", data["server"]),
         ("Runner", data["runner"]),
         ("Engine", data["engine"]),
+        ("Isolation", data.get("isolation")),
         ("Docker context", data["docker_context"]),
     ]
     if data.get("server_error"):

@@ -376,6 +376,7 @@ async def status(paths: ClientPaths) -> dict[str, Any]:
         "server": config.server_url,
         "runner": _runner_label(session) if live else None,
         "engine": f"unix://{paths.agent_socket}" if agent_alive else None,
+        "isolation": isolation_label(agent.isolation) if agent_alive and agent else None,
         "agent": {
             "running": agent_alive,
             "pid": agent.pid if agent_alive and agent else None,
@@ -390,6 +391,18 @@ async def status(paths: ClientPaths) -> dict[str, Any]:
         "docker_host_env": os.environ.get("DOCKER_HOST"),
         "server_error": server_error,
     }
+
+
+ISOLATIONS = {
+    "rootless": "sandboxed: rootless engine in its own user namespace, private root filesystem",
+}
+
+
+def isolation_label(isolation: str | None) -> str | None:
+    """What `offload status` and `diagnose` say of the engine's isolation label."""
+    if isolation is None:
+        return None
+    return ISOLATIONS.get(isolation, isolation)
 
 
 def _ports_and_syncs(agent: AgentState | None) -> dict[str, Any]:

@@ -11,8 +11,6 @@ calls go through `docker()` below, sync helpers through `asyncio.to_thread`).
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +24,7 @@ from offload.core.schemas import InstanceSpec
 from offload.runner import cgroups, identities, mounts, netns
 from offload.runner.driver import Environment
 from offload.runner.environment import EnvPaths, cleanup_orphans, identity_range
+from tests.support.identities import identity_overrides
 
 # Small enough for a 2-core test host, large enough for dockerd + containerd + a few containers.
 SMALL = InstanceSpec(cpus=1.0, memory_bytes=1024**3, pids=1024)
@@ -98,21 +97,6 @@ def _sweep(settings: RunnerSettings) -> list[str]:
     shutil.rmtree(settings.run_dir, ignore_errors=True)
     identities.remove_accounts(identity_range(settings))
     return leaked
-
-
-# Each settings object gets identity ranges of its own (a runner owns its range: its cleanup
-# kills whatever runs there), apart from those of other test processes on the machine.
-_RANGE_SLOTS = itertools.count(os.getpid() % 20 * 32)
-TEST_CAPACITY = 8
-
-
-def identity_overrides() -> dict[str, int]:
-    k = next(_RANGE_SLOTS)
-    return {
-        "identity_uid_base": 3_000_000 + k * 16,
-        "subid_base": 10_000_000 + k * TEST_CAPACITY * identities.SUBID_COUNT,
-        "capacity": TEST_CAPACITY,
-    }
 
 
 @pytest.fixture(scope="module")
