@@ -4,7 +4,7 @@
 # Leaves you with a running session: `docker offload status`, `docker offload stop`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "Run as root (sudo): the local runner creates network namespaces and engines." >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "Run as root (sudo): the local runner creates sandboxes, cgroups and egress rules." >&2; exit 1; }
 
 scripts/bootstrap.sh
 ln -sf "$PWD/.venv/bin/offload" /usr/local/bin/offload
@@ -32,6 +32,8 @@ docker build -q -t hello "$ctx"
 rm -rf "$ctx"
 echo "==> docker run --rm hello"
 docker run --rm hello
+echo "==> the sandbox: a privileged container with -v /:/host sees the session's own root, not this machine's"
+docker run --rm --privileged -v /:/host hello ls /host /host/etc
 echo
 echo "Done. The session keeps running: try \`docker run -it --rm hello sh\`,"
 echo "\`docker offload status\`, and \`docker offload stop\` to end it (\`offload down\` stops everything)."
