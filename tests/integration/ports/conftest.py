@@ -1,4 +1,5 @@
-"""One dockerd in its own network namespace for the whole area, plus the images the tests run."""
+"""One session environment for the whole area (the runner's `RootlessDriver`: a sandboxed rootless
+dockerd in a network namespace of its own), plus the images the tests run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ import pytest
 
 from offload.agent.ports import PortForwarder
 from offload.core.waiting import async_wait_until
-from tests.integration.tunnel.support import Dockerd, start_dockerd, stop_dockerd
+from tests.integration.tunnel.support import (
+    Dockerd,
+    LoopThread,
+    start_environment,
+    stop_environment,
+)
 from tests.support.images import build_test_image
 
 from .support import DirectTransports, FakeClock, build_udp_echo_image, docker
@@ -18,12 +24,23 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def ports_dockerd() -> Iterator[Dockerd]:
-    d = start_dockerd()
+def ports_loop() -> Iterator[LoopThread]:
+    """The loop that serves the environment's policy plugin for the whole area (the tests' own
+    loops come and go with each test)."""
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="session")
+def ports_dockerd(
+    ports_loop: LoopThread, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Dockerd]:
+    d = start_environment(ports_loop, tmp_path_factory.mktemp("runner"))
     try:
         yield d
     finally:
-        stop_dockerd(d)
+        stop_environment(ports_loop, d)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""Helpers for the port-forwarding tests: free ports, a UDP echo image, the docker CLI, clients.
+"""Helpers for the port-forwarding tests: free ports, a UDP echo image, the docker CLI, clients,
+and the runner's real SSH endpoint.
 
-The dockerd itself comes from the tunnel tests' support (`start_dockerd`: its own netns, short
-paths under /tmp, everything removed at the end).
+The session engine comes from the tunnel tests' support (`start_environment`: an environment of
+the runner's `RootlessDriver`, wiped without a trace at the end).
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ from typing import Any, cast
 import asyncssh
 
 from offload.agent.standby import STANDBY_CHANNEL_PATH, StandbyChannels
-from offload.agent.udp_relay import parse_udp_channel_path, udp_channel_path
+from offload.agent.udp_relay import udp_channel_path
 from offload.core import ssh_fastpath
-from offload.core.schemas import ENGINE_CHANNEL_PATH, InstanceSpec
-from offload.runner.driver import Environment, EnvState
+from offload.core.schemas import ENGINE_CHANNEL_PATH
 from offload.runner.netns_connect import connect_in_netns, relay_udp_channel
-from offload.runner.port_gate import PortGate, standby_tcp_forward, tcp_forward, udp_forward
+from offload.runner.port_gate import PortGate
 from offload.runner.ssh_endpoint import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, ENCRYPTION_ALGS
-from tests.integration.tunnel.support import Dockerd
+from tests.integration.tunnel.support import CertificateAuthority, Dockerd, Runner, ssh_connect
 from tests.support.images import TEST_IMAGE
 
 UDP_ECHO_IMAGE = "offload-test/udp-echo:latest"
@@ -224,55 +224,15 @@ class FakeClock:
         self.now += seconds
 
 
-# ---- a stand-in runner endpoint with the port wiring ------------------------------------------
-
-
-class PortsServer(asyncssh.SSHServer):
-    """What `runner/ssh_endpoint._Server` does for ports once wired (see the report): TCP and UDP
-    channels go through the port gate into the session's namespace, `/docker.sock` to its engine.
-    Authentication here is a plain key: the real endpoint's certificate checks are tested there."""
-
-    def __init__(self, env: Environment, gate: PortGate) -> None:
-        self.env = env
-        self.gate = gate
-
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def connection_requested(
-        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
-    ) -> Any:
-        return (
-            self._conn.create_tcp_channel(window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE),
-            tcp_forward(self.gate, self.env, dest_host, dest_port),
-        )
-
-    def unix_connection_requested(self, dest_path: str) -> Any:
-        if dest_path == ENGINE_CHANNEL_PATH:
-            return self._conn.forward_unix_connection(str(self.env.engine_socket))
-        if parse_udp_channel_path(dest_path) is not None:
-            return udp_forward(self.gate, self.env, dest_path)
-        if dest_path == STANDBY_CHANNEL_PATH:
-            return (
-                self._conn.create_unix_channel(
-                    window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE
-                ),
-                standby_tcp_forward(self.gate, self._env),
-            )
-        return False
-
-    async def _env(self) -> Environment:
-        return self.env
-
-    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        self._conn = conn
+# ---- the real runner endpoint and a client tuned as the agent's tunnel ----------------------
 
 
 @dataclass
 class SSHPair:
-    """A stand-in endpoint for one environment and an asyncssh client connected to it."""
+    """The runner's SSH endpoint serving one session of the test environment, and an asyncssh
+    client signed in to it with that session's certificate."""
 
-    server: asyncssh.SSHAcceptor
+    runner: Runner
     client: asyncssh.SSHClientConnection
     standby: StandbyChannels | None = None
 
@@ -318,71 +278,33 @@ class SSHPair:
             self.standby.close()
         self.client.close()
         await self.client.wait_closed()
-        self.server.close()
-        await self.server.wait_closed()
+        assert self.runner.endpoint is not None
+        await self.runner.endpoint.stop()
 
 
-async def start_ports_server(
-    env: Environment, gate: PortGate, host_key: asyncssh.SSHKey, client_key: asyncssh.SSHKey
-) -> asyncssh.SSHAcceptor:
-    """The stand-in endpoint on a free loopback port, tuned as the real one."""
-    ssh_fastpath.install()
-    return await asyncssh.create_server(
-        lambda: PortsServer(env, gate),
-        "127.0.0.1",
-        0,
-        server_host_keys=[host_key],
-        authorized_client_keys=asyncssh.import_authorized_keys(
-            client_key.export_public_key().decode()
-        ),
-        config=[],
-        encryption_algs=ENCRYPTION_ALGS,
-        compression_algs=None,
-        window=CHANNEL_WINDOW,
-        max_pktsize=CHANNEL_MAX_PKTSIZE,
+async def ssh_pair(dockerd: Dockerd, gate: PortGate) -> SSHPair:
+    """The real `SSHEndpoint` (session certificates only, `gate` for the ports) on a free loopback
+    port, and a client for a session bound to `dockerd`'s environment."""
+    runner = Runner(
+        host_key=asyncssh.generate_private_key("ssh-ed25519"), ca=CertificateAuthority()
     )
-
-
-async def connect_ports_client(
-    port: int, host_key: asyncssh.SSHKey, client_key: asyncssh.SSHKey, **options: Any
-) -> asyncssh.SSHClientConnection:
-    """A client tuned as the agent's tunnel is."""
-    ssh_fastpath.install()
-    return await asyncssh.connect(
-        "127.0.0.1",
-        port,
-        username="session",
-        known_hosts=([host_key.convert_to_public()], [], []),
-        client_keys=[client_key],
-        agent_path=None,
-        config=[],
-        encryption_algs=ENCRYPTION_ALGS,
-        compression_algs=None,
-        window=CHANNEL_WINDOW,
-        max_pktsize=CHANNEL_MAX_PKTSIZE,
-        **options,
-    )
-
-
-async def ssh_pair(env: Environment, gate: PortGate) -> SSHPair:
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-    server = await start_ports_server(env, gate, host_key, client_key)
-    client = await connect_ports_client(server.get_port(), host_key, client_key)
-    return SSHPair(server=server, client=client)
-
-
-def environment_of(dockerd: Dockerd) -> Environment:
-    return environment_for(dockerd.socket, dockerd.netns)
-
-
-def environment_for(engine_socket: Path, netns: str) -> Environment:
-    return Environment(
-        id="env-ports",
-        engine_socket=engine_socket,
-        mount_area=Path("/nonexistent"),
-        netns=netns,
-        spec=InstanceSpec(),
-        state=EnvState.BOUND,
-        session_id="session",
-    )
+    await runner.start(port_gate=gate)
+    try:
+        session_id = runner.add_session(dockerd)
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        ssh_fastpath.install()  # as the agent does
+        client = await ssh_connect(
+            runner,
+            session_id,
+            key,
+            runner.ca.sign(key, [session_id]),
+            encryption_algs=ENCRYPTION_ALGS,
+            compression_algs=None,
+            window=CHANNEL_WINDOW,
+            max_pktsize=CHANNEL_MAX_PKTSIZE,
+        )
+    except BaseException:
+        assert runner.endpoint is not None
+        await runner.endpoint.stop()
+        raise
+    return SSHPair(runner=runner, client=client)

@@ -1,6 +1,6 @@
-"""The same forwards through a real SSH connection, with the runner-side wiring the endpoint gets
-(`PortsServer` in support.py calls `port_gate.tcp_forward` / `udp_forward`, as
-`runner/ssh_endpoint._Server` will): engine, TCP and UDP all cross one asyncssh connection."""
+"""The same forwards through a real SSH connection to the runner's real endpoint (`SSHEndpoint`,
+signed in with a session certificate), whose session is bound to the test environment: engine,
+TCP and UDP all cross one asyncssh connection."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from tests.integration.tunnel.support import Dockerd
 from .conftest import Containers
 from .support import (
     SSHPair,
-    environment_of,
     free_ports,
     serves,
     ssh_pair,
@@ -33,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 async def ssh(ports_dockerd: Dockerd) -> AsyncIterator[SSHPair]:
-    pair = await ssh_pair(environment_of(ports_dockerd), PortGate())
+    pair = await ssh_pair(ports_dockerd, PortGate())
     try:
         yield pair
     finally:

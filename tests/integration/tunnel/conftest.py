@@ -1,4 +1,5 @@
-"""Shared real parts: one dockerd, one SSH endpoint and one connected agent for the whole area."""
+"""Shared real parts: one session environment (the runner's `RootlessDriver`), one SSH endpoint
+and one connected agent for the whole area."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from .support import (
     Runner,
     make_laptop,
     start_agent,
-    start_dockerd,
+    start_environment,
     stop_agent,
-    stop_dockerd,
+    stop_environment,
 )
 
 pytestmark = pytest.mark.slow
@@ -33,12 +34,13 @@ def loop_thread() -> Iterator[LoopThread]:
 
 
 @pytest.fixture(scope="session")
-def dockerd() -> Iterator[Dockerd]:
-    d = start_dockerd()
+def dockerd(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
+    """The session engine: a real environment, its policy plugin served on `loop_thread`."""
+    d = start_environment(loop_thread, tmp_path_factory.mktemp("runner"))
     try:
         yield d
     finally:
-        stop_dockerd(d)
+        stop_environment(loop_thread, d)
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +66,9 @@ def runner(loop_thread: LoopThread, ca: CertificateAuthority) -> Iterator[Runner
 def agent(
     loop_thread: LoopThread, runner: Runner, dockerd: Dockerd, test_image: str
 ) -> Iterator[Laptop]:
-    """An agent connected to a session whose environment is the test dockerd."""
+    """An agent connected to a session whose environment is the test environment."""
     laptop = make_laptop()
-    session_id = runner.add_session(dockerd.socket)
+    session_id = runner.add_session(dockerd)
     try:
         start_agent(loop_thread, runner, laptop, session_id)
         yield laptop

@@ -1,5 +1,6 @@
 """A real control plane (uvicorn on the test loop thread) with a registered runner endpoint whose
-sessions all get the test dockerd: what `offload server` + `offload runner` do, minus the pool."""
+sessions all get the test environment (its engine, network namespace, mount area and owner): what
+`offload server` + `offload runner` do, minus the pool."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import uvicorn
 
 from offload.core.api_client import RunnerClient
 from offload.core.config import ServerSettings
-from offload.core.schemas import InstanceSpec, RunnerRegister
+from offload.core.schemas import RunnerRegister
 from offload.core.waiting import wait_until
-from offload.runner.driver import Environment, EnvState
+from offload.runner.driver import Environment
 from offload.runner.ssh_endpoint import SSHEndpoint
 from offload.server.app import create_app
 from offload.server.bootstrap import bootstrap
@@ -38,7 +39,7 @@ class LiveControlPlane:
 
 @contextmanager
 def live_control_plane(
-    loop_thread: LoopThread, dockerd: Dockerd, data_dir: Path, mount_area: Path, runner_name: str
+    loop_thread: LoopThread, dockerd: Dockerd, data_dir: Path, runner_name: str
 ) -> Iterator[LiveControlPlane]:
     settings = ServerSettings(data_dir=data_dir, port=free_port())
     tokens = bootstrap(settings)
@@ -57,14 +58,8 @@ def live_control_plane(
     async def resolve(session_id: str) -> Environment:
         # What the runner daemon does: ask the control plane, bind (once per session), report.
         assigned = await runner_client.assigned_session(ids[0], session_id)
-        env = Environment(
-            id=env_ids.setdefault(session_id, f"env-{secrets.token_hex(4)}"),
-            engine_socket=dockerd.socket,
-            mount_area=mount_area,
-            netns=dockerd.netns,
-            spec=InstanceSpec(),
-            state=EnvState.BOUND,
-            session_id=assigned.session_id,
+        env = dockerd.session(
+            assigned.session_id, env_ids.setdefault(session_id, f"env-{secrets.token_hex(4)}")
         )
         await runner_client.session_ready(ids[0], session_id, env.id)
         return env
@@ -88,7 +83,9 @@ def live_control_plane(
 
     loop_thread.run(start())
     try:
-        yield LiveControlPlane(url, tokens.admin_token, ids[0], runner_client, endpoint, mount_area)
+        yield LiveControlPlane(
+            url, tokens.admin_token, ids[0], runner_client, endpoint, dockerd.mount_area
+        )
     finally:
         loop_thread.run(endpoint.stop())
         loop_thread.run(runner_client.aclose())

@@ -1,7 +1,9 @@
-"""Real parts for the tunnel tests: a dockerd in its own netns, an SSH CA, an asyncio loop thread.
+"""Real parts for the tunnel tests: a session environment of the runner's own driver, an SSH
+CA, an asyncio loop thread.
 
-The endpoint and the agent run on a loop in a background thread, so that tests can drive them
-with blocking clients (the docker CLI, docker-py) exactly as a user would.
+The endpoint, the agent and the environment's policy plugin run on a loop in a background
+thread, so that tests can drive them with blocking clients (the docker CLI, docker-py) exactly
+as a user would.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,14 +26,17 @@ import asyncssh
 
 from offload.agent.proxy import AgentProxy
 from offload.agent.tunnel import Tunnel, TunnelTarget
+from offload.core.config import RunnerSettings
 from offload.core.errors import NotFound
-from offload.core.schemas import InstanceSpec
 from offload.core.waiting import wait_until
 from offload.runner.driver import Environment, EnvState
+from offload.runner.environment import RootlessDriver
 from offload.runner.ssh_endpoint import SSHEndpoint
+from tests.support.sandboxes import SESSION_SPEC, sandbox_settings, wipe
 
 T = TypeVar("T")
-CGROUP_CONTROLLERS = ("cpu", "cpuacct", "memory", "pids", "freezer", "blkio", "devices", "cpuset")
+# Creating or destroying an environment (an identity the first time, the sandbox, dockerd).
+CREATE_TIMEOUT_S = 120.0
 
 
 class LoopThread:
@@ -59,109 +63,70 @@ class LoopThread:
         self.loop.close()
 
 
-# ---- a dockerd of our own ---------------------------------------------------------------------
+# ---- the session's engine: a real environment -------------------------------------------------
 
 
 @dataclass
 class Dockerd:
-    root: Path
-    netns: str
-    cgroup: str
-    socket: Path
-    process: subprocess.Popen[bytes] | None = None
+    """The session engine of these tests: an environment of the runner's own `RootlessDriver`
+    (a rootless dockerd sandboxed under an identity of its own, on a private root, with its
+    network namespace, mount area and authorization plugin), created on a `LoopThread` whose
+    loop serves the plugin while blocking clients run in the test's thread.
+
+    Every session of a test maps to this one environment: `session()` gives the record the
+    runner binds to a session (its own id: the endpoint keeps per-environment state by id)."""
+
+    env: Environment
+    driver: RootlessDriver
+    settings: RunnerSettings
+    cli_home: Path  # the docker CLI's config when a test talks to the engine directly
+
+    @property
+    def socket(self) -> Path:
+        return self.env.engine_socket
+
+    @property
+    def netns(self) -> str:
+        return self.env.netns
+
+    @property
+    def mount_area(self) -> Path:
+        return self.env.mount_area
 
     @property
     def host(self) -> str:
         return f"unix://{self.socket}"
 
+    def session(self, session_id: str, env_id: str | None = None) -> Environment:
+        return replace(
+            self.env,
+            id=env_id or f"env-{secrets.token_hex(4)}",
+            state=EnvState.BOUND,
+            session_id=session_id,
+        )
 
-def start_dockerd() -> Dockerd:
-    root = Path(tempfile.mkdtemp(prefix="ot-", dir="/tmp"))
-    name = root.name
-    d = Dockerd(root=root, netns=name, cgroup=name, socket=root / "e.sock")
+
+def start_environment(loop_thread: LoopThread, data_dir: Path) -> Dockerd:
+    """A fresh environment of a runner of its own (`tests.support.sandboxes`)."""
+    settings = sandbox_settings(data_dir)
+    driver = RootlessDriver(settings)
     try:
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        (root / "daemon.json").write_text("{}")
-        log = open(root / "dockerd.log", "wb")  # noqa: SIM115 - lives as long as dockerd
-        d.process = subprocess.Popen(
-            [
-                "nsenter", f"--net=/var/run/netns/{name}",
-                "dockerd",
-                "--config-file", str(root / "daemon.json"),
-                "--data-root", str(root / "d"),
-                "--exec-root", str(root / "x"),
-                "--pidfile", str(root / "p"),
-                "-H", d.host,
-                "--cgroup-parent", f"/{name}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        wait_until(lambda: _pings(d), 30, "the test dockerd to answer")
+        env = loop_thread.run(driver.create(SESSION_SPEC), CREATE_TIMEOUT_S)
     except BaseException:
-        stop_dockerd(d)
+        loop_thread.run(wipe(settings), CREATE_TIMEOUT_S)
         raise
-    return d
+    cli_home = Path(tempfile.mkdtemp(prefix="ot-cli-", dir="/tmp"))
+    return Dockerd(env=env, driver=driver, settings=settings, cli_home=cli_home)
 
 
-def _pings(d: Dockerd) -> bool:
-    if d.process is not None and d.process.poll() is not None:
-        raise RuntimeError(f"dockerd exited: {(d.root / 'dockerd.log').read_text()[-2000:]}")
-    result = subprocess.run(
-        ["docker", "-H", d.host, "version", "--format", "{{.Server.Version}}"],
-        capture_output=True,
-        env=docker_env(d.root),
-    )
-    return result.returncode == 0
-
-
-def stop_dockerd(d: Dockerd) -> None:
-    """Leave nothing behind: processes, mounts, netns, cgroups, files."""
-    if d.process is not None and d.process.poll() is None:
-        d.process.send_signal(signal.SIGTERM)
-        try:
-            d.process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(d.process.pid, signal.SIGKILL)
-            d.process.wait(10)
-    _kill_leftovers(d.root)
-    _unmount_under(d.root)
-    subprocess.run(["ip", "netns", "del", d.netns], capture_output=True)
-    for controller in CGROUP_CONTROLLERS:
-        _remove_cgroup_tree(Path("/sys/fs/cgroup") / controller / d.cgroup)
-    shutil.rmtree(d.root, ignore_errors=True)
-
-
-def _kill_leftovers(root: Path) -> None:
-    """containerd and shims of this dockerd, if a hard stop left any (they name its paths)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if f"{root}/" in cmdline:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _unmount_under(root: Path) -> None:
-    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-    for mount in sorted((m for m in mounts if m.startswith(f"{root}/")), reverse=True):
-        subprocess.run(["umount", "-l", mount], capture_output=True)
-
-
-def _remove_cgroup_tree(path: Path) -> None:
-    if not path.is_dir():
-        return
-    for child in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
-        child.rmdir()
-    path.rmdir()
+def stop_environment(loop_thread: LoopThread, d: Dockerd) -> None:
+    """Destroy the environment, then sweep its runner's leftovers; fail if there were any."""
+    try:
+        loop_thread.run(d.driver.destroy(d.env), CREATE_TIMEOUT_S)
+    finally:
+        leftover = loop_thread.run(wipe(d.settings), CREATE_TIMEOUT_S)
+        shutil.rmtree(d.cli_home, ignore_errors=True)
+    assert not leftover, f"environments left after destroy (now wiped): {leftover}"
 
 
 def docker_env(config_dir: Path) -> dict[str, str]:
@@ -208,7 +173,7 @@ class CertificateAuthority:
 
 @dataclass
 class Runner:
-    """An SSH endpoint whose sessions map to environments of the test dockerd(s)."""
+    """The real SSH endpoint, whose sessions map to the test environment."""
 
     host_key: asyncssh.SSHKey
     ca: CertificateAuthority
@@ -216,17 +181,10 @@ class Runner:
     endpoint: SSHEndpoint | None = None
     resolved: list[str] = field(default_factory=list)
 
-    def add_session(self, engine_socket: Path, session_id: str | None = None) -> str:
+    def add_session(self, dockerd: Dockerd, session_id: str | None = None) -> str:
+        """A session whose environment is `dockerd`'s (as the runner would bind it)."""
         session_id = session_id or f"ses-{secrets.token_hex(6)}"
-        self.sessions[session_id] = Environment(
-            id=f"env-{secrets.token_hex(4)}",
-            engine_socket=engine_socket,
-            mount_area=Path("/nonexistent"),
-            netns="none",
-            spec=InstanceSpec(),
-            state=EnvState.BOUND,
-            session_id=session_id,
-        )
+        self.sessions[session_id] = dockerd.session(session_id)
         return session_id
 
     async def resolve(self, session_id: str) -> Environment:

@@ -9,7 +9,6 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def control_plane(loop_thread: LoopThread, dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:  # fmt: skip
     with live_control_plane(
-        loop_thread, dockerd, tmp_path_factory.mktemp("server"), Path("/nonexistent"), "tunnel-test"
+        loop_thread, dockerd, tmp_path_factory.mktemp("server"), "tunnel-test"
     ) as live:
         yield live
 

@@ -1,5 +1,5 @@
-"""Bind sources through the real agent (`run_agent`), the real runner endpoint and a real
-dockerd: the engine holds runner paths in the session's mount area, yet the docker CLI and
+"""Bind sources through the real agent (`run_agent`), the real runner endpoint and a real session
+environment: the engine holds runner paths in the session's mount area, yet the docker CLI and
 docker-py see the laptop paths a local engine would show, also after the agent restarted."""
 
 from __future__ import annotations
@@ -8,12 +8,10 @@ import asyncio
 import json
 import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import docker as docker_sdk
 import pytest
@@ -36,14 +34,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def deployment(loop_thread: LoopThread, dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:  # fmt: skip
-    mount_area = Path(tempfile.mkdtemp(prefix="ot-m-", dir="/tmp"))
-    try:
-        with live_control_plane(
-            loop_thread, dockerd, tmp_path_factory.mktemp("server"), mount_area, "sources-test"
-        ) as live:
-            yield live
-    finally:
-        shutil.rmtree(mount_area, ignore_errors=True)
+    with live_control_plane(
+        loop_thread, dockerd, tmp_path_factory.mktemp("server"), "sources-test"
+    ) as live:
+        yield live
 
 
 @dataclass
@@ -112,7 +106,7 @@ def _engine_sources(dockerd: Dockerd, name: str) -> list[str]:
     """What the engine itself holds (asked directly, not through the agent)."""
     out = subprocess.run(
         ["docker", "-H", dockerd.host, "inspect", "-f", "{{json .Mounts}}", name],
-        capture_output=True, check=True, env=docker_env(dockerd.root),
+        capture_output=True, check=True, env=docker_env(dockerd.cli_home),
     ).stdout  # fmt: skip
     return [m["Source"] for m in json.loads(out)]
 

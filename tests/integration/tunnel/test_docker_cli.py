@@ -1,8 +1,10 @@
-"""The real docker CLI and docker-py through agent socket → tunnel → SSH endpoint → dockerd."""
+"""The real docker CLI and docker-py through agent socket → tunnel → SSH endpoint → the
+session's sandboxed dockerd."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -14,9 +16,11 @@ import docker as docker_py
 import pytest
 
 from offload.core.waiting import wait_until
+from offload.runner.environment import ISOLATION_LABEL
+from tests.support.engines import LABELS_FORMAT, environment_id
 from tests.support.images import write_build_context
 
-from .support import Laptop, LoopThread, docker, docker_env, docker_ok
+from .support import Dockerd, Laptop, LoopThread, docker, docker_env, docker_ok
 
 pytestmark = pytest.mark.slow
 
@@ -61,9 +65,13 @@ def read_lines_keep_running(
         watchdog.cancel()
 
 
-def test_version_and_ps(agent: Laptop) -> None:
+def test_version_and_ps(agent: Laptop, dockerd: Dockerd) -> None:
     assert docker_ok(agent, "version", "--format", "{{.Server.Version}}").startswith("20.10")
     assert "CONTAINER ID" in docker_ok(agent, "ps")
+    # The engine behind the tunnel is the session's sandboxed one.
+    labels = docker_ok(agent, "info", "--format", LABELS_FORMAT)
+    assert environment_id(labels) == dockerd.env.id
+    assert f"{ISOLATION_LABEL}=rootless" in json.loads(labels)
 
 
 def test_build_then_run(agent: Laptop) -> None:

@@ -1,14 +1,14 @@
 """Published ports and laptop bind mounts through the real agent (`run_agent`) and the real
-runner endpoint (`SSHEndpoint`), with a real control plane, the test dockerd's own network
-namespace as the session's, and a real mount area: the docker CLI on the "laptop" runs
+runner endpoint (`SSHEndpoint`), with a real control plane and a real session environment
+(`RootlessDriver`: its network namespace, its mount area): the docker CLI on the "laptop" runs
 `docker run -p …` and `docker run -v "$PWD":…` and sees them behave as if local."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +26,8 @@ from offload.core.config import ClientPaths
 from offload.core.schemas import SessionCreate
 from offload.core.waiting import wait_until
 from offload.sync.status import SyncState
+from tests.integration.ports.support import build_udp_echo_image
+from tests.support.engines import environment_id
 from tests.support.net import free_port as _free_port
 
 from .control_plane import LiveControlPlane as Deployment
@@ -39,16 +41,12 @@ PAGE = "hello through the forward"
 
 @pytest.fixture(scope="module")
 def deployment(loop_thread: LoopThread, dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:  # fmt: skip
-    """A control plane and a runner endpoint whose sessions all get the test dockerd, in its
-    own network namespace, with a real mount area."""
-    mount_area = Path(tempfile.mkdtemp(prefix="ot-m-", dir="/tmp"))
-    try:
-        with live_control_plane(
-            loop_thread, dockerd, tmp_path_factory.mktemp("server"), mount_area, "wired-test"
-        ) as live:
-            yield live
-    finally:
-        shutil.rmtree(mount_area, ignore_errors=True)
+    """A control plane and a runner endpoint whose sessions all get the test environment: its
+    network namespace, its mount area (owned by the sandbox's root)."""
+    with live_control_plane(
+        loop_thread, dockerd, tmp_path_factory.mktemp("server"), "wired-test"
+    ) as live:
+        yield live
 
 
 @dataclass
@@ -287,8 +285,9 @@ def test_a_forwarded_connection_resumes_an_idle_session(
 
 
 def test_a_laptop_bind_mount_works_both_ways(
-    loop_thread: LoopThread, deployment: Deployment, agent: Agent, test_image: str
-) -> None:
+    loop_thread: LoopThread, deployment: Deployment, agent: Agent, test_image: str,
+    dockerd: Dockerd,
+) -> None:  # fmt: skip
     project = agent.laptop.home / "project"
     (project / "src").mkdir(parents=True)
     (project / "src" / "hello.txt").write_text("hello from the laptop\n")
@@ -325,6 +324,34 @@ def test_a_laptop_bind_mount_works_both_ways(
     assert synced[f"{project}/src"]["read_only"] is True
     assert synced[str(project)]["state"] in (SyncState.SYNCED, SyncState.PENDING)
     assert synced[str(project)]["remote_path"].startswith(str(deployment.mount_area))
+    # What the sync made there belongs to the sandbox's root (so containers may change it).
+    remote = Path(synced[str(project)]["remote_path"])
+    owners = {(q.stat().st_uid, q.stat().st_gid) for q in [remote, *remote.rglob("*")]}
+    assert owners == {dockerd.env.area_owner}
+
+
+# Busybox has no client for a unix socket: Perl's builtins make the request.
+GET_INFO_FROM_THE_DOCKER_SOCKET = (
+    'socket(S,1,1,0)||die"socket: $!";'  # AF_UNIX, SOCK_STREAM
+    'connect(S,pack("Sa108",1,"/var/run/docker.sock"))||die"connect: $!";'
+    'syswrite(S,"GET /info HTTP/1.0\\r\\nHost: docker\\r\\n\\r\\n");'
+    "print $b while sysread(S,$b,65536);"
+)
+
+
+def test_the_docker_socket_in_a_container_is_the_sessions_engine(
+    agent: Agent, dockerd: Dockerd
+) -> None:
+    """`-v /var/run/docker.sock:/var/run/docker.sock` (CI jobs, testcontainers) reaches the
+    session's own engine inside the sandbox, not a laptop file."""
+    image = build_udp_echo_image(dockerd.host)  # the test image with perl
+    out = docker_ok(
+        agent.laptop, "run", "--rm", "-v", "/var/run/docker.sock:/var/run/docker.sock",
+        image, "perl", "-e", GET_INFO_FROM_THE_DOCKER_SOCKET,
+    )  # fmt: skip
+    head, _, body = out.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.") and " 200 " in head.splitlines()[0], head
+    assert environment_id(json.loads(body)["Labels"]) == dockerd.env.id
 
 
 def test_a_bad_bind_is_the_docker_clis_error(agent: Agent, test_image: str) -> None:

@@ -77,7 +77,7 @@ def connected(laptop: Laptop) -> bool:
 def test_drop_gives_clear_error_then_reconnects(
     loop_thread: LoopThread, own_runner: Runner, laptop: Laptop, dockerd: Dockerd
 ) -> None:
-    session = own_runner.add_session(dockerd.socket)
+    session = own_runner.add_session(dockerd)
     port = own_runner.endpoint.port  # type: ignore[union-attr]
     renewals: list[str] = []
 
@@ -107,7 +107,7 @@ def test_drop_gives_clear_error_then_reconnects(
 def test_refused_certificate_is_renewed_through_credentials(
     loop_thread: LoopThread, own_runner: Runner, laptop: Laptop, dockerd: Dockerd
 ) -> None:
-    session = own_runner.add_session(dockerd.socket)
+    session = own_runner.add_session(dockerd)
     now = time.time()
     expired = own_runner.ca.sign(
         laptop.key, [session], valid_after=now - 7200, valid_before=now - 1
@@ -124,7 +124,7 @@ def test_refused_certificate_is_renewed_through_credentials(
 def test_session_gone_stops_retrying(
     loop_thread: LoopThread, own_runner: Runner, laptop: Laptop, dockerd: Dockerd
 ) -> None:
-    session = own_runner.add_session(dockerd.socket)
+    session = own_runner.add_session(dockerd)
     now = time.time()
     expired = own_runner.ca.sign(
         laptop.key, [session], valid_after=now - 7200, valid_before=now - 1
@@ -141,7 +141,7 @@ def test_session_gone_stops_retrying(
 def test_session_ended_message(
     loop_thread: LoopThread, own_runner: Runner, laptop: Laptop, dockerd: Dockerd
 ) -> None:
-    session = own_runner.add_session(dockerd.socket)
+    session = own_runner.add_session(dockerd)
     cert = own_runner.ca.sign(laptop.key, [session])
     start(loop_thread, laptop, target_for(own_runner, laptop, session, cert))
     wait_until(lambda: connected(laptop), 20, "the tunnel to connect")
@@ -158,7 +158,7 @@ def test_stale_socket_file_is_replaced(
 ) -> None:
     laptop.socket.parent.mkdir(parents=True)
     laptop.socket.write_text("left by an agent that died")
-    session = own_runner.add_session(dockerd.socket)
+    session = own_runner.add_session(dockerd)
     cert = own_runner.ca.sign(laptop.key, [session])
     start(loop_thread, laptop, target_for(own_runner, laptop, session, cert))
     wait_until(lambda: connected(laptop), 20, "the tunnel to connect")
@@ -171,7 +171,7 @@ def test_activity_snapshot_follows_connections_on_its_clock(
     loop_thread: LoopThread, own_runner: Runner, laptop: Laptop, dockerd: Dockerd
 ) -> None:
     now = [100.0]
-    session = own_runner.add_session(dockerd.socket)
+    session = own_runner.add_session(dockerd)
     cert = own_runner.ca.sign(laptop.key, [session])
     start(loop_thread, laptop, target_for(own_runner, laptop, session, cert), clock=lambda: now[0])
     wait_until(lambda: connected(laptop), 20, "the tunnel to connect")
@@ -206,7 +206,7 @@ def test_keepalives_notice_a_dead_path_on_both_ends(
     relay = Relay(endpoint.port)
     loop_thread.run(relay.start())
     try:
-        session = runner.add_session(dockerd.socket)
+        session = runner.add_session(dockerd)
         cert = runner.ca.sign(laptop.key, [session])
         target = target_for(runner, laptop, session, cert)
         target = TunnelTarget(**{**target.__dict__, "port": relay.port})

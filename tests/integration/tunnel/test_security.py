@@ -40,7 +40,7 @@ def laptop(loop_thread: LoopThread) -> Iterator[Laptop]:
 
 @pytest.fixture
 def session(runner: Runner, dockerd: Dockerd) -> str:
-    return runner.add_session(dockerd.socket)
+    return runner.add_session(dockerd)
 
 
 async def ping_engine(conn: asyncssh.SSHClientConnection, path: str = ENGINE_CHANNEL_PATH) -> bytes:
@@ -75,7 +75,7 @@ def test_valid_certificate_reaches_the_engine(
 def test_certificate_for_another_session_refused(
     loop_thread: LoopThread, runner: Runner, laptop: Laptop, session: str, dockerd: Dockerd
 ) -> None:
-    other = runner.add_session(dockerd.socket)
+    other = runner.add_session(dockerd)
     cert = runner.ca.sign(laptop.key, [session])
     refused(loop_thread, runner, other, laptop.key, cert)
     assert other not in runner.resolved
