@@ -11,7 +11,6 @@ loop must keep running, and must not be blocked, while the engine is in use.
 from __future__ import annotations
 
 import asyncio
-import pwd
 import shutil
 import uuid
 from pathlib import Path
@@ -20,7 +19,6 @@ from offload.core.config import RunnerSettings
 from offload.core.schemas import InstanceSpec
 from offload.runner import identities
 from offload.runner.environment import cleanup_orphans, identity_range
-from offload.runner.identities import IdentityRange
 from tests.support.identities import identity_overrides
 
 # A session's engine on a 2-core test host: room for a few containers and a build.
@@ -35,28 +33,10 @@ def sandbox_settings(data_dir: Path, **overrides: object) -> RunnerSettings:
         "run_dir": Path(f"/run/ot-{suffix}"),
         "cgroup_parent": f"offload-test-{suffix}",
         "dockerd_start_timeout_s": 30.0,
-        **unclaimed_identity_overrides(),
+        **identity_overrides(),
     }
     values.update(overrides)
     return RunnerSettings(**values)  # type: ignore[arg-type]
-
-
-def unclaimed_identity_overrides(attempts: int = 64) -> dict[str, int]:
-    """`identity_overrides()`, skipping ranges that another test process is using or left.
-
-    A runner owns its range (its sweep kills whatever runs there), and `identity_overrides`
-    keeps test processes apart by pid modulo 20 only: two whose pids agree there would share
-    ranges.  A range with accounts or processes of its identities is someone's: not taken."""
-    for _ in range(attempts):
-        overrides = identity_overrides()
-        every = IdentityRange(
-            overrides["identity_uid_base"], overrides["subid_base"], overrides["capacity"]
-        )
-        mine = [every.identity(slot) for slot in range(every.count)]
-        accounts = [e.pw_name for e in pwd.getpwall() if any(i.uid == e.pw_uid for i in mine)]
-        if not accounts and not identities.processes_of(mine):
-            return overrides
-    raise RuntimeError(f"no unclaimed test identity range in {attempts} tries")
 
 
 async def wipe(settings: RunnerSettings) -> list[str]:
