@@ -1,17 +1,28 @@
 """Published-port benchmark: HTTP through Offload's port forward against the peers.
 
-One session engine (a dockerd in its own network namespace) runs busybox httpd published with
-`-p PORT:80`. Every peer reaches that same published port (the same docker-proxy, the same
-container):
+One session engine, a real environment of the runner's own driver (`RootlessDriver`: a rootless
+dockerd sandboxed under an identity of its own, in a network namespace of its own, with its policy
+plugin; tests/integration/tunnel/support.py `start_environment`, runner settings apart from every
+other runner's from tests/support/sandboxes.py), runs busybox httpd published with `-p PORT:80`
+(docker-proxy inside the sandbox's user namespace). Every peer reaches that same published port
+(the same docker-proxy, the same container):
 
   direct    a client socket created inside the session's namespace, to 127.0.0.1:PORT there
   openssh   an OpenSSH `ssh -L` forward: ssh client and sshd both in the session's namespace,
             on its loopback, forwarding to 127.0.0.1:PORT (the classic way to reach a remote port)
   offload   the agent's `PortForwarder` listening on PORT in this host's own namespace (the
-            "laptop"), over one asyncssh connection (with `offload.core.ssh_fastpath`, as the
-            agent and the runner install it) to the runner-side wiring (port gate, socket made
-            in the namespace, protocol-level splice), taking standby channels as the agent
-            does: agent and runner are two processes, as ssh and sshd are
+            "laptop"), over one asyncssh connection (with `offload.core.ssh_fastpath`, tuned as
+            the agent's tunnel) to the runner's real `SSHEndpoint` (signed in with a session
+            certificate; its port gate, socket made in the namespace, protocol-level splice),
+            taking standby channels as the agent does: agent and runner are two processes, as
+            ssh and sshd are
+
+The environment is created on a loop thread of this process, which serves its policy plugin while
+the blocking benchmark client runs in the main thread; the runner process gets the session's
+environment record (as the runner binds it) and its own `PortGate`. Everything is bounded (an
+overall deadline, `--deadline`) and cleaned up on the way out, failure included: the environment is
+destroyed and its runner's leftovers swept (`stop_environment`). Traffic stays on loopback and in
+the environment's namespace.
 
 OpenSSH's latency here (about 43 ms per request on the hosts tried) is its own behaviour with
 `ssh -N -L`, a delayed-ACK-sized stall; the latency target compares Offload with the direct
@@ -50,16 +61,27 @@ RESULTS = REPO / "bench" / "results"
 import asyncssh  # noqa: E402
 
 from offload.agent.ports import PortForwarder  # noqa: E402
+from offload.core import ssh_fastpath  # noqa: E402
+from offload.core.schemas import InstanceSpec  # noqa: E402
 from offload.core.waiting import wait_until  # noqa: E402
+from offload.runner.driver import Environment, EnvState  # noqa: E402
 from offload.runner.netns_connect import socket_in_netns  # noqa: E402
 from offload.runner.port_gate import PortGate  # noqa: E402
-from tests.integration.ports.support import (  # noqa: E402
-    SSHPair,
-    connect_ports_client,
-    environment_for,
-    start_ports_server,
+from offload.runner.ssh_endpoint import (  # noqa: E402
+    CHANNEL_MAX_PKTSIZE,
+    CHANNEL_WINDOW,
+    ENCRYPTION_ALGS,
 )
-from tests.integration.tunnel.support import start_dockerd, stop_dockerd  # noqa: E402
+from tests.integration.ports.support import SSHPair  # noqa: E402
+from tests.integration.tunnel.support import (  # noqa: E402
+    CertificateAuthority,
+    Dockerd,
+    LoopThread,
+    Runner,
+    docker_env,
+    start_environment,
+    stop_environment,
+)
 from tests.support.images import build_test_image  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
@@ -153,9 +175,15 @@ def throughput(peers: Peers, runs: int) -> dict[str, dict[str, float]]:
 # ---- set-up -----------------------------------------------------------------------------------
 
 
-def docker(host: str, *args: str) -> str:
+def docker(d: Dockerd, *args: str, check: bool = True) -> str:
+    """The docker CLI against the session engine (no user config, contexts or DOCKER_HOST)."""
     return subprocess.run(
-        ["docker", "-H", host, *args], check=True, capture_output=True, text=True
+        ["docker", "-H", d.host, *args],
+        check=check,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=docker_env(d.cli_home),
     ).stdout.strip()
 
 
@@ -167,16 +195,16 @@ def serves(make: MakeSocket, port: int, expected: int) -> bool:
 
 
 @contextmanager
-def web_container(host: str, image: str, port: int, mb: int) -> Iterator[None]:
+def web_container(d: Dockerd, image: str, port: int, mb: int) -> Iterator[None]:
     script = (
         f"mkdir -p /www && head -c 100 /dev/zero | tr '\\0' x > /www/{SMALL} && "
         f"head -c {mb * 1024 * 1024} /dev/zero > /www/{BIG} && exec httpd -f -p 80 -h /www"
     )
-    docker(host, "run", "-d", "--name", "bench-web", "-p", f"{port}:80", image, "sh", "-c", script)
+    docker(d, "run", "-d", "--name", "bench-web", "-p", f"{port}:80", image, "sh", "-c", script)
     try:
         yield
     finally:
-        subprocess.run(["docker", "-H", host, "rm", "-f", "bench-web"], capture_output=True)
+        docker(d, "rm", "-f", "bench-web", check=False)
 
 
 @contextmanager
@@ -231,55 +259,110 @@ def _connects(make: MakeSocket, port: int) -> bool:
 
 
 @contextmanager
-def offload_forward(work: Path, netns: str, engine: Path) -> Iterator[None]:
-    """The runner side and the agent side of Offload, each in its own process."""
+def offload_forward(work: Path, d: Dockerd) -> Iterator[None]:
+    """The runner side and the agent side of Offload, each in its own process.
+
+    The runner process serves one session bound to `d`'s environment through the real
+    `SSHEndpoint`; the agent process signs in with that session's certificate."""
     keys = work / "keys"
     keys.mkdir()
-    for name in ("host", "client"):
-        asyncssh.generate_private_key("ssh-ed25519").write_private_key(keys / name)
+    session_id = f"ses-bench-{os.getpid()}"
+    ca = CertificateAuthority()
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    ca.key.write_private_key(keys / "ca")
+    asyncssh.generate_private_key("ssh-ed25519").write_private_key(keys / "host")
+    client_key.write_private_key(keys / "client")
+    (keys / "client-cert.pub").write_text(ca.sign(client_key, [session_id]))
+    (keys / "environment.json").write_text(json.dumps(_dump_environment(d.session(session_id))))
+    for name in ("ca", "host", "client"):
+        os.chmod(keys / name, 0o600)
     me = [sys.executable, __file__, "--keys", str(keys)]
-    runner = subprocess.Popen(
-        [*me, "--role", "runner", "--netns", netns, "--engine", str(engine)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    runner = subprocess.Popen([*me, "--role", "runner"], stdout=subprocess.PIPE, text=True)
     agent = None
     try:
         assert runner.stdout is not None
         ssh_port = int(runner.stdout.readline().split()[1])
-        agent = subprocess.Popen([*me, "--role", "agent", "--ssh-port", str(ssh_port)])
+        agent = subprocess.Popen(
+            [*me, "--role", "agent", "--ssh-port", str(ssh_port), "--session", session_id]
+        )
         yield
     finally:
         for proc in (agent, runner):
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+
+
+def _dump_environment(env: Environment) -> dict[str, object]:
+    return {
+        "id": env.id,
+        "engine_socket": str(env.engine_socket),
+        "mount_area": str(env.mount_area),
+        "netns": env.netns,
+        "spec": env.spec.model_dump(),
+        "state": env.state.value,
+        "session_id": env.session_id,
+        "area_owner": list(env.area_owner) if env.area_owner is not None else None,
+        "isolation": env.isolation,
+    }
+
+
+def _load_environment(data: dict) -> Environment:
+    owner = data["area_owner"]
+    return Environment(
+        id=data["id"],
+        engine_socket=Path(data["engine_socket"]),
+        mount_area=Path(data["mount_area"]),
+        netns=data["netns"],
+        spec=InstanceSpec(**data["spec"]),
+        state=EnvState(data["state"]),
+        session_id=data["session_id"],
+        area_owner=(owner[0], owner[1]) if owner is not None else None,
+        isolation=data["isolation"],
+    )
 
 
 # ---- the two Offload roles (subprocesses) -----------------------------------------------------
 
 
-def _keys(directory: Path) -> tuple[asyncssh.SSHKey, asyncssh.SSHKey]:
-    return (
-        asyncssh.read_private_key(directory / "host"),
-        asyncssh.read_private_key(directory / "client"),
-    )
-
-
-async def run_runner(keys: Path, netns: str, engine: Path) -> None:
-    host_key, client_key = _keys(keys)
-    server = await start_ports_server(
-        environment_for(engine, netns), PortGate(), host_key, client_key
-    )
-    print(f"PORT {server.get_port()}", flush=True)
+async def run_runner(keys: Path) -> None:
+    """The runner's real endpoint with one session, bound to the benchmark's environment."""
+    env = _load_environment(json.loads((keys / "environment.json").read_text()))
+    assert env.session_id is not None
+    ca = CertificateAuthority()
+    ca.key = asyncssh.read_private_key(keys / "ca")
+    runner = Runner(host_key=asyncssh.read_private_key(keys / "host"), ca=ca)
+    runner.sessions[env.session_id] = env
+    endpoint = await runner.start(port_gate=PortGate())
+    print(f"PORT {endpoint.port}", flush=True)
     await _until_terminated()
-    server.close()
+    await endpoint.stop()
 
 
-async def run_agent(keys: Path, ssh_port: int) -> None:
-    host_key, client_key = _keys(keys)
-    client = await connect_ports_client(ssh_port, host_key, client_key)
-    pair = SSHPair(server=None, client=client)  # type: ignore[arg-type]
+async def run_agent(keys: Path, ssh_port: int, session_id: str) -> None:
+    """A client tuned as the agent's tunnel (as `ssh_pair` connects), and the agent's forwarder."""
+    ssh_fastpath.install()
+    key = asyncssh.read_private_key(keys / "client")
+    certificate = asyncssh.import_certificate((keys / "client-cert.pub").read_text())
+    host_key = asyncssh.read_private_key(keys / "host").convert_to_public()
+    client = await asyncssh.connect(
+        "127.0.0.1",
+        ssh_port,
+        username=session_id,
+        known_hosts=([host_key], [], []),
+        client_keys=[(key, certificate)],
+        agent_path=None,
+        config=[],
+        encryption_algs=ENCRYPTION_ALGS,
+        compression_algs=None,
+        window=CHANNEL_WINDOW,
+        max_pktsize=CHANNEL_MAX_PKTSIZE,
+    )
+    pair = SSHPair(runner=None, client=client)  # type: ignore[arg-type]  # the runner is apart
     forwarder = PortForwarder(
         pair.open_tcp, pair.open_udp, pair.open_engine, take_tcp=pair.take_tcp
     )
@@ -289,6 +372,7 @@ async def run_agent(keys: Path, ssh_port: int) -> None:
     if pair.standby is not None:
         pair.standby.close()
     client.close()
+    await client.wait_closed()
 
 
 async def _until_terminated() -> None:
@@ -300,6 +384,44 @@ async def _until_terminated() -> None:
 # ---- main -------------------------------------------------------------------------------------
 
 
+def set_up_and_measure(
+    stack: ExitStack, work: Path, args: argparse.Namespace, port: int, results: dict[str, object]
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Set everything up (unwound by `stack`), then the latency and throughput rounds."""
+    print("setting up: a session environment (RootlessDriver), httpd published …", flush=True)
+    loop_thread = LoopThread()  # serves the environment's policy plugin; never blocked
+    stack.callback(loop_thread.close)
+    (work / "runner").mkdir()
+    dockerd = start_environment(loop_thread, work / "runner")
+    stack.callback(stop_environment, loop_thread, dockerd)
+    results["environment"] = {"id": dockerd.env.id, "isolation": dockerd.env.isolation}
+    image = build_test_image(dockerd.host)
+    stack.enter_context(web_container(dockerd, image, port, args.mb))
+    inside = netns_socket(dockerd.netns)
+    wait_until(lambda: serves(inside, port, 100), 30, "httpd in the namespace")
+    stack.enter_context(openssh_forward(work, dockerd.netns, port))
+    stack.enter_context(offload_forward(work, dockerd))
+    wait_until(lambda: serves(root_socket, port, 100), 30, "the Offload forward")
+
+    results["load_average_before"] = os.getloadavg()
+    peers: Peers = {
+        "direct": (inside, port),
+        "openssh": (inside, OPENSSH_LOCAL_PORT),
+        "offload": (root_socket, port),
+    }
+    lat = latency(peers, args.requests)
+    for peer, values in lat.items():
+        print(
+            f"latency    {peer:8} p50 {values['p50_ms']:6.3f} ms  p99 {values['p99_ms']:6.3f} ms",
+            flush=True,
+        )
+    thr = throughput(peers, args.runs)
+    for peer, values in thr.items():
+        print(f"throughput {peer:8} {values['mb_per_s']:8.1f} MB/s", flush=True)
+    results["load_average_after"] = os.getloadavg()
+    return lat, thr
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -307,18 +429,21 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--mb", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--deadline", type=int, default=900, help="seconds for the whole run (set-up included)"
+    )
     parser.add_argument("--role", choices=("runner", "agent"), help=argparse.SUPPRESS)
     parser.add_argument("--keys", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--netns", help=argparse.SUPPRESS)
-    parser.add_argument("--engine", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--ssh-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--session", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "runner":
-        asyncio.run(run_runner(args.keys, args.netns, args.engine))
+        asyncio.run(run_runner(args.keys))
         return
     if args.role == "agent":
-        asyncio.run(run_agent(args.keys, args.ssh_port))
+        asyncio.run(run_agent(args.keys, args.ssh_port, args.session))
         return
+    _bounded(args.deadline)
 
     results: dict[str, object] = {
         "when": datetime.now(UTC).isoformat(),
@@ -326,34 +451,10 @@ def main() -> None:
     }
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="obench-") as tmp, ExitStack() as stack:
-        work = Path(tmp)
-        print("setting up: a session engine in its own netns, httpd published …", flush=True)
-        dockerd = start_dockerd()
-        stack.callback(stop_dockerd, dockerd)
-        image = build_test_image(dockerd.host)
-        stack.enter_context(web_container(dockerd.host, image, port, args.mb))
-        inside = netns_socket(dockerd.netns)
-        wait_until(lambda: serves(inside, port, 100), 30, "httpd in the namespace")
-        stack.enter_context(openssh_forward(work, dockerd.netns, port))
-        stack.enter_context(offload_forward(work, dockerd.netns, dockerd.socket))
-        wait_until(lambda: serves(root_socket, port, 100), 30, "the Offload forward")
-
-        results["load_average_before"] = os.getloadavg()
-        peers: Peers = {
-            "direct": (inside, port),
-            "openssh": (inside, OPENSSH_LOCAL_PORT),
-            "offload": (root_socket, port),
-        }
-        lat = latency(peers, args.requests)
-        for peer, values in lat.items():
-            print(
-                f"latency    {peer:8} p50 {values['p50_ms']:6.3f} ms  p99 {values['p99_ms']:6.3f} ms",
-                flush=True,
-            )
-        thr = throughput(peers, args.runs)
-        for peer, values in thr.items():
-            print(f"throughput {peer:8} {values['mb_per_s']:8.1f} MB/s", flush=True)
-        results["load_average_after"] = os.getloadavg()
+        try:
+            lat, thr = set_up_and_measure(stack, Path(tmp), args, port, results)
+        finally:
+            signal.alarm(0)  # the clean-up (bounded step by step) is never cut short
     results["latency"] = lat
     results["throughput"] = thr
     ratios = {
@@ -374,6 +475,20 @@ def main() -> None:
     out = RESULTS / f"ports-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")
+
+
+def _bounded(seconds: int) -> None:
+    """An overall deadline, and SIGTERM as an error: either way the set-up is unwound."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"bench/ports.py ran past its deadline ({seconds} s)")
+
+    def terminated(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGALRM, expired)
+    signal.signal(signal.SIGTERM, terminated)
+    signal.alarm(seconds)
 
 
 if __name__ == "__main__":
