@@ -58,7 +58,7 @@ from offload.runner.driver import (
     EnvState,
 )
 from offload.runner.identities import Identity, IdentityRange
-from offload.runner.sandbox import SandboxSpec
+from offload.runner.sandbox import SLIRP_MTU, SandboxSpec
 
 log = logging.getLogger(__name__)
 
@@ -729,6 +729,9 @@ def engine_config(env_id: str, operator_config: str) -> dict[str, Any]:
     """daemon.json: the operator's, plus labels that `docker info` shows (which environment,
     which isolation: what `offload status` and `diagnose` report)."""
     config: dict[str, Any] = json.loads(operator_config)
+    # The bridge's MTU as slirp4netns's tap0: at docker's 1500 a container downloads at half
+    # the speed (bench/sandbox.py). The operator's setting wins.
+    config.setdefault("mtu", SLIRP_MTU)
     labels = [str(label) for label in config.get("labels", [])]
     config["labels"] = [*labels, f"{ENV_LABEL}={env_id}", f"{ISOLATION_LABEL}={ISOLATION}"]
     return config

@@ -36,6 +36,7 @@ INNER_SOCKET = "/run/offload/docker.sock"
 INNER_EXEC_ROOT = "/run/docker"
 INNER_DATA_ROOT = "/var/lib/docker"
 INNER_CONFIG = "/etc/docker/daemon.json"
+SLIRP_MTU = 65520  # tap0 in the sandbox; the engine's bridge gets the same (environment.py)
 
 
 def init_script() -> Path:
@@ -83,7 +84,7 @@ class SandboxSpec:
         args = [
             self.rootlesskit,
             f"--state-dir={self.state_dir}",
-            "--net=slirp4netns", "--mtu=65520", "--disable-host-loopback",
+            "--net=slirp4netns", f"--mtu={SLIRP_MTU}", "--disable-host-loopback",
             "--slirp4netns-sandbox=auto", "--slirp4netns-seccomp=auto",
             "--port-driver=none", "--subid-source=static",
             "--pidns", "--cgroupns", "--utsns", "--ipcns",
