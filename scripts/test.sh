@@ -28,6 +28,15 @@ if [ ! -x /usr/bin/chromium ]; then
   apt-get install -y -qq chromium >/dev/null
 fi
 
+# The egress e2e tests push and pull through a real registry: Debian's docker-registry
+# (CNCF distribution), run in a network namespace of the tests' own.
+if [ ! -x /usr/bin/docker-registry ]; then
+  echo "==> Installing docker-registry for the registry e2e tests"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq docker-registry >/dev/null
+fi
+
 if ! docker -H unix:///var/run/docker.sock version >/dev/null 2>&1; then
   echo "==> Starting the machine's default dockerd"
   (dockerd >/var/log/offload-test-default-dockerd.log 2>&1 &)
