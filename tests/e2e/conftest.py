@@ -136,26 +136,38 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 _user_numbers = itertools.count(1)
 
 
+def signed_in_user(
+    deployment: Deployment,
+    tmp_path_factory: pytest.TempPathFactory,
+    prefix: str = "dev",
+    org: str = "default",
+    role: Role = Role.MEMBER,
+) -> User:
+    """A new user of `deployment` with a signed-in CLI, as a developer would sign in."""
+    from offload.server.bootstrap import create_user
+
+    name = f"{prefix}{next(_user_numbers)}-{uuid.uuid4().hex[:4]}"
+    home = tmp_path_factory.mktemp(name)
+    token = create_user(deployment.server_settings, name, f"pw-{name}-secret", org, role)
+    user = User(name, home, _user_env(home))
+    # `offload login` with the token from the environment, not argv.
+    user.run(
+        str(VENV_BIN / "offload"),
+        "login",
+        "--server",
+        deployment.server_url,
+        env_extra={"OFFLOAD_TOKEN": token},
+    )
+    return user
+
+
 @pytest.fixture
 def make_user(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Factory: a new user with a signed-in CLI; their session is stopped at teardown."""
-    from offload.server.bootstrap import create_user
-
     created: list[User] = []
 
     def make(org: str = "default", role: Role = Role.MEMBER) -> User:
-        name = f"dev{next(_user_numbers)}-{uuid.uuid4().hex[:4]}"
-        home = tmp_path_factory.mktemp(name)
-        token = create_user(deployment.server_settings, name, f"pw-{name}-secret", org, role)
-        user = User(name, home, _user_env(home))
-        # As a developer would: `offload login` (token from the environment, not argv).
-        user.run(
-            str(VENV_BIN / "offload"),
-            "login",
-            "--server",
-            deployment.server_url,
-            env_extra={"OFFLOAD_TOKEN": token},
-        )
+        user = signed_in_user(deployment, tmp_path_factory, "dev", org, role)
         created.append(user)
         return user
 

@@ -33,9 +33,8 @@ import docker
 import pytest
 
 from offload.core.config import ServerSettings
-from offload.core.schemas import Role
 from offload.core.waiting import wait_until
-from tests.e2e.conftest import VENV_BIN, Deployment, User, _user_env, started
+from tests.e2e.conftest import Deployment, User, _user_env, signed_in_user, started
 from tests.support.identities import identity_env
 from tests.support.internet import (
     Netns,
@@ -157,23 +156,7 @@ def deployment(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def _new_user(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> User:
-    """A signed-in developer (as conftest's make_user, for module-scoped fixtures)."""
-    from offload.server.bootstrap import create_user
-
-    name = f"pub-{uuid.uuid4().hex[:6]}"
-    home = tmp_path_factory.mktemp(name)
-    token = create_user(
-        deployment.server_settings, name, f"pw-{name}-secret", "default", Role.MEMBER
-    )
-    user = User(name, home, _user_env(home))
-    user.run(
-        str(VENV_BIN / "offload"),
-        "login",
-        "--server",
-        deployment.server_url,
-        env_extra={"OFFLOAD_TOKEN": token},
-    )
-    return user
+    return signed_in_user(deployment, tmp_path_factory, "pub")
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,8 @@ import asyncssh
 import httpx
 import pytest
 
-from offload.core.schemas import Role
 from offload.core.waiting import wait_until
-from tests.e2e.conftest import VENV_BIN, Deployment, User, _user_env, started
+from tests.e2e.conftest import Deployment, User, signed_in_user, started
 from tests.e2e.isolation_support import (
     API,
     VIEW_SCRIPT,
@@ -102,23 +101,7 @@ class Arena:
 
 
 def _new_user(deployment: Deployment, tmp: pytest.TempPathFactory) -> User:
-    """As conftest's make_user, for a module-scoped arena."""
-    from offload.server.bootstrap import create_user
-
-    name = f"iso{next(_numbers)}-{uuid.uuid4().hex[:4]}"
-    home = tmp.mktemp(name)
-    token = create_user(
-        deployment.server_settings, name, f"pw-{name}-secret", "default", Role.MEMBER
-    )
-    user = User(name, home, _user_env(home))
-    user.run(
-        str(VENV_BIN / "offload"),
-        "login",
-        "--server",
-        deployment.server_url,
-        env_extra={"OFFLOAD_TOKEN": token},
-    )
-    return user
+    return signed_in_user(deployment, tmp, "iso")
 
 
 def _env_of(deployment: Deployment, user: User) -> EnvFacts:
