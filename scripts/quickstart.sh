@@ -32,8 +32,11 @@ docker build -q -t hello "$ctx"
 rm -rf "$ctx"
 echo "==> docker run --rm hello"
 docker run --rm hello
-echo "==> the sandbox: a privileged container with -v /:/host sees the session's own root, not this machine's"
-docker run --rm --privileged -v /:/host hello ls /host /host/etc
+echo "==> the sandbox: a privileged container given the engine's / sees the session's own root, not the runner's"
+# (-v /:/host would name the laptop's /, which Offload does not sync; a local volume binds the engine's.)
+docker volume create --opt type=none --opt o=bind --opt device=/ engine-root >/dev/null
+docker run --rm --privileged -v engine-root:/host hello ls /host /host/etc
+docker volume rm engine-root >/dev/null
 echo
 echo "Done. The session keeps running: try \`docker run -it --rm hello sh\`,"
 echo "\`docker offload status\`, and \`docker offload stop\` to end it (\`offload down\` stops everything)."
