@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,31 +95,24 @@ def _user_env(home: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    home = tmp_path_factory.mktemp("admin-home")
+@contextmanager
+def embedded_deployment(
+    home: Path, name: str, runner_env: dict[str, str] | None = None
+) -> Iterator[Deployment]:
+    """`offload up` as the admin in `home`, with a run dir, cgroup parent and identity range of
+    its own (see tests/support/identities.py) and `runner_env` for its runner; `down` after."""
     suffix = uuid.uuid4().hex[:6]
-    run_dir = Path(f"/run/oe2e-{suffix}")
-    cgroup_parent = f"offload-e2e-{suffix}"
-    # The embedded runner gets an identity range of its own (see tests/support/identities.py).
-    admin = User("admin", home, {**_user_env(home), **identity_env()})
+    run_dir = Path(f"/run/o{name}-{suffix}")
+    cgroup_parent = f"offload-{name}-{suffix}"
+    admin = User("admin", home, _user_env(home))
     port, ssh_port = _free_port(), _free_port()
-    admin.offload(
-        "up",
-        "--port",
-        str(port),
-        "--ssh-port",
-        str(ssh_port),
-        "--run-dir",
-        str(run_dir),
-        "--cgroup-parent",
-        cgroup_parent,
-        "--pool-size",
-        "1",
-        timeout=180,
-    )
+    up_args = [
+        "up", "--port", str(port), "--ssh-port", str(ssh_port), "--run-dir", str(run_dir),
+        "--cgroup-parent", cgroup_parent, "--pool-size", "1",
+    ]  # fmt: skip
     data_dir = home / ".offload" / "embedded"
     try:
+        admin.offload(*up_args, timeout=180, env_extra={**identity_env(), **(runner_env or {})})
         yield Deployment(
             admin=admin,
             server_url=f"http://127.0.0.1:{port}",
@@ -131,6 +125,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     finally:
         admin.offload("down", check=False, timeout=180)
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with embedded_deployment(tmp_path_factory.mktemp("admin-home"), "e2e") as deployment:
+        yield deployment
 
 
 _user_numbers = itertools.count(1)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import threading
 import uuid
@@ -32,10 +31,14 @@ from pathlib import Path
 import docker
 import pytest
 
-from offload.core.config import ServerSettings
 from offload.core.waiting import wait_until
-from tests.e2e.conftest import Deployment, User, _user_env, signed_in_user, started
-from tests.support.identities import identity_env
+from tests.e2e.conftest import (
+    Deployment,
+    User,
+    embedded_deployment,
+    signed_in_user,
+    started,
+)
 from tests.support.internet import (
     Netns,
     http_server,
@@ -44,7 +47,6 @@ from tests.support.internet import (
     requests_logged,
     tcp_answers,
 )
-from tests.support.net import free_port
 from tests.support.registry import Registry, start_registry
 
 pytestmark = pytest.mark.slow
@@ -117,11 +119,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def deployment(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """This module's deployment (overrides conftest's): the runner's daemon.json trusts the
     plain-HTTP registry, and one private range is allowed."""
-    home = tmp_path_factory.mktemp("egress-admin")
-    suffix = uuid.uuid4().hex[:6]
-    run_dir = Path(f"/run/oeg-{suffix}")
-    cgroup_parent = f"offload-egress-{suffix}"
-    admin = User("admin", home, _user_env(home))
     runner_env = {
         # Both spellings, as a local dockerd 20.10 needs them: with "host:port" alone, BuildKit's
         # FROM still speaks HTTPS to it (measured: `Head "https://…/v2/team/bb/manifests/1":
@@ -131,28 +128,10 @@ def deployment(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             {"insecure-registries": [world.registry.host, f"http://{world.registry.host}"]}
         ),
         "OFFLOAD_RUNNER_EGRESS_ALLOW": ALLOWED_RANGE,
-        **identity_env(),  # a range of its own: tests/support/identities.py
     }
-    port, ssh_port = free_port(), free_port()
-    up_args = [
-        "up", "--port", str(port), "--ssh-port", str(ssh_port), "--run-dir", str(run_dir),
-        "--cgroup-parent", cgroup_parent, "--pool-size", "1",
-    ]  # fmt: skip
-    data_dir = home / ".offload" / "embedded"
-    try:
-        admin.offload(*up_args, timeout=180, env_extra=runner_env)
-        yield Deployment(
-            admin=admin,
-            server_url=f"http://127.0.0.1:{port}",
-            server_settings=ServerSettings(data_dir=data_dir / "server", port=port),
-            run_dir=run_dir,
-            data_dir=data_dir,
-            cgroup_parent=cgroup_parent,
-            ssh_port=ssh_port,
-        )
-    finally:
-        admin.offload("down", check=False, timeout=180)
-        shutil.rmtree(run_dir, ignore_errors=True)
+    home = tmp_path_factory.mktemp("egress-admin")
+    with embedded_deployment(home, "eg", runner_env) as deployment:
+        yield deployment
 
 
 def _new_user(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> User:

@@ -73,7 +73,7 @@ def run(procs: list[Path], *command: str) -> subprocess.CompletedProcess[str]:
 
 
 def start(procs: list[Path]) -> subprocess.Popen[bytes]:
-    """A long-lived process in `procs`' cgroups (a stand-in for the sandbox's processes)."""
+    """A long-lived process in `procs`' cgroups (run as the identity, as the sandbox's processes are)."""
     argv = ["sh", "-c", JOIN, "sh", str(len(procs)), *map(str, procs), "sleep", "1000"]
     proc = subprocess.Popen(argv)
     wait_until(lambda: _cgroup_of(proc.pid, procs), 10, "the process to join its cgroups")

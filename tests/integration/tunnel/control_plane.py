@@ -14,9 +14,10 @@ from pathlib import Path
 import asyncssh
 import uvicorn
 
-from offload.core.api_client import RunnerClient
-from offload.core.config import ServerSettings
-from offload.core.schemas import RunnerRegister
+from offload.agent.state import ClientConfig, SessionFile, write_model
+from offload.core.api_client import RunnerClient, UserClient
+from offload.core.config import ClientPaths, ServerSettings
+from offload.core.schemas import RunnerRegister, SessionCreate
 from offload.core.waiting import wait_until
 from offload.runner.driver import Environment
 from offload.runner.ssh_endpoint import SSHEndpoint
@@ -24,7 +25,7 @@ from offload.server.app import create_app
 from offload.server.bootstrap import bootstrap
 from tests.support.net import free_port
 
-from .support import Dockerd, LoopThread
+from .support import Dockerd, Laptop, LoopThread, make_laptop
 
 
 @dataclass
@@ -91,3 +92,24 @@ def live_control_plane(
         loop_thread.run(runner_client.aclose())
         server.should_exit = True
         serving.result(30)
+
+
+def laptop_with_session(
+    loop_thread: LoopThread, deployment: LiveControlPlane
+) -> tuple[Laptop, ClientPaths, SessionFile]:
+    """What `docker offload start` leaves on a laptop before the agent runs: the client
+    configuration and a fresh session (created with the laptop's own key)."""
+    laptop = make_laptop()
+    paths = ClientPaths(laptop.home)
+    public_key = laptop.key.export_public_key().decode().strip()
+
+    async def create() -> SessionFile:
+        async with UserClient(deployment.url, deployment.admin_token) as client:
+            info = await client.create_session(SessionCreate(client_public_key=public_key))
+        return SessionFile(session=info, private_key_path=str(laptop.key_path))
+
+    config = ClientConfig(server_url=deployment.url, token=deployment.admin_token)
+    write_model(paths.config_file, config)
+    session_file = loop_thread.run(create())
+    write_model(paths.session_file, session_file)
+    return laptop, paths, session_file

@@ -19,11 +19,10 @@ import pytest
 
 from offload.agent.daemon import run_agent
 from offload.agent.keeper import AgentSettings
-from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
+from offload.agent.state import AgentState, SessionFile, read_model
 from offload.cli import session_ops
 from offload.core.api_client import UserClient
 from offload.core.config import ClientPaths
-from offload.core.schemas import SessionCreate
 from offload.core.waiting import wait_until
 from offload.sync.status import SyncState
 from tests.integration.ports.support import build_udp_echo_image
@@ -31,8 +30,8 @@ from tests.support.engines import environment_id
 from tests.support.net import free_port as _free_port
 
 from .control_plane import LiveControlPlane as Deployment
-from .control_plane import live_control_plane
-from .support import Dockerd, Laptop, LoopThread, docker, docker_ok, make_laptop
+from .control_plane import laptop_with_session, live_control_plane
+from .support import Dockerd, Laptop, LoopThread, docker, docker_ok
 
 pytestmark = pytest.mark.slow
 
@@ -62,18 +61,7 @@ class Agent:
 @pytest.fixture
 def agent(loop_thread: LoopThread, deployment: Deployment) -> Iterator[Agent]:
     """What `docker offload start` leaves behind, and `run_agent` serving it (a fresh session)."""
-    laptop = make_laptop()
-    paths = ClientPaths(laptop.home)
-    public_key = laptop.key.export_public_key().decode().strip()
-
-    async def create() -> SessionFile:
-        async with UserClient(deployment.url, deployment.admin_token) as client:
-            info = await client.create_session(SessionCreate(client_public_key=public_key))
-        return SessionFile(session=info, private_key_path=str(laptop.key_path))
-
-    write_model(paths.config_file, ClientConfig(server_url=deployment.url, token=deployment.admin_token))  # fmt: skip
-    session_file = loop_thread.run(create())
-    write_model(paths.session_file, session_file)
+    laptop, paths, session_file = laptop_with_session(loop_thread, deployment)
     stop = asyncio.Event()
     task = asyncio.run_coroutine_threadsafe(
         run_agent(
