@@ -1,4 +1,4 @@
-"""Named network namespaces (`ip netns`) for environments, and a finder for unused leftovers."""
+"""Names for the sandboxes' network namespaces (`ip netns attach`), and a finder for unused leftovers."""
 
 from __future__ import annotations
 
@@ -23,17 +23,6 @@ async def run_ip(*args: str) -> tuple[int, str]:
     )
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode(errors="replace").strip()
-
-
-async def add(name: str) -> None:
-    """Create the namespace with its loopback up (dockerd and port forwards need 127.0.0.1)."""
-    for args in (("netns", "add", name), ("-n", name, "link", "set", "lo", "up")):
-        rc, out = await run_ip(*args)
-        if rc != 0:
-            raise EnvironmentError_(
-                f"Could not set up network namespace {name}: `ip {' '.join(args)}` said: {out}",
-                "Run the runner as root with iproute2 installed (`apt-get install iproute2`).",
-            )
 
 
 async def attach(name: str, pid: int) -> None:
