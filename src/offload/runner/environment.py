@@ -219,9 +219,14 @@ class RootlessDriver:
         rt = _Runtime(paths, env_cgroups(self.settings, env_id))
         self._runtimes[env_id] = rt
         started = time.monotonic()
+        start = asyncio.create_task(self._start(rt, spec))
         try:
-            await self._start(rt, spec)
+            await asyncio.shield(start)
         except BaseException as exc:
+            # A cancelled create (the runner stopping) lets its start settle before the wipe: the
+            # threads it runs (cgroups, accounts) and a sandbox being spawned cannot be stopped
+            # half-way, and a wipe that ran before them would miss what they make.
+            await _settle(start)
             tail = await asyncio.to_thread(_log_tail, paths.log_file)
             # Shielded: a cancelled create must still leave nothing behind.
             await asyncio.shield(self._teardown_quietly(env_id))
@@ -441,6 +446,14 @@ class RootlessDriver:
             log.error("cleaning up after a failed create: %s", exc)
 
 
+async def _settle(task: asyncio.Task[None]) -> None:
+    """Wait until `task` has finished, whatever happens to the caller meanwhile (bounded by
+    the task itself: a start ends within the engine start timeout)."""
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({task})
+
+
 def env_cgroups(settings: RunnerSettings, env_id: str) -> cgroups.EnvCgroups:
     mode = None if settings.cgroup_mode == "auto" else settings.cgroup_mode
     return cgroups.env_cgroups(settings.cgroup_parent, env_id, settings.cgroup_root, mode)
@@ -490,17 +503,20 @@ async def _kill_everything(
     left = await asyncio.to_thread(env_cgroups(settings, paths.env_id).kill, False, KILL_TIMEOUT_S)
     identity = (rt.identity if rt else None) or _recorded_identity(settings, paths)
     if identity is not None:
-        left = sorted(set(left) | set(await asyncio.to_thread(_kill_identity, identity)))
+        left = sorted(set(left) | set(await asyncio.to_thread(_kill_identities, [identity])))
     if rt is not None and rt.process is not None and rt.process.returncode is None:
         with contextlib.suppress(TimeoutError):
             await within(rt.process.wait(), STOP_TIMEOUT_S)
     return left
 
 
-def _kill_identity(identity: Identity) -> list[int]:
+def _kill_identities(owners: list[Identity]) -> list[int]:
+    """SIGKILL every process of `owners` until none is left (bounded); return the survivors.
+
+    A killed process still counts until the kernel has reaped it: wait for that too."""
     deadline = time.monotonic() + KILL_TIMEOUT_S
     while True:
-        pids = identities.processes_of([identity])
+        pids = identities.processes_of(owners)
         if not pids or time.monotonic() >= deadline:
             return pids
         for pid in pids:
@@ -547,8 +563,9 @@ async def cleanup_orphans(settings: RunnerSettings, netns_min_age_s: float = 60.
     strays = [every.identity(slot) for slot in range(every.count)]
     for pid in await asyncio.to_thread(identities.processes_of, strays):
         log.warning("killing process %d left under an Offload identity", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    left = await asyncio.to_thread(_kill_identities, strays)
+    if left:
+        log.error("processes under the runner's identities survived SIGKILL: %s", left)
     for name in await asyncio.to_thread(netns.unused, NETNS_PREFIX, netns_min_age_s):
         log.warning("deleting unused network namespace %s", name)
         try:

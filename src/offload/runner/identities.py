@@ -198,12 +198,16 @@ def processes_of(identities: list[Identity]) -> list[int]:
 
 
 def _proc_uids(pid: str) -> list[int]:
+    """Real, effective and saved uid of a live process; [] for one that has exited (a zombie
+    not yet reaped holds nothing but its pid)."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
+                if line.startswith("State:") and line.split()[1] in ("Z", "X"):
+                    return []
                 if line.startswith("Uid:"):
                     return [int(v) for v in line.split()[1:4]]
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         pass  # exited meanwhile
     return []
 

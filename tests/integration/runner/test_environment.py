@@ -15,7 +15,8 @@ from offload.core.config import RunnerSettings
 from offload.core.engine_http import engine_client
 from offload.core.errors import EnvironmentError_
 from offload.core.schemas import ENGINE_SOCKET_IN_MOUNT_AREA
-from offload.runner import cgroups, netns
+from offload.core.waiting import async_wait_until
+from offload.runner import cgroups, identities, netns
 from offload.runner.driver import Environment, EnvState
 from offload.runner.environment import (
     EnvPaths,
@@ -25,6 +26,7 @@ from offload.runner.environment import (
     contents_of,
     default_policy_factory,
     engine_pid,
+    identity_range,
     image_name,
     read_contents,
 )
@@ -291,3 +293,26 @@ async def test_containers_get_the_user_mode_network_mtu(env: Environment) -> Non
     """At docker's default 1500 behind slirp4netns's 65520, downloads ran at half the speed."""
     result = await docker(env, "run", "--rm", TEST_IMAGE, "cat", "/sys/class/net/eth0/mtu")
     assert result.out == "65520"
+
+
+async def test_a_cancelled_create_settles_then_leaves_nothing(
+    make_settings: MakeSettings,
+) -> None:
+    """The runner stopping cancels a warm-pool fill half-way: nothing of it may survive."""
+    settings = make_settings()
+    driver = RootlessDriver(settings)
+    creating = asyncio.create_task(driver.create(SMALL))
+    envs = settings.data_dir / "envs"
+
+    async def started() -> bool:
+        return envs.is_dir() and any(envs.iterdir())
+
+    await async_wait_until(started, 30, "the create to make its directories")
+    env_id = next(envs.iterdir()).name
+    creating.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await creating
+    assert leftovers(settings, env_id) == []
+    assert not cgroups.children(settings.cgroup_parent)
+    every = identity_range(settings)
+    assert identities.processes_of([every.identity(s) for s in range(every.count)]) == []
