@@ -246,6 +246,8 @@ async def test_manager_probes_the_mount_area_and_starts_each_sync_once(
         ]
         (laptop / "app.yml").write_text("config v2\n")
         await until(lambda: file_source.read_text() == "config v2\n", "single-file edit")
+        # the file lands before the runner's acknowledgement clears the pending count
+        await asyncio.gather(*(s.flush() for s in syncs))
         assert [s.state for s in manager.statuses()] == [SyncState.SYNCED, SyncState.SYNCED]
     finally:
         await manager.close()
