@@ -8,9 +8,10 @@ EXTRA_PIP=${1:-}   # e.g. "[test]"
 
 need_apt=()
 # The runner's sandboxes are built from Docker's rootless parts: rootlesskit, slirp4netns,
-# newuidmap/newgidmap (uidmap); egress rules need iptables.
+# newuidmap/newgidmap (uidmap); egress rules need iptables; the pull cache is docker-registry.
 for pair in dockerd:docker.io nsenter:util-linux setpriv:util-linux ip:iproute2 \
   rootlesskit:rootlesskit slirp4netns:slirp4netns newuidmap:uidmap iptables:iptables \
+  docker-registry:docker-registry \
   busybox:busybox-static ssh:openssh-client sshd:openssh-server; do
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")

@@ -29,9 +29,16 @@ def identity_overrides() -> dict[str, int]:
     }
 
 
+def runner_overrides() -> dict[str, int | bool]:
+    """What every test runner gets: an identity range of its own (`identity_overrides`), and
+    no pull cache unless a test asks for one (it fronts Docker Hub, which is not reachable
+    here: tests/e2e/test_registries.py gives it a hub of its own)."""
+    return {**identity_overrides(), "pull_cache": False}
+
+
 def identity_env() -> dict[str, str]:
-    """The same as OFFLOAD_RUNNER_* environment variables (for `offload up`)."""
-    return {f"OFFLOAD_RUNNER_{key.upper()}": str(v) for key, v in identity_overrides().items()}
+    """`runner_overrides` as OFFLOAD_RUNNER_* environment variables (for `offload up`)."""
+    return {f"OFFLOAD_RUNNER_{key.upper()}": str(v) for key, v in runner_overrides().items()}
 
 
 def _claim() -> int:

@@ -145,19 +145,42 @@ def namespace(prefix: str, addresses: list[tuple[str, str]]) -> Iterator[Netns]:
 def internet() -> contextlib.AbstractContextManager[Netns]:
     """The namespace at .10 of the first TEST-NET block no route of this host touches (.1 is
     the host's side)."""
+    return _internet_hosts(1)[0]
+
+
+@contextlib.contextmanager
+def internet_hosts(count: int) -> Iterator[list[Netns]]:
+    """`count` hosts of the internet, each a namespace of its own in a TEST-NET block of its
+    own (e.g. a public hub and a private registry)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(host) for host in _internet_hosts(count)]
+
+
+def _internet_hosts(count: int) -> list[contextlib.AbstractContextManager[Netns]]:
     routes = host_routes()
-    for cidr in INTERNET_NETWORKS:
-        net = ipaddress.ip_network(cidr)
-        if not any(net.overlaps(route) for route in routes):
-            prefix = f"/{net.prefixlen}"
-            return namespace(
-                "oinet",
-                [(f"{net.network_address + 10}{prefix}", f"{net.network_address + 1}{prefix}")],
-            )
-    raise RuntimeError(
-        f"every test network ({', '.join(INTERNET_NETWORKS)}) is routed on this host already "
-        "(other test runs' namespaces?): wait for them to end"
-    )
+    free = [
+        ipaddress.ip_network(cidr)
+        for cidr in INTERNET_NETWORKS
+        if not any(ipaddress.ip_network(cidr).overlaps(route) for route in routes)
+    ]
+    if len(free) < count:
+        raise RuntimeError(
+            f"{count} test network(s) needed, {len(free)} of {', '.join(INTERNET_NETWORKS)} "
+            "free: the others are routed on this host already (other test runs' namespaces?); "
+            "wait for them to end"
+        )
+    return [
+        namespace(
+            "oinet",
+            [
+                (
+                    f"{net.network_address + 10}/{net.prefixlen}",
+                    f"{net.network_address + 1}/{net.prefixlen}",
+                )
+            ],
+        )  # fmt: skip
+        for net in free[:count]
+    ]
 
 
 def private_lan(pairs: Sequence[tuple[str, str]]) -> contextlib.AbstractContextManager[Netns]:

@@ -1,20 +1,26 @@
 """A real image registry for tests: Debian's `docker-registry` (CNCF distribution 2.x).
 
-Plain HTTP, no auth (TLS and credentials are the next issue's), filesystem storage under a
-directory of the test's own. Started inside a network namespace (`tests.support.internet`), so
-the sandboxes reach it through slirp4netns and the runner's egress rules, like a public registry.
+Plain HTTP without auth, or TLS (a certificate of the test's CA, `tests.support.pki`) with
+htpasswd auth (bcrypt, the only hash distribution accepts); filesystem storage under a directory
+of the test's own. Started inside a network namespace (`tests.support.internet`), so the
+sandboxes reach it through slirp4netns and the runner's egress rules, like a public registry.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import ssl
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import bcrypt
 
 from offload.core.waiting import wait_until
 from tests.support.internet import Netns
+from tests.support.pki import CertificateAuthority, ServerCert
 
 REGISTRY_BINARY = Path("/usr/bin/docker-registry")
 MANIFEST_TYPES = ", ".join(
@@ -41,6 +47,17 @@ http:
   addr: {address}:{port}
   secret: offload-test-registry
 """
+TLS = """\
+  tls:
+    certificate: {cert}
+    key: {key}
+"""
+HTPASSWD = """\
+auth:
+  htpasswd:
+    realm: {realm}
+    path: {path}
+"""
 
 
 @dataclass(frozen=True)
@@ -48,19 +65,38 @@ class Registry:
     address: str
     port: int
     log: Path
+    ca_file: Path | None = None  # TLS when set
+    users: dict[str, str] = field(default_factory=dict)  # htpasswd auth when set
+    storage: Path | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ca_file else "http"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}"
 
     @property
     def host(self) -> str:
         """What image references start with: `198.51.100.10:5000`."""
         return f"{self.address}:{self.port}"
 
-    def get(self, path: str, accept: str | None = None) -> tuple[int, dict[str, str], bytes]:
-        """GET on the registry's HTTP API from the host namespace (status, headers, body)."""
-        request = urllib.request.Request(f"http://{self.host}{path}")
+    def get(
+        self, path: str, accept: str | None = None, user: str | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """GET on the registry's HTTP API from the host namespace (status, headers, body), as
+        `user` (default: the first user, if the registry has any)."""
+        request = urllib.request.Request(self.url + path)
         if accept:
             request.add_header("Accept", accept)
+        user = user or next(iter(self.users), None)
+        if user:
+            token = base64.b64encode(f"{user}:{self.users[user]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        context = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else None
         try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
+            with urllib.request.urlopen(request, timeout=10, context=context) as answer:
                 return answer.status, dict(answer.headers), answer.read()
         except urllib.error.HTTPError as exc:
             return exc.code, dict(exc.headers), exc.read()
@@ -84,8 +120,18 @@ class Registry:
         return [line for line in text.splitlines() if f'"{method} {path} HTTP/' in line]
 
 
-def start_registry(ns: Netns, address: str, port: int, workdir: Path) -> Registry:
-    """`docker-registry serve` in `ns` on address:port; returns once /v2/ answers."""
+def start_registry(
+    ns: Netns,
+    address: str,
+    port: int,
+    workdir: Path,
+    ca: CertificateAuthority | None = None,
+    users: dict[str, str] | None = None,
+) -> Registry:
+    """`docker-registry serve` in `ns` on address:port; returns once /v2/ answers.
+
+    With `ca`: TLS with a certificate of that CA for `address`. With `users` (name: password):
+    htpasswd auth, so anonymous requests get distribution's own 401."""
     if not REGISTRY_BINARY.exists():
         raise RuntimeError(
             f"{REGISTRY_BINARY} is missing: apt-get install docker-registry (scripts/test.sh does)"
@@ -93,10 +139,25 @@ def start_registry(ns: Netns, address: str, port: int, workdir: Path) -> Registr
     storage = workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     config = workdir / "config.yml"
-    config.write_text(CONFIG.format(storage=storage, address=address, port=port))
+    text = CONFIG.format(storage=storage, address=address, port=port)
+    if ca is not None:
+        server: ServerCert = ca.issue(f"registry-{address}-{port}", address)
+        text += TLS.format(cert=server.cert, key=server.key)
+    if users:
+        htpasswd = workdir / "htpasswd"
+        htpasswd.write_text(
+            "".join(
+                f"{name}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()}\n"
+                for name, password in users.items()
+            )
+        )
+        text += HTPASSWD.format(realm=f"registry {address}:{port}", path=htpasswd)
+    config.write_text(text)
     log = workdir / "registry.log"
     process = ns.spawn([str(REGISTRY_BINARY), "serve", str(config)], log)
-    registry = Registry(address, port, log)
+    registry = Registry(
+        address, port, log, ca.cert_file if ca else None, dict(users or {}), storage
+    )
 
     def up() -> bool:
         if process.poll() is not None:

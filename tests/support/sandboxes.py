@@ -19,7 +19,7 @@ from offload.core.config import RunnerSettings
 from offload.core.schemas import InstanceSpec
 from offload.runner import identities
 from offload.runner.environment import cleanup_orphans, identity_range
-from tests.support.identities import identity_overrides
+from tests.support.identities import runner_overrides
 
 # A session's engine on a 2-core test host: room for a few containers and a build.
 SESSION_SPEC = InstanceSpec(cpus=2.0, memory_bytes=2 * 1024**3, pids=2048)
@@ -33,7 +33,7 @@ def sandbox_settings(data_dir: Path, **overrides: object) -> RunnerSettings:
         "run_dir": Path(f"/run/ot-{suffix}"),
         "cgroup_parent": f"offload-test-{suffix}",
         "dockerd_start_timeout_s": 30.0,
-        **identity_overrides(),
+        **runner_overrides(),
     }
     values.update(overrides)
     return RunnerSettings(**values)  # type: ignore[arg-type]

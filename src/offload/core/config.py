@@ -77,6 +77,33 @@ class RunnerSettings(BaseSettings):
     # the runner's own addresses, loopback and link-local stay out of reach whatever this says.
     egress_allow: str = ""
 
+    # PEM file of certificate authorities the engines (and the pull cache) trust for registries
+    # on top of the system's: a company registry's CA. Never a user's credential.
+    registry_ca: Path | None = None
+    # A pull-through cache of Docker Hub (or `pull_cache_upstream`) per runner host: engines use
+    # it as their registry mirror, so an image one session pulled is served from this host to
+    # the next. It authenticates upstream only as the operator's account (never with a user's
+    # credentials), so it holds only what that account may read: public images.
+    pull_cache: bool = True
+    pull_cache_upstream: str = "https://registry-1.docker.io"
+    pull_cache_username: str = ""
+    pull_cache_password_file: Path | None = None
+    # Where sandboxes reach it: a local, non-loopback address ("": the host's primary address)
+    # and port (0: a free one, chosen at start).
+    pull_cache_address: str = ""
+    pull_cache_port: int = Field(default=0, ge=0, le=65535)
+    docker_registry: str = "docker-registry"
+
+    @field_validator("pull_cache_upstream")
+    @classmethod
+    def _upstream_is_a_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(
+                "OFFLOAD_RUNNER_PULL_CACHE_UPSTREAM must be a registry URL such as "
+                "https://registry-1.docker.io"
+            )
+        return value.rstrip("/")
+
     @field_validator("dockerd_config")
     @classmethod
     def _config_is_an_object(cls, value: str) -> str:

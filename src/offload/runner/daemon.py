@@ -38,7 +38,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -63,6 +63,8 @@ from offload.runner.driver import Environment
 from offload.runner.egress import EgressFirewall
 from offload.runner.environment import RootlessDriver, cleanup_orphans, identity_range
 from offload.runner.pool import EnvironmentPool
+from offload.runner.pull_cache import PullCache
+from offload.runner.registry_trust import EngineRegistries, engine_bundle
 
 if TYPE_CHECKING:
     from offload.runner.ssh_endpoint import SSHEndpoint
@@ -103,14 +105,31 @@ def check_prerequisites(settings: RunnerSettings) -> None:
         log.warning("%s", warning)
 
 
-def egress_firewall(settings: RunnerSettings) -> EgressFirewall:
+def egress_firewall(
+    settings: RunnerSettings, services: Sequence[tuple[str, int]] = ()
+) -> EgressFirewall:
     """The sandboxes' egress rules: one chain per identity range, so runners with their own
-    ranges (tests, several runners on one host) never touch each other's rules."""
+    ranges (tests, several runners on one host) never touch each other's rules. `services`:
+    the runner's own that sandboxes may reach (its pull cache)."""
     return EgressFirewall(
         identity_range(settings).uids,
         allow=[settings.egress_allow] if settings.egress_allow.strip() else [],
         chain=f"OFFLOAD-{settings.identity_uid_base}",
+        services=services,
     )
+
+
+async def start_pull_cache(settings: RunnerSettings) -> PullCache | None:
+    if not settings.pull_cache:
+        return None
+    cache = PullCache(settings)
+    try:
+        await cache.start()
+    except EnvironmentError_ as exc:
+        # A runner without its cache still serves sessions: pulls go to their registries.
+        log.warning("pull cache not started, engines pull directly: %s", exc)
+        return None
+    return cache
 
 
 def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
@@ -365,10 +384,27 @@ async def run_runner(settings: RunnerSettings, stop: asyncio.Event | None = None
     stop = stop or asyncio.Event()
     await asyncio.to_thread(check_prerequisites, settings)
     await cleanup_orphans(settings)
-    egress = egress_firewall(settings)
+    ca_bundle = await asyncio.to_thread(engine_bundle, settings.registry_ca)  # checked first
+    cache = await start_pull_cache(settings)
+    mirrors = (cache.mirror_url,) if cache is not None else ()
+    try:
+        await _serve(settings, stop, cache, EngineRegistries(mirrors, ca_bundle))
+    finally:
+        if cache is not None:
+            await cache.stop()
+
+
+async def _serve(
+    settings: RunnerSettings,
+    stop: asyncio.Event,
+    cache: PullCache | None,
+    registries: EngineRegistries,
+) -> None:
+    egress = egress_firewall(settings, [(cache.address, cache.port)] if cache else [])
     await egress.install()
     host_key = await asyncio.to_thread(load_or_create_host_key, settings.data_dir / HOST_KEY_FILE)
-    pool = EnvironmentPool(RootlessDriver(settings), settings.pool_size, settings.capacity)
+    driver = RootlessDriver(settings, registries=registries)
+    pool = EnvironmentPool(driver, settings.pool_size, settings.capacity)
     client = RunnerClient(settings.server_url, settings.token)
     runner = Runner(settings, client, pool, host_key)
     try:

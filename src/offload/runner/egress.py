@@ -14,13 +14,14 @@ The chain (`OFFLOAD-EGRESS` by default; IPv4 through `iptables`, IPv6 through `i
 2. DNS (udp and tcp port 53) to exactly the nameservers of the runner's resolv.conf, read at
    install time: slirp4netns forwards the sandbox's 10.0.2.3 there, and they are often private
    or loopback addresses; with no `nameserver` line, 127.0.0.1 and ::1 (glibc's default);
-3. never, refused whatever the operator says: the runner's own addresses (`addrtype LOCAL`),
+3. the runner's own services for sandboxes (its pull cache: one address and tcp port each);
+4. never, refused whatever the operator says: the runner's own addresses (`addrtype LOCAL`),
    loopback, link-local and cloud metadata (169.254.0.0/16, fe80::/10, fd00:ec2::254),
    0.0.0.0/8, multicast and reserved (224.0.0.0/4, 240.0.0.0/4, ff00::/8), and the unspecified
    and IPv4-mapped IPv6 ranges;
-4. the operator's allowed ranges (`OFFLOAD_RUNNER_EGRESS_ALLOW`, e.g. a LAN registry) go on;
-5. private ranges are refused: 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7;
-6. everything else goes on (back to OUTPUT, whose other rules still apply).
+5. the operator's allowed ranges (`OFFLOAD_RUNNER_EGRESS_ALLOW`, e.g. a LAN registry) go on;
+6. private ranges are refused: 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7;
+7. everything else goes on (back to OUTPUT, whose other rules still apply).
 
 "Goes on" is RETURN, not ACCEPT: the chain only ever refuses, so the host's own firewall keeps
 the last word on what it lets out. The jump is the first rule of OUTPUT, so no earlier ACCEPT
@@ -208,6 +209,7 @@ class EgressPolicy:
     allow: tuple[IPNetwork, ...] = ()
     nameservers: tuple[IPAddress, ...] = ()
     chain: str = DEFAULT_CHAIN
+    services: tuple[tuple[IPAddress, int], ...] = ()  # the runner's, for sandboxes (tcp)
 
     def __post_init__(self) -> None:
         _check_uid_range(self.uid_range)
@@ -241,6 +243,9 @@ class EgressPolicy:
                     lines.append(
                         f"-A {c} -d {ns}/{bits} -p {proto} -m {proto} --dport 53 -j RETURN"
                     )
+        for address, port in self.services:
+            if address.version == family:
+                lines.append(f"-A {c} -d {address}/{bits} -p tcp -m tcp --dport {port} -j RETURN")
         lines.append(f"-A {c} -m addrtype --dst-type LOCAL -j {rej}")
         lines += [f"-A {c} -d {_cidr(net)} -j {rej}" for net in NEVER[family]]
         lines += [f"-A {c} -d {_cidr(n)} -j RETURN" for n in self.allow if n.version == family]
@@ -310,6 +315,7 @@ class EgressFirewall:
         allow: Sequence[str | IPNetwork] = (),
         chain: str = DEFAULT_CHAIN,
         resolv_conf: Path = Path("/etc/resolv.conf"),
+        services: Sequence[tuple[str, int]] = (),
     ) -> None:
         _check_uid_range(uid_range)
         _check_chain(chain)
@@ -325,6 +331,7 @@ class EgressFirewall:
         self.allow = tuple(nets)
         self.chain = chain
         self.resolv_conf = resolv_conf
+        self.services = tuple((ipaddress.ip_address(a), p) for a, p in services)
 
     async def policy(self) -> EgressPolicy:
         """The policy as it would be installed now (resolv.conf read afresh)."""
@@ -337,7 +344,9 @@ class EgressFirewall:
                 f"Could not read {self.resolv_conf} for the sandboxes' nameservers: {exc}",
                 "Make the runner's resolv.conf readable by the runner.",
             ) from None
-        return EgressPolicy(self.uid_range, self.allow, read_nameservers(text), self.chain)
+        return EgressPolicy(
+            self.uid_range, self.allow, read_nameservers(text), self.chain, self.services
+        )
 
     async def install(self) -> EgressPolicy:
         """(Re)create the chains and the one jump for the range, for IPv4 and IPv6; idempotent.

@@ -58,6 +58,7 @@ from offload.runner.driver import (
     EnvState,
 )
 from offload.runner.identities import Identity, IdentityRange
+from offload.runner.registry_trust import EngineRegistries
 from offload.runner.sandbox import SLIRP_MTU, SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,10 @@ class EnvPaths:
         return self.home / "daemon.json"
 
     @property
+    def ca_bundle(self) -> Path:
+        return self.home / "ca-certificates.crt"
+
+    @property
     def identity_file(self) -> Path:
         return self.home / "identity"
 
@@ -199,9 +204,13 @@ class RootlessDriver:
     capabilities = DriverCapabilities(gpus=0, pause=True)
 
     def __init__(
-        self, settings: RunnerSettings, policy_factory: PolicyFactory | None = None
+        self,
+        settings: RunnerSettings,
+        policy_factory: PolicyFactory | None = None,
+        registries: EngineRegistries | None = None,
     ) -> None:
         self.settings = settings
+        self.registries = registries or EngineRegistries()
         self.identities = identity_range(settings)
         self._policy_factory = policy_factory or default_policy_factory
         self._runtimes: dict[str, _Runtime] = {}
@@ -248,7 +257,8 @@ class RootlessDriver:
     async def _start(self, rt: _Runtime, spec: InstanceSpec) -> None:
         paths = rt.paths
         rt.identity = identity = await self._take_identity(paths.env_id)
-        await asyncio.to_thread(_make_dirs, paths, identity, self.settings.dockerd_config)
+        config = engine_config(paths.env_id, self.settings.dockerd_config, self.registries.mirrors)
+        await asyncio.to_thread(_make_dirs, paths, identity, config, self.registries.ca_bundle)
         await asyncio.to_thread(mounts.bind, paths.home, paths.staged_home)
         rt.policy = self._policy_factory(paths.policy_name, paths.mount_area, paths.plugins)
         # dockerd checks its authorization plugin at start-up: the plugin must answer first.
@@ -279,6 +289,7 @@ class RootlessDriver:
             sockets=paths.sockets,
             plugins=paths.plugins,
             config_file=paths.staged(paths.config_file),
+            ca_bundle=paths.staged(paths.ca_bundle) if self.registries.ca_bundle else None,
             state_dir=paths.state_dir,
             cgroup_procs=procs,
             inner_cgroups=cgroups.inner_mount_spec(rt.cgroups),
@@ -719,7 +730,9 @@ def _check_socket_paths(paths: EnvPaths) -> None:
         )
 
 
-def _make_dirs(paths: EnvPaths, identity: Identity, dockerd_config: str) -> None:
+def _make_dirs(
+    paths: EnvPaths, identity: Identity, config: dict[str, Any], ca_bundle: bytes | None
+) -> None:
     """The environment's directories: its own ones owned by its identity, the rest root's.
 
     The identity reaches them through run_dir only (mode 0711 on the way: traversable, not
@@ -737,15 +750,24 @@ def _make_dirs(paths: EnvPaths, identity: Identity, dockerd_config: str) -> None
     paths.staged_home.mkdir(mode=0o711)
     paths.identity_file.write_text(f"{identity.slot}\n")
     # Our own config: the host's /etc/docker/daemon.json must not shape tenants.
-    paths.config_file.write_text(json.dumps(engine_config(paths.env_id, dockerd_config)) + "\n")
+    paths.config_file.write_text(json.dumps(config) + "\n")
     paths.config_file.chmod(0o644)
+    if ca_bundle is not None:
+        paths.ca_bundle.write_bytes(ca_bundle)
+        paths.ca_bundle.chmod(0o644)
     paths.log_file.touch(mode=0o600)
 
 
-def engine_config(env_id: str, operator_config: str) -> dict[str, Any]:
+def engine_config(
+    env_id: str, operator_config: str, mirrors: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """daemon.json: the operator's, plus labels that `docker info` shows (which environment,
-    which isolation: what `offload status` and `diagnose` report)."""
+    which isolation: what `offload status` and `diagnose` report), and the runner's pull cache
+    as the first registry mirror."""
     config: dict[str, Any] = json.loads(operator_config)
+    if mirrors:
+        theirs = [str(m) for m in config.get("registry-mirrors", []) if m not in mirrors]
+        config["registry-mirrors"] = [*mirrors, *theirs]
     # The bridge's MTU as slirp4netns's tap0: at docker's 1500 a container downloads at half
     # the speed (bench/sandbox.py). The operator's setting wins.
     config.setdefault("mtu", SLIRP_MTU)

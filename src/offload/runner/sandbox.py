@@ -56,6 +56,7 @@ class SandboxSpec:
     sockets: Path  # holds docker.sock
     plugins: Path  # holds this environment's policy socket
     config_file: Path
+    ca_bundle: Path | None  # replaces /etc/ssl/certs/ca-certificates.crt inside (registry CAs)
     state_dir: Path  # rootlesskit's
     cgroup_procs: list[Path]  # joined before the identity is taken
     inner_cgroups: str  # OFFLOAD_SB_CGROUPS for sandbox_init.sh
@@ -124,4 +125,5 @@ class SandboxSpec:
             "OFFLOAD_SB_CONFIG": str(self.config_file),
             "OFFLOAD_SB_CGROUPS": self.inner_cgroups,
             "OFFLOAD_SB_HOSTNAME": self.hostname,
+            "OFFLOAD_SB_CA_BUNDLE": str(self.ca_bundle or ""),
         }

@@ -15,6 +15,7 @@
 #   OFFLOAD_SB_CONFIG    host file copied to /etc/docker/daemon.json
 #   OFFLOAD_SB_CGROUPS   what to mount at /sys/fs/cgroup: "name=options ..." (v1), "=cgroup2" (v2)
 #   OFFLOAD_SB_HOSTNAME  the environment's host name
+#   OFFLOAD_SB_CA_BUNDLE host file that replaces /etc/ssl/certs/ca-certificates.crt ("": the host's)
 set -eu
 step() { STEP="$1"; }
 trap 'rc=$?; [ "$rc" = 0 ] || echo "offload sandbox: failed while: $STEP (exit $rc)" >&2' EXIT
@@ -40,6 +41,11 @@ step "writing /etc"
 # Public system files only: no shadow, no ssh keys, no runner or control-plane configuration.
 mkdir -p "$R/etc/ssl"
 [ -d /etc/ssl/certs ] && cp -a /etc/ssl/certs "$R/etc/ssl/"
+if [ -n "$OFFLOAD_SB_CA_BUNDLE" ]; then  # the system's CAs and the operator's registry CAs
+  mkdir -p "$R/etc/ssl/certs"
+  rm -f "$R/etc/ssl/certs/ca-certificates.crt"
+  cp "$OFFLOAD_SB_CA_BUNDLE" "$R/etc/ssl/certs/ca-certificates.crt"
+fi
 for f in alternatives nsswitch.conf services protocols ethertypes ld.so.cache ld.so.conf \
   ld.so.conf.d os-release localtime mime.types; do
   if [ -e "/etc/$f" ] || [ -L "/etc/$f" ]; then cp -a "/etc/$f" "$R/etc/"; fi

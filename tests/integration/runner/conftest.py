@@ -24,7 +24,7 @@ from offload.core.schemas import InstanceSpec
 from offload.runner import cgroups, identities, mounts, netns
 from offload.runner.driver import Environment
 from offload.runner.environment import EnvPaths, cleanup_orphans, identity_range
-from tests.support.identities import identity_overrides
+from tests.support.identities import runner_overrides
 
 # Small enough for a 2-core test host, large enough for dockerd + containerd + a few containers.
 SMALL = InstanceSpec(cpus=1.0, memory_bytes=1024**3, pids=1024)
@@ -110,7 +110,7 @@ def make_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeSett
             "run_dir": Path(f"/run/ot-{suffix}"),
             "cgroup_parent": f"offload-test-{suffix}",
             "dockerd_start_timeout_s": 30.0,
-            **identity_overrides(),
+            **runner_overrides(),
         }
         values.update(overrides)
         settings = RunnerSettings(**values)  # type: ignore[arg-type]

@@ -475,8 +475,15 @@ def chain() -> str:
 def make_firewall(lab: Lab, chain: str) -> Iterator[MakeFirewall]:
     """Firewalls on this test's own chain; the chain and its jumps are gone after the test."""
 
-    def make(*, allow: tuple[str, ...] = (), uids: range | None = None) -> EgressFirewall:
-        return EgressFirewall(uids or lab.uids, allow, chain=chain, resolv_conf=lab.resolv_conf)
+    def make(
+        *,
+        allow: tuple[str, ...] = (),
+        uids: range | None = None,
+        services: tuple[tuple[str, int], ...] = (),
+    ) -> EgressFirewall:
+        return EgressFirewall(
+            uids or lab.uids, allow, chain=chain, resolv_conf=lab.resolv_conf, services=services
+        )
 
     yield make
     asyncio.run(make().uninstall())
@@ -569,6 +576,26 @@ async def test_host_own_address_refused(lab: Lab, make_firewall: MakeFirewall) -
     await refused_inside_only(lab, lab.host_address, lab.host_port)
     await refused_inside_only(lab, LAN_HOST_SIDE, lab.host_port)  # inside an allowed LAN too
     await refused_inside_only(lab, lab.host_side6, lab.host_port)
+
+
+@needs_root
+async def test_a_runner_service_opens_its_address_and_port_only(
+    lab: Lab, make_firewall: MakeFirewall
+) -> None:
+    """The pull cache: one address and port of the runner's own, and nothing else of it."""
+    await make_firewall(services=((lab.host_address, lab.host_port),)).install()
+    await reachable_by_both(lab, lab.host_address, lab.host_port)
+    await refused_inside_only(lab, LAN_HOST_SIDE, lab.host_port)  # same port, other address
+    await refused_inside_only(lab, lab.host_side6, lab.host_port)
+    await refused_inside_only(lab, "127.0.0.1", lab.loopback_port)
+
+
+def test_service_rule_comes_before_the_refusal_of_local_addresses() -> None:
+    policy = EgressPolicy(RANGE, chain="EG", services=((ipaddress.ip_address("192.0.2.2"), 5055),))
+    rules = policy.rules(4)
+    service = rules.index("-A EG -d 192.0.2.2/32 -p tcp -m tcp --dport 5055 -j RETURN")
+    assert service < rules.index("-A EG -m addrtype --dst-type LOCAL -j EG-REJECT")
+    assert not any("192.0.2.2" in rule for rule in policy.rules(6))
 
 
 @needs_root
