@@ -195,3 +195,28 @@ def test_output_lands_on_the_laptop(builder: User, tmp_path: Path, kind: str) ->
         with tarfile.open(dest) as tar:
             member = tar.extractfile("artifact.txt")
             assert member is not None and member.read().decode() == marker + "\n"
+
+
+def test_bad_builds_end_with_a_clear_error_and_leave_the_session_usable(
+    builder: User, tmp_path: Path
+) -> None:
+    missing = _build(builder, tmp_path, "-t", "nothing", check=False)  # no Dockerfile there
+    assert missing.returncode != 0
+    assert "failed to read dockerfile" in missing.stderr.lower() or (
+        "no such file or directory" in missing.stderr
+    ), missing.stderr
+
+    # A base image on a registry the sandbox cannot reach (a private address: the runner's
+    # egress rules refuse it at once, so nothing leaves this machine).
+    context = tmp_path / "unreachable"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM 10.213.99.1:5000/team/base:1\nRUN true\n")
+    unreachable = _build(builder, context, check=False)
+    assert unreachable.returncode != 0
+    assert "10.213.99.1:5000/team/base:1" in unreachable.stderr, unreachable.stderr
+    assert "connection refused" in unreachable.stderr, unreachable.stderr
+
+    # The same session builds and runs at once afterwards.
+    ok = _context(tmp_path / "ok", 'CMD ["echo", "still building"]\n')
+    _build(builder, ok, "-t", "after-errors")
+    assert builder.docker("run", "--rm", "after-errors").stdout == "still building\n"
