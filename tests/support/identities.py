@@ -14,7 +14,9 @@ from pathlib import Path
 
 SUBID_COUNT = 65_536
 TEST_CAPACITY = 8
-MAX_RANGES = 600  # 3,000,000 + 600 * 16 uids; 400,000,000 + 600 * 8 * 65,536 subordinate ids
+TEST_BUILDER_SLOTS = 4
+SLOTS = 16  # per range: capacity + builder slots fit
+MAX_RANGES = 600  # 3,000,000 + 600 * 16 uids; 400,000,000 + 600 * 16 * 65,536 subordinate ids
 CLAIMS = Path("/run/offload-test-identities")
 _held: list[int] = []  # lock file descriptors: the claims of this process
 
@@ -23,9 +25,10 @@ def identity_overrides() -> dict[str, int]:
     """RunnerSettings fields: an identity range claimed for this process, and its capacity."""
     k = _claim()
     return {
-        "identity_uid_base": 3_000_000 + k * 16,
-        "subid_base": 400_000_000 + k * TEST_CAPACITY * SUBID_COUNT,
+        "identity_uid_base": 3_000_000 + k * SLOTS,
+        "subid_base": 400_000_000 + k * SLOTS * SUBID_COUNT,
         "capacity": TEST_CAPACITY,
+        "builder_slots": TEST_BUILDER_SLOTS,
     }
 
 

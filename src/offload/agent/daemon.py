@@ -330,8 +330,9 @@ async def run_agent(
     sources = BindSources(paths.agent_state_file.with_name(SOURCES_FILE))
     creates = CreateBinds(syncs, sources=sources)
     proxy = AgentProxy(
-        paths.agent_socket, tunnel, tracker=tracker, creates=creates, responses=sources
-    )
+        paths.agent_socket, tunnel, tracker=tracker, creates=creates, responses=sources,
+        builds=True,
+    )  # fmt: skip
     proxy.on_change = state.proxy_changed
     keeper = SessionKeeper(
         paths=paths,

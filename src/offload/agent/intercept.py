@@ -47,6 +47,10 @@ _HIJACK = re.compile(
     _VERSIONED + rb"/(?:containers/[^/?]+/attach|exec/[^/?]+/start|session|grpc)(?:\?.*)?"
 )
 _DROPPED_HEADERS = (b"content-length", b"transfer-encoding")
+# Requests for the organisation's builder (the builder channel): builds and BuildKit's session
+# with the laptop. `/_ping` goes wherever the connection is; the rest goes to the engine.
+_BUILDER = re.compile(_VERSIONED + rb"/(?:build|build/cancel|build/prune|session)(?:\?.*)?")
+_PING = re.compile(_VERSIONED + rb"/_ping(?:\?.*)?")
 # GET requests whose answers name bind sources.
 _LIST = re.compile(_VERSIONED + rb"/containers/json(?:\?.*)?")
 _INSPECT = re.compile(_VERSIONED + rb"/containers/[^/?]+/json(?:\?.*)?")
@@ -73,13 +77,20 @@ class CreateRequest:
         return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+class Route(Enum):
+    ENGINE = "engine"  # the session's engine
+    BUILDER = "builder"  # the organisation's builder
+
+
 @dataclass
 class Scan:
-    forward: bytes = b""  # send on now (comes before `create`)
+    forward: bytes = b""  # send on now (comes before `create`, or before the switch)
     create: CreateRequest | None = None  # held: prepare it, send it, then feed `rest`
-    rest: bytes = b""  # what followed the create, not scanned yet
+    rest: bytes = b""  # what followed the create (or the switch), not scanned yet
     # Requests in `forward` (in order) whose answers name bind sources.
     responses: tuple[ResponseKind, ...] = ()
+    # The next request goes elsewhere: switch to this route, then feed `rest` (its head first).
+    switch: Route | None = None
 
 
 class _Mode(Enum):
@@ -101,12 +112,15 @@ class RequestScanner:
         self._head = bytearray()
         self._sent = 0  # bytes of `_head` already handed on
         self._holding: bool | None = None  # None: the request line is not complete yet
+        self._switch: Route | None = None
         self._left = 0
         self._conn: h11.Connection | None = None
         self._create: h11.Request | None = None
         self._raw = bytearray()  # a held create as it came
         self._body = bytearray()  # its body, decoded
         self._marked: list[ResponseKind] = []
+        self.route = Route.ENGINE  # where the requests handed on go
+        self.routes = False  # True: tell build requests apart (the builder channel exists)
 
     @property
     def raw(self) -> bool:
@@ -132,6 +146,10 @@ class RequestScanner:
                 view, create = self._head_bytes(view, out)
             if create is not None:
                 return Scan(bytes(out), create, bytes(view), self._take_marks())
+            if self._switch is not None:
+                switch, self._switch = self._switch, None
+                rest = bytes(view)
+                return Scan(bytes(out), rest=rest, responses=self._take_marks(), switch=switch)
         return Scan(bytes(out), responses=self._take_marks())
 
     def _take_marks(self) -> tuple[ResponseKind, ...]:
@@ -148,7 +166,15 @@ class RequestScanner:
         start = len(self._head)
         self._head += view
         if self._holding is None and (eol := self._head.find(b"\r\n")) >= 0:
-            self._holding = _is_create_line(bytes(self._head[:eol]))
+            line = bytes(self._head[:eol])
+            route = _route_of_line(line, self.route) if self.routes else self.route
+            if route is not self.route:
+                # Nothing of this head was handed on: give it back whole, after the switch.
+                self.route, self._switch = route, route
+                held = memoryview(bytes(self._head))
+                self._reset_head()
+                return held, None
+            self._holding = _is_create_line(line)
         end = self._head.find(b"\r\n\r\n", max(0, start - 3))
         if end < 0:
             if len(self._head) > MAX_HEAD:
@@ -272,6 +298,20 @@ class RequestScanner:
                 if self._mode is _Mode.CHUNKED:
                     self._mode = _Mode.HEAD
                 return len(view) - len(conn.trailing_data[0])
+
+
+def _route_of_line(line: bytes, current: Route) -> Route:
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return current
+    target = parts[1]
+    if _PING.fullmatch(target):
+        return current
+    if parts[0] == b"GET" and target == b"/offload/builder":  # `offload builder status`
+        return Route.BUILDER
+    if parts[0] == b"POST" and _BUILDER.fullmatch(target):
+        return Route.BUILDER
+    return Route.ENGINE
 
 
 def _is_create_line(line: bytes) -> bool:

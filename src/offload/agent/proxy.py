@@ -44,7 +44,7 @@ import asyncssh
 
 from offload.agent.activity import ActivityTracker
 from offload.agent.bind_sources import ResponseKind
-from offload.agent.intercept import CreateRequest, RequestScanner
+from offload.agent.intercept import CreateRequest, RequestScanner, Route
 from offload.agent.responses import ResponseRewriter
 from offload.agent.tunnel import Tunnel
 from offload.core.errors import InvalidInput, OffloadError
@@ -103,8 +103,12 @@ class AgentProxy:
         gate: Gate | None = None,
         creates: CreateHook | None = None,
         responses: ResponseHook | None = None,
+        builds: bool = False,
     ) -> None:
         self.socket_path = socket_path
+        # Builds go to the organisation's builder over a channel of their own (the runner's
+        # builder channel); False, or once the runner refused that channel: to the engine.
+        self.builds = builds
         self.tunnel = tunnel
         self._clock = clock
         self.tracker = tracker or ActivityTracker(clock)
@@ -199,8 +203,12 @@ class _ClientPipe(asyncio.Protocol):
         self._watch = proxy.tracker.opened()
         # Requests are looked at only when there is something to do with them.
         self._responses = proxy.responses
-        scan = proxy.creates is not None or self._responses is not None
+        scan = proxy.creates is not None or self._responses is not None or proxy.builds
         self._scanner = RequestScanner() if scan else None
+        if self._scanner is not None:
+            self._scanner.routes = proxy.builds
+        self._route = Route.ENGINE
+        self._builder: asyncssh.SSHUNIXChannel[bytes] | None = None
         self._marked: deque[ResponseKind] = deque()  # answers to rewrite, in request order
         self._response: ResponseRewriter | None = None  # the answer being rewritten
         self._held: bytearray | None = None  # client bytes behind a create being prepared
@@ -240,6 +248,9 @@ class _ClientPipe(asyncio.Protocol):
             self._to_engine(data)
 
     def _to_engine(self, data: bytes) -> None:
+        if self._route is Route.BUILDER and self._builder is not None:
+            self._builder.write(data)
+            return
         if self._chan is not None:
             self._chan.write(data)
             return
@@ -256,6 +267,8 @@ class _ClientPipe(asyncio.Protocol):
         if self._refusing is not None:
             self._send_refusal()
             return True
+        if self._builder is not None:
+            self._builder.write_eof()
         if self._chan is not None:
             self._chan.write_eof()
             if self._engine_eof:
@@ -263,20 +276,23 @@ class _ClientPipe(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
-        if self._chan is not None:
-            self._chan.pause_reading()  # the client reads slowly: stop taking engine data
+        for chan in (self._chan, self._builder):
+            if chan is not None:
+                chan.pause_reading()  # the client reads slowly: stop taking engine data
 
     def resume_writing(self) -> None:
-        if self._chan is not None:
-            self._chan.resume_reading()
+        for chan in (self._chan, self._builder):
+            if chan is not None:
+                chan.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
         if self._preparing is not None:
             self._preparing.cancel()
-        if self._chan is not None:
-            self._chan.close()
-            self._chan = None
+        for chan in (self._chan, self._builder):
+            if chan is not None:
+                chan.close()
+        self._chan = self._builder = None
         self._watch.closed()
         self._proxy._closed(self)
 
@@ -333,6 +349,37 @@ class _ClientPipe(asyncio.Protocol):
         if scan.create is not None:
             self._held = bytearray(scan.rest)
             self._preparing = asyncio.get_running_loop().create_task(self._prepare(scan.create))
+        elif scan.switch is not None:
+            self._held = bytearray(scan.rest)
+            self._preparing = asyncio.get_running_loop().create_task(self._switch(scan.switch))
+
+    async def _switch(self, route: Route) -> None:
+        """The next request goes to `route`: open the builder channel first if it is needed."""
+        await self._until_settled()
+        if route is Route.BUILDER and self._builder is None and self._refusing is None:
+            try:
+                self._builder = await self._proxy.tunnel.open_builder_session(
+                    lambda: _EngineSide(self, builder=True)
+                )
+            except OffloadError as exc:
+                # A runner without builders: builds run on the session's engine, as before.
+                log.info("builds go to the session's engine: %s", exc.message)
+                self._proxy.builds = False
+                route = Route.ENGINE
+                if self._scanner is not None:
+                    self._scanner.routes, self._scanner.route = False, Route.ENGINE
+        self._preparing = None
+        if self._transport is None:
+            if self._builder is not None:
+                self._builder.close()
+            return
+        self._route = route
+        held, self._held = self._held, None
+        self._transport.resume_reading()
+        if held:
+            self._feed(bytes(held))
+        if self._client_eof and self._held is None:
+            self.eof_received()
 
     async def _prepare(self, create: CreateRequest) -> None:
         """Sync the create's laptop binds and send it rewritten; then what came after it."""
@@ -430,6 +477,17 @@ class _ClientPipe(asyncio.Protocol):
             if held and self._transport is not None:
                 self._transport.write(held)
 
+    def builder_data(self, data: bytes) -> None:
+        self._proxy._touch()
+        self._watch.engine_bytes(data)
+        if self._transport is not None:
+            self._transport.write(data)
+
+    def builder_closed(self) -> None:
+        self._builder = None
+        if self._transport is not None:
+            self._transport.close()
+
     def engine_eof(self) -> bool:
         self._flush_response()
         self._engine_eof = True
@@ -478,17 +536,24 @@ class _ClientPipe(asyncio.Protocol):
 class _EngineSide(asyncssh.SSHUNIXSession[bytes]):
     """The channel's half of a `_ClientPipe`: hands every event to the client side."""
 
-    def __init__(self, pipe: _ClientPipe) -> None:
+    def __init__(self, pipe: _ClientPipe, builder: bool = False) -> None:
         self._pipe = pipe
+        self._builder = builder  # the builder channel's half (its answers are never rewritten)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self._pipe.engine_data(data)
+        if self._builder:
+            self._pipe.builder_data(data)
+        else:
+            self._pipe.engine_data(data)
 
     def eof_received(self) -> bool:
         return self._pipe.engine_eof()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._pipe.engine_closed()
+        if self._builder:
+            self._pipe.builder_closed()
+        else:
+            self._pipe.engine_closed()
 
     def pause_writing(self) -> None:
         self._pipe.pause_client()  # the channel's window is full: stop reading the client

@@ -41,7 +41,7 @@ from offload.core.errors import (
     Suspended,
     Unreachable,
 )
-from offload.core.schemas import ENGINE_CHANNEL_PATH
+from offload.core.schemas import BUILDER_CHANNEL_PATH, ENGINE_CHANNEL_PATH
 from offload.core.tunnel_tuning import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, ENCRYPTION_ALGS
 from offload.core.waiting import wait_event
 from offload.sync.protocol import SYNC_CHANNEL_PATH
@@ -326,6 +326,23 @@ class Tunnel:
             )
         except (asyncssh.Error, OSError) as exc:
             raise _channel_failed(exc) from None
+        return chan
+
+    async def open_builder_session(
+        self, session_factory: Callable[[], asyncssh.SSHUNIXSession[bytes]]
+    ) -> asyncssh.SSHUNIXChannel[bytes]:
+        """A channel for build requests: the organisation's builder (BUILDER_CHANNEL_PATH)."""
+        conn = self._require_conn()
+        try:
+            chan, _ = await conn.create_unix_connection(
+                session_factory,
+                BUILDER_CHANNEL_PATH,
+                encoding=None,
+                window=self.window,
+                max_pktsize=self.max_pktsize,
+            )
+        except (asyncssh.Error, OSError) as exc:
+            raise _channel_failed(exc, "builder") from None
         return chan
 
     async def open_standby_channel(self, session_factory: Callable[[], Any]) -> Any:

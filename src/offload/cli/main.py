@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from offload import __version__
-from offload.cli import embedded, session_ops
+from offload.cli import builder_ops, embedded, session_ops
+from offload.cli.builder_ops import parse_size
 from offload.cli.durations import format_duration, parse_bounded_duration, parse_duration
 from offload.core import schemas as sch
 from offload.core.config import (
@@ -480,6 +481,13 @@ def org_settings(
         sch.FairUsePolicy | None,
         typer.Option(help="Beyond 8 compute hours a day: warn, prompt or stop."),
     ] = None,
+    builder_cache_limit: Annotated[
+        str | None,
+        typer.Option(
+            help="Garbage-collect the shared build cache to this size (e.g. 20GB), "
+            "or `default` (the runner's)."
+        ),
+    ] = None,  # fmt: skip
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show (members) or change (owners) an organisation's Offload settings."""
@@ -495,6 +503,11 @@ def org_settings(
             update.idle_timeout_locked = lock_idle_timeout
         if fair_use is not None:
             update.fair_use_policy = fair_use
+        if builder_cache_limit is not None:
+            default = builder_cache_limit.strip().lower() in ("default", "none")
+            update.builder_cache_limit_bytes = (
+                None if default else parse_size(builder_cache_limit, "--builder-cache-limit")
+            )
         return session_ops.org_settings(_paths(), org, update)
 
     result = _run(work)
@@ -508,9 +521,76 @@ def org_settings(
         ("Idle timeout default", format_duration(timeout) if timeout else "server default"),
         ("Idle timeout locked", "yes" if result.idle_timeout_locked else "no"),
         ("Fair use beyond 8 h/day", result.fair_use_policy.value),
+        ("Build cache limit", _size(result.builder_cache_limit_bytes) or "runner default"),
         ("Owners", ", ".join(result.owners) or "-"),
     ]
     _print_rows(rows)
+
+
+def _size(count: int | None) -> str | None:
+    if count is None:
+        return None
+    for unit, factor in (("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2), ("KB", 1000)):
+        if count >= factor:
+            return f"{count / factor:.1f} {unit}"
+    return f"{count} B"
+
+
+# ---- the organisation's builder ----------------------------------------------------------------
+
+builder_app = typer.Typer(
+    help="Your organisation's shared build cache (builds of every member's session use it).",
+    no_args_is_help=True,
+)
+app.add_typer(builder_app, name="builder")
+
+
+@builder_app.command("status")
+def builder_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Size, records and last use of your organisation's build cache (needs a session)."""
+    result = _run(lambda: builder_ops.status(_paths()))
+    if as_json:
+        _print_json(result)
+        return
+    if not result.get("running"):
+        _print_rows([("Organisation", result.get("org")), ("Builder", "none on this runner: "
+                      "builds run on your session's engine")])  # fmt: skip
+        return
+    _print_rows([
+        ("Organisation", result.get("org")),
+        ("Cache size", _size(int(result.get("size_bytes") or 0))),
+        ("Cache records", f"{result.get('records')} ({result.get('shared_records')} shared)"),
+        ("Last used", result.get("last_used_at") or "never"),
+        ("Kept up to", result.get("keep_storage")),
+    ])  # fmt: skip
+
+
+@builder_app.command("prune")
+def builder_prune(
+    everything: Annotated[
+        bool, typer.Option("--all/--dangling", help="All unused cache, or only dangling.")
+    ] = True,
+    keep_storage: Annotated[
+        str | None, typer.Option(help="Keep this much of the cache (e.g. 5GB).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Free your organisation's build cache (owners only)."""
+
+    def work() -> Coroutine[Any, Any, dict[str, Any]]:
+        keep = parse_size(keep_storage, "--keep-storage") if keep_storage else None
+        return builder_ops.prune(_paths(), everything, keep)
+
+    result = _run(work)
+    if as_json:
+        _print_json(result)
+        return
+    deleted = len(result.get("CachesDeleted") or [])
+    out.print(
+        f"Pruned {deleted} cache records, reclaimed {_size(result.get('SpaceReclaimed') or 0)}."
+    )
 
 
 @org_app.command("billing")

@@ -59,6 +59,11 @@ class RunnerSettings(BaseSettings):
     run_dir: Path = Path("/run/offload")
     pool_size: int = Field(default=1, ge=0, le=64)
     capacity: int = Field(default=8, ge=1, le=1024)
+    # Organisations' persistent builders this runner keeps (each holds an identity slot and
+    # its build cache on disk); the cache is garbage-collected to `builder_keep_storage` unless
+    # the organisation's owners set their own limit.
+    builder_slots: int = Field(default=4, ge=0, le=256)
+    builder_keep_storage: str = "20GB"
     cgroup_parent: str = "offload"
     # Where the cgroup filesystem is, and which version to use there ("auto": what is mounted;
     # a hybrid host with v1 controllers counts as v1).

@@ -55,6 +55,10 @@ API_VERSION = "1"
 # The one unix-socket name a client may ask the runner's SSH endpoint for: the runner maps it to
 # the engine of the session named by the client's certificate, never to any other path.
 ENGINE_CHANNEL_PATH = "/docker.sock"
+# Build requests (`/build`, BuildKit's `/session`) go here instead: the runner maps it to the
+# persistent builder of the session's organisation (its shared build cache), lets only build
+# requests through, and moves each built image into the session's engine before the build ends.
+BUILDER_CHANNEL_PATH = "/builder.sock"
 # Each environment's engine also listens here, inside its mount area, so that a container given
 # `-v /var/run/docker.sock:/var/run/docker.sock` talks to the session's own engine (under the
 # same policy), as it would to the local one.
@@ -244,6 +248,10 @@ class AssignedSession(BaseModel):
     # SHA256 fingerprint (`SHA256:…`) of the one client key allowed now; after a takeover,
     # connections authenticated with another key are to be dropped.
     client_key_fingerprint: str | None = None
+    # The user's role in the organisation (owners may prune its builder's cache), and the
+    # organisation's limit for that cache (None: the runner's default).
+    org_role: Role = Role.MEMBER
+    builder_keep_storage_bytes: int | None = None
 
 
 class RunnerDesired(BaseModel):
@@ -333,6 +341,8 @@ class OrgSettings(BaseModel):
     idle_timeout_default_s: int | None = None  # None: the server's default
     idle_timeout_locked: bool = False
     fair_use_policy: FairUsePolicy = FairUsePolicy.PROMPT
+    # The organisation's build cache is garbage-collected to this size (None: the runner's).
+    builder_cache_limit_bytes: int | None = None
     owners: list[str] = []
 
 
@@ -345,6 +355,8 @@ class OrgSettingsUpdate(BaseModel):
     idle_timeout_default_s: int | None = None
     idle_timeout_locked: bool | None = None
     fair_use_policy: FairUsePolicy | None = None
+    # Sent as null: back to the runner's default.
+    builder_cache_limit_bytes: int | None = None
 
 
 class TrialCredit(BaseModel):

@@ -34,13 +34,14 @@ stop the loops and wipe every environment.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncssh
 
@@ -56,12 +57,21 @@ from offload.core.errors import (
     PermissionDenied,
     Unreachable,
 )
-from offload.core.schemas import InstanceType, RunnerDesired, RunnerRegister
+from offload.core.schemas import (
+    AssignedSession,
+    InstanceType,
+    Role,
+    RunnerDesired,
+    RunnerRegister,
+)
 from offload.core.waiting import wait_event
 from offload.runner import cgroups, host_checks
+from offload.runner.builder_proxy import BuildRoute
+from offload.runner.builders import BuilderPool
 from offload.runner.driver import Environment
 from offload.runner.egress import EgressFirewall
 from offload.runner.environment import RootlessDriver, cleanup_orphans, identity_range
+from offload.runner.image_transfer import move_image
 from offload.runner.pool import EnvironmentPool
 from offload.runner.pull_cache import PullCache
 from offload.runner.registry_trust import EngineRegistries, engine_bundle
@@ -203,6 +213,7 @@ class Runner:
         host_key: asyncssh.SSHKey,
         backoff: Backoff | None = None,
         active_wait_s: float = ACTIVE_WAIT_S,
+        builders: BuilderPool | None = None,
     ) -> None:
         self.settings = settings
         self.active_wait_s = active_wait_s
@@ -217,6 +228,8 @@ class Runner:
         # The reconciler's input: the latest desired list, and a flag that it changed.
         self._latest: RunnerDesired | None = None
         self._pending = asyncio.Event()
+        self.builders = builders
+        self._assigned: dict[str, AssignedSession] = {}  # the latest word on each session
 
     # ---- registration ----------------------------------------------------------------------
 
@@ -264,12 +277,52 @@ class Runner:
                 "Try again in a few seconds.",
             )
         assigned = await self.client.assigned_session(self.runner_id, session_id)
+        self._assigned[session_id] = assigned
         if self.endpoint is not None:  # the freshest word on which key holds the session
             await self.endpoint.set_client_key(session_id, assigned.client_key_fingerprint)
         env = await self.pool.bind(assigned)
         await self.pool.follow_state(assigned)
         await self._report_ready(session_id, env)
         return env
+
+    async def build_route(self, session_id: str) -> BuildRoute:
+        """Where the session's builds go: its organisation's builder, or (no builder slot) its
+        own engine."""
+        env = await self.resolve(session_id)
+        assigned = self._assigned[session_id]
+        work_dir = self.settings.data_dir / "transfers"
+        limit = assigned.builder_keep_storage_bytes
+        builder: Environment | None = None
+        if self.builders is not None:
+            try:
+                builder = await self.builders.for_org(assigned.org, limit)
+            except OffloadError as exc:
+                log.warning("builds of %s run on its session's engine: %s", assigned.org, exc)
+        pool = self.builders
+
+        async def move(image_id: str, tags: list[str]) -> str:
+            assert builder is not None and pool is not None
+            async with pool.transfer_lock(builder.id):
+                moved = await move_image(
+                    builder.engine_socket, env.engine_socket, image_id, tags, work_dir
+                )
+            return moved.describe()
+
+        async def status() -> dict[str, Any]:
+            if pool is None or builder is None:
+                return {"org": assigned.org, "running": False}
+            usage = await pool.usage(assigned.org, limit)
+            return {"org": assigned.org, **dataclasses.asdict(usage)}
+
+        return BuildRoute(
+            org=assigned.org,
+            builder_socket=(builder or env).engine_socket,
+            session_socket=env.engine_socket,
+            is_owner=assigned.org_role is Role.OWNER,
+            work_dir=work_dir,
+            move=move if builder is not None else None,
+            status=status,
+        )
 
     # ---- heartbeat -------------------------------------------------------------------------
 
@@ -405,8 +458,9 @@ async def _serve(
     host_key = await asyncio.to_thread(load_or_create_host_key, settings.data_dir / HOST_KEY_FILE)
     driver = RootlessDriver(settings, registries=registries)
     pool = EnvironmentPool(driver, settings.pool_size, settings.capacity)
+    builders = BuilderPool(settings, driver)
     client = RunnerClient(settings.server_url, settings.token)
-    runner = Runner(settings, client, pool, host_key)
+    runner = Runner(settings, client, pool, host_key, builders=builders)
     try:
         await pool.start()  # warming overlaps with registration
         if not await runner.register(stop):
@@ -422,6 +476,7 @@ async def _serve(
         log.info("runner stopping: wiping every environment")
         if runner.endpoint is not None:
             await runner.endpoint.stop()
+        await builders.close()  # their caches stay on disk
         await pool.close()
         await client.aclose()
         await asyncio.to_thread(cgroups.remove_parent, settings.cgroup_parent, settings.cgroup_root)
@@ -441,6 +496,7 @@ async def _start_endpoint(
         host_key,
         ca_public_key=lambda: runner.ca_public_key,
         resolve=runner.resolve,
+        build_route=runner.build_route,
     )
     try:
         await endpoint.start()

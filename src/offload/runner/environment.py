@@ -64,6 +64,8 @@ from offload.runner.sandbox import SLIRP_MTU, SandboxSpec
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "env-"
+# Organisations' builders: persistent environments (their data outlives sessions and restarts).
+BUILDER_PREFIX = "bld-"
 NETNS_PREFIX = "off-"
 POLICY_PREFIX = "offload-policy-"
 ISOLATION = "rootless"  # what status and diagnose name
@@ -100,7 +102,10 @@ def default_policy_factory(name: str, mount_area: Path, plugin_dir: Path) -> Pol
 
 
 def identity_range(settings: RunnerSettings) -> IdentityRange:
-    return IdentityRange(settings.identity_uid_base, settings.subid_base, settings.capacity)
+    """Slots 0..capacity-1 serve sessions; the next `builder_slots` organisations' builders
+    (one fixed slot each: their data is owned by that slot's ids)."""
+    count = settings.capacity + settings.builder_slots
+    return IdentityRange(settings.identity_uid_base, settings.subid_base, count)
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,13 @@ class EnvPaths:
 
     @classmethod
     def of(cls, settings: RunnerSettings, env_id: str) -> EnvPaths:
-        return cls(env_id, settings.data_dir / "envs" / env_id, settings.run_dir / env_id)
+        kind = "builders" if env_id.startswith(BUILDER_PREFIX) else "envs"
+        return cls(env_id, settings.data_dir / kind / env_id, settings.run_dir / env_id)
+
+    @property
+    def persistent(self) -> bool:
+        """A builder's home (its data-root: the build cache) is kept when it stops."""
+        return self.env_id.startswith(BUILDER_PREFIX)
 
     @property
     def data_root(self) -> Path:
@@ -222,13 +233,30 @@ class RootlessDriver:
     # ---- create ------------------------------------------------------------------------------
 
     async def create(self, spec: InstanceSpec) -> Environment:
-        env_id = ENV_PREFIX + secrets.token_hex(5)
+        return await self._create(ENV_PREFIX + secrets.token_hex(5), spec)
+
+    async def start_builder(
+        self, env_id: str, spec: InstanceSpec, slot: int, config: dict[str, Any]
+    ) -> Environment:
+        """(Re)start the persistent environment `env_id` (BUILDER_PREFIX) on identity `slot`,
+        with its data-root as it was left; `config` is merged into its daemon.json."""
+        if not env_id.startswith(BUILDER_PREFIX):
+            raise ValueError(f"{env_id} is not a builder id")
+        return await self._create(env_id, spec, slot, config)
+
+    async def _create(
+        self,
+        env_id: str,
+        spec: InstanceSpec,
+        slot: int | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> Environment:
         paths = EnvPaths.of(self.settings, env_id)
         _check_socket_paths(paths)
         rt = _Runtime(paths, env_cgroups(self.settings, env_id))
         self._runtimes[env_id] = rt
         started = time.monotonic()
-        start = asyncio.create_task(self._start(rt, spec))
+        start = asyncio.create_task(self._start(rt, spec, slot, extra_config or {}))
         try:
             await asyncio.shield(start)
         except BaseException as exc:
@@ -254,10 +282,13 @@ class RootlessDriver:
             isolation=ISOLATION,
         )
 
-    async def _start(self, rt: _Runtime, spec: InstanceSpec) -> None:
+    async def _start(
+        self, rt: _Runtime, spec: InstanceSpec, slot: int | None, extra: dict[str, Any]
+    ) -> None:
         paths = rt.paths
-        rt.identity = identity = await self._take_identity(paths.env_id)
+        rt.identity = identity = await self._take_identity(paths.env_id, slot)
         config = engine_config(paths.env_id, self.settings.dockerd_config, self.registries.mirrors)
+        config.update(extra)
         await asyncio.to_thread(_make_dirs, paths, identity, config, self.registries.ca_bundle)
         await asyncio.to_thread(mounts.bind, paths.home, paths.staged_home)
         rt.policy = self._policy_factory(paths.policy_name, paths.mount_area, paths.plugins)
@@ -300,9 +331,11 @@ class RootlessDriver:
             dockerd=self.settings.dockerd,
         )
 
-    async def _take_identity(self, env_id: str) -> Identity:
-        """A free identity slot whose previous environment left no process behind."""
-        for slot in range(self.identities.count):
+    async def _take_identity(self, env_id: str, wanted: int | None = None) -> Identity:
+        """A free identity slot whose previous environment left no process behind (`wanted`:
+        that slot, a builder's own; otherwise one of the sessions' slots)."""
+        slots = [wanted] if wanted is not None else range(self.settings.capacity)
+        for slot in slots:
             if slot in self._held_slots:
                 continue
             identity = self.identities.identity(slot)
@@ -316,8 +349,13 @@ class RootlessDriver:
                 self._held_slots.pop(slot, None)
                 raise
             return identity
+        if wanted is not None:
+            raise EnvironmentError_(
+                f"The builder identity slot {wanted} is in use or not yet clean.",
+                "Wait a moment and build again.",
+            )
         raise EnvironmentError_(
-            f"All {self.identities.count} sandbox identities are in use or not yet clean.",
+            f"All {self.settings.capacity} sandbox identities are in use or not yet clean.",
             "Wait for sessions to end, or raise OFFLOAD_RUNNER_CAPACITY.",
         )
 
@@ -587,15 +625,18 @@ async def cleanup_orphans(settings: RunnerSettings, netns_min_age_s: float = 60.
     return sorted(env_ids)
 
 
+PREFIXES = (ENV_PREFIX, BUILDER_PREFIX)  # a builder's teardown keeps its data
+
+
 def _leftover_env_ids(settings: RunnerSettings) -> set[str]:
     found: set[str] = set()
     for directory in (settings.data_dir / "envs", settings.run_dir):
         if directory.is_dir():
-            found.update(p.name for p in directory.iterdir() if p.name.startswith(ENV_PREFIX))
+            found.update(p.name for p in directory.iterdir() if p.name.startswith(PREFIXES))
     found.update(
         n
         for n in cgroups.children(settings.cgroup_parent, settings.cgroup_root)
-        if n.startswith(ENV_PREFIX)
+        if n.startswith(PREFIXES)
     )
     return found
 
@@ -707,6 +748,8 @@ def _area_listener(paths: EnvPaths) -> str | None:
     """dockerd's second listener, in the mount area (`ENGINE_SOCKET_IN_MOUNT_AREA`): what a
     container's `-v /var/run/docker.sock` becomes. Skipped, and said, if the path is too long
     for a unix socket (a very deep data directory)."""
+    if paths.persistent:
+        return None  # a builder: no session's containers bind its socket
     path = str(paths.area_socket)
     if len(path.encode()) > MAX_SOCKET_PATH:
         log.warning(
@@ -736,15 +779,17 @@ def _make_dirs(
     """The environment's directories: its own ones owned by its identity, the rest root's.
 
     The identity reaches them through run_dir only (mode 0711 on the way: traversable, not
-    listable); data_dir's parents may be closed to it (e.g. under /root)."""
+    listable); data_dir's parents may be closed to it (e.g. under /root). A builder's home may
+    be there from its last run: its data-root is kept."""
+    kept = paths.persistent
     paths.home.parent.mkdir(parents=True, exist_ok=True)
     paths.run.parent.mkdir(parents=True, exist_ok=True)
     paths.run.parent.chmod(0o711)
-    for directory in (paths.home, paths.run):
-        directory.mkdir(mode=0o711)
+    paths.home.mkdir(mode=0o711, exist_ok=kept)
+    paths.run.mkdir(mode=0o711)
     owned = (paths.data_root, paths.mount_area, paths.sockets, paths.state_dir, paths.root)
     for directory in owned:
-        directory.mkdir(mode=0o700 if directory != paths.mount_area else 0o755)
+        directory.mkdir(mode=0o700 if directory != paths.mount_area else 0o755, exist_ok=kept)
         os.chown(directory, identity.uid, identity.gid)
     paths.plugins.mkdir(mode=0o755)
     paths.staged_home.mkdir(mode=0o711)
@@ -777,8 +822,16 @@ def engine_config(
 
 
 def _remove_dirs(paths: EnvPaths) -> None:
-    for directory in (paths.run, paths.home):
-        shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(paths.run, ignore_errors=True)
+    if not paths.persistent:
+        shutil.rmtree(paths.home, ignore_errors=True)
+
+
+async def wipe_builder(settings: RunnerSettings, env_id: str) -> None:
+    """Remove a stopped builder's kept data (its build cache) for good."""
+    paths = EnvPaths.of(settings, env_id)
+    if paths.persistent and not await asyncio.to_thread(mounts.unmount_under, [paths.home]):
+        await asyncio.to_thread(shutil.rmtree, paths.home, True)
 
 
 def _log_tail(log_file: Path, lines: int = 20) -> str:

@@ -11,6 +11,8 @@ What a client may do once connected, and nothing more:
   namespace when one of its own running (or paused) containers publishes PORT/tcp
   (`offload.runner.port_gate`), and `direct-streamlocal` channels to `udp_channel_path(PORT)`,
   relaying framed datagrams to PORT/udp under the same rule;
+- open `direct-streamlocal` channels to `BUILDER_CHANNEL_PATH`: build requests only, served by
+  the persistent builder of the session's organisation (`offload.runner.builder_proxy`);
 - open `direct-streamlocal` channels to `SYNC_CHANNEL_PATH`, served by the file-sync endpoint of
   that environment's mount area (`offload.sync.remote.RemoteEndpoint`): bind mounts of laptop
   directories land there, and nowhere else.
@@ -41,7 +43,8 @@ from asyncssh.public_key import decode_ssh_certificate  # not re-exported at the
 from offload.agent.standby import STANDBY_CHANNEL_PATH
 from offload.agent.udp_relay import parse_udp_channel_path
 from offload.core import ssh_fastpath
-from offload.core.schemas import ENGINE_CHANNEL_PATH
+from offload.core.errors import OffloadError
+from offload.core.schemas import BUILDER_CHANNEL_PATH, ENGINE_CHANNEL_PATH
 from offload.core.tunnel_tuning import (
     CHANNEL_MAX_PKTSIZE,
     CHANNEL_WINDOW,
@@ -49,6 +52,7 @@ from offload.core.tunnel_tuning import (
     KEEPALIVE_COUNT_MAX,
     KEEPALIVE_INTERVAL_S,
 )
+from offload.runner.builder_proxy import BuilderConnection, BuildRoute
 from offload.runner.driver import Environment
 from offload.runner.port_gate import PortGate, standby_tcp_forward, tcp_forward, udp_forward
 from offload.sync.protocol import SYNC_CHANNEL_PATH
@@ -63,6 +67,7 @@ LOGIN_TIMEOUT_S = 30.0
 _SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 Resolve = Callable[[str], Awaitable[Environment]]
+RouteBuilds = Callable[[str], Awaitable[BuildRoute]]
 
 
 class _Server(asyncssh.SSHServer):
@@ -202,6 +207,8 @@ class _Server(asyncssh.SSHServer):
             session = standby_tcp_forward(self._endpoint.port_gate, self._bound_env)
         elif dest_path == SYNC_CHANNEL_PATH:
             session = self._serve_sync  # a stream handler: asyncssh calls it with (reader, writer)
+        elif dest_path == BUILDER_CHANNEL_PATH and self._endpoint.build_route is not None:
+            session = self._serve_builder
         elif parse_udp_channel_path(dest_path) is not None:
             session = self._forward_udp(dest_path)
         else:
@@ -237,6 +244,23 @@ class _Server(asyncssh.SSHServer):
             writer.close()
             return
         await self._endpoint.sync_endpoint(env).serve(reader, writer)
+
+    async def _serve_builder(
+        self, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes]
+    ) -> None:
+        """Build requests, to the session's organisation's builder (builder_proxy)."""
+        try:
+            await self._env
+            assert self._endpoint.build_route is not None
+            route = await self._endpoint.build_route(self._username)
+        except asyncio.CancelledError:
+            writer.close()
+            return
+        except OffloadError as exc:
+            log.warning("session %s: no builder: %s", self._username, exc)
+            writer.close()
+            return
+        await BuilderConnection(route, reader, writer).serve()
 
     async def _forward_to_engine(self) -> asyncssh.SSHUNIXSession[bytes]:
         env = await self._bound_env()
@@ -286,7 +310,10 @@ class SSHEndpoint:
         window: int = CHANNEL_WINDOW,
         max_pktsize: int = CHANNEL_MAX_PKTSIZE,
         port_gate: PortGate | None = None,
+        build_route: RouteBuilds | None = None,
     ) -> None:
+        # None: no builder channel (builds go to the session's engine channel).
+        self.build_route = build_route
         self.host = host
         self._port = port
         self._host_key = host_key

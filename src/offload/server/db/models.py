@@ -14,7 +14,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from offload.server.db.types import UtcDateTime
@@ -194,6 +194,7 @@ class OrgSettingsRow(Base):
     idle_timeout_default_s: Mapped[int | None]
     idle_timeout_locked: Mapped[bool] = mapped_column(Boolean, default=False)
     fair_use_policy: Mapped[str] = mapped_column(String(16), default="prompt")
+    builder_cache_limit_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class OrgBillingRow(Base):

@@ -38,6 +38,7 @@ class OrgPolicy:
     idle_timeout_locked: bool = False
     fair_use_policy: s.FairUsePolicy = s.FairUsePolicy.PROMPT
     offload_access: s.OffloadAccess = s.OffloadAccess.ENABLED
+    builder_cache_limit_bytes: int | None = None
 
     def allows(self, personal: bool | None) -> bool:
         """Whether a member whose personal switch is `personal` (None: unset) may use Offload."""
@@ -67,6 +68,20 @@ def check_idle_timeout(seconds: int) -> int:
             f"Choose an idle timeout from {IDLE_TIMEOUT_RANGE}, e.g. `--idle-timeout 5m`.",
         )
     return seconds
+
+
+BUILDER_CACHE_MIN = 10 * 1000**2  # 10 MB: BuildKit keeps at least what one build uses
+BUILDER_CACHE_MAX = 100 * 1000**4  # 100 TB
+
+
+def check_cache_limit(limit: int) -> int:
+    if not BUILDER_CACHE_MIN <= limit <= BUILDER_CACHE_MAX:
+        raise InvalidInput(
+            f"A build cache limit of {limit} bytes is out of range.",
+            "Choose 10MB to 100TB, e.g. `offload org settings --builder-cache-limit 20GB`, or "
+            "`default` (the runner's).",
+        )
+    return limit
 
 
 def describe_seconds(seconds: int) -> str:
@@ -128,6 +143,7 @@ def policy_of(db: Db, org: Organization) -> OrgPolicy:
         idle_timeout_default_s=row.idle_timeout_default_s,
         idle_timeout_locked=row.idle_timeout_locked,
         fair_use_policy=s.FairUsePolicy(row.fair_use_policy),
+        builder_cache_limit_bytes=row.builder_cache_limit_bytes,
     )
 
 
@@ -161,6 +177,7 @@ def settings_view(db: Db, org: Organization) -> s.OrgSettings:
         idle_timeout_default_s=policy.idle_timeout_default_s,
         idle_timeout_locked=policy.idle_timeout_locked,
         fair_use_policy=policy.fair_use_policy,
+        builder_cache_limit_bytes=policy.builder_cache_limit_bytes,
         owners=owner_names(db, org),
     )
 
@@ -185,6 +202,9 @@ def update_settings(db: Db, org: Organization, update: s.OrgSettingsUpdate) -> N
         row.idle_timeout_locked = update.idle_timeout_locked
     if update.fair_use_policy is not None:
         row.fair_use_policy = update.fair_use_policy.value
+    if "builder_cache_limit_bytes" in sent:
+        limit = update.builder_cache_limit_bytes
+        row.builder_cache_limit_bytes = None if limit is None else check_cache_limit(limit)
     db.flush()
 
 

@@ -18,12 +18,13 @@ from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session as Db
+from sqlalchemy.orm import object_session
 
 from offload.core import schemas as s
 from offload.core.errors import Conflict, InvalidInput, NotFound
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
-from offload.server.db.models import OffloadSession, Runner
+from offload.server.db.models import OffloadSession, OrgSettingsRow, Runner
 from offload.server.services import lifecycle
 from offload.server.services.ca import key_fingerprint, parse_public_key
 from offload.server.services.tokens import AuthRunner
@@ -58,7 +59,18 @@ def assigned_session_view(row: OffloadSession) -> s.AssignedSession:
         instance_type=s.InstanceType(row.instance_type),
         paused=S(row.state) is S.IDLE,
         client_key_fingerprint=key_fingerprint(row.client_public_key),
+        org_role=next(
+            (s.Role(m.role) for m in row.user.memberships if m.org_id == row.org_id),
+            s.Role.MEMBER,
+        ),
+        builder_keep_storage_bytes=_cache_limit(row),
     )
+
+
+def _cache_limit(row: OffloadSession) -> int | None:
+    db = object_session(row)
+    found = db.get(OrgSettingsRow, row.org_id) if db is not None else None
+    return found.builder_cache_limit_bytes if found is not None else None
 
 
 # ---- transactions -------------------------------------------------------------------------------

@@ -1,0 +1,188 @@
+"""Organisations' persistent builders: one sandboxed engine per organisation on this runner.
+
+Builds of an organisation's sessions run on its builder (the agent sends them over the builder
+channel, `offload.runner.builder_proxy`), so BuildKit's cache outlives sessions and teammates
+share it, while another organisation's builds never see it (a builder of its own, on an identity
+of its own). A builder is an ordinary environment of the sandboxed kind (`RootlessDriver`) whose
+data-root is kept: stopping it (runner shutdown) keeps the cache, and the next build starts it
+again on the same identity slot, the owner of its files.
+
+Identity slots `capacity .. capacity + builder_slots - 1` are the builders'; the slot of each is
+recorded in its directory (`data_dir/builders/bld-<key>/identity`). With every slot taken, the
+builder used least recently is wiped to make room (its cache is lost, nothing else).
+
+GC: BuildKit's own policy (`builder.gc` in the builder's daemon.json, `defaultKeepStorage`),
+which BuildKit applies after builds; the organisation's owners set the limit, the runner's
+`OFFLOAD_RUNNER_BUILDER_KEEP_STORAGE` is the default. A changed limit restarts the builder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from offload.core.config import RunnerSettings
+from offload.core.engine_http import engine_client
+from offload.core.errors import EnvironmentError_
+from offload.core.schemas import InstanceSpec
+from offload.runner.driver import Environment
+from offload.runner.environment import (
+    BUILDER_PREFIX,
+    EnvPaths,
+    RootlessDriver,
+    wipe_builder,
+)
+
+log = logging.getLogger(__name__)
+
+BUILDER_SPEC = InstanceSpec()
+ENGINE_TIMEOUT_S = 60.0
+
+
+def builder_id(org: str) -> str:
+    return BUILDER_PREFIX + hashlib.sha256(org.encode()).hexdigest()[:10]
+
+
+def gc_config(keep_storage: str) -> dict[str, Any]:
+    return {"builder": {"gc": {"enabled": True, "defaultKeepStorage": keep_storage}}}
+
+
+@dataclass
+class _Live:
+    env: Environment
+    keep_storage: str
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class BuilderUsage:
+    """What `offload builder status` shows (from the builder's `GET /system/df`)."""
+
+    running: bool
+    size_bytes: int
+    records: int
+    shared_records: int
+    last_used_at: str | None
+    keep_storage: str
+
+
+class BuilderPool:
+    def __init__(self, settings: RunnerSettings, driver: RootlessDriver) -> None:
+        self.settings = settings
+        self.driver = driver
+        self._live: dict[str, _Live] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._transfers: dict[str, asyncio.Lock] = {}
+
+    def transfer_lock(self, env_id: str) -> asyncio.Lock:
+        """One image move out of a builder at a time (each removes its image afterwards)."""
+        return self._transfers.setdefault(env_id, asyncio.Lock())
+
+    def keep_storage(self, org_limit_bytes: int | None) -> str:
+        if org_limit_bytes is not None:
+            return f"{org_limit_bytes}B"
+        return self.settings.builder_keep_storage
+
+    async def for_org(self, org: str, org_limit_bytes: int | None = None) -> Environment:
+        """The organisation's builder, started if it is not running (same cache as before)."""
+        env_id = builder_id(org)
+        keep = self.keep_storage(org_limit_bytes)
+        async with self._locks.setdefault(env_id, asyncio.Lock()):
+            live = self._live.get(env_id)
+            if live is not None and live.keep_storage != keep:
+                log.info("builder %s: cache limit now %s, restarting it", env_id, keep)
+                await self._stop(env_id)
+                live = None
+            if live is None:
+                slot = await asyncio.to_thread(self._slot_for, env_id)
+                env = await self.driver.start_builder(env_id, BUILDER_SPEC, slot, gc_config(keep))
+                live = self._live[env_id] = _Live(env, keep)
+                log.info("builder %s of %s running on slot %d", env_id, org, slot)
+            live.last_used = time.monotonic()
+            return live.env
+
+    def _slot_for(self, env_id: str) -> int:
+        first = self.settings.capacity
+        slots = range(first, first + self.settings.builder_slots)
+        if not slots:
+            raise EnvironmentError_(
+                "This runner keeps no builders (OFFLOAD_RUNNER_BUILDER_SLOTS=0).",
+                "Builds run on the session's own engine; raise the setting for a shared cache.",
+            )
+        recorded = self._recorded_slots()
+        if env_id in recorded:
+            return recorded[env_id]
+        taken = set(recorded.values())
+        free = [slot for slot in slots if slot not in taken]
+        if free:
+            return free[0]
+        return self._evict(recorded)
+
+    def _recorded_slots(self) -> dict[str, int]:
+        found = {}
+        root = self.settings.data_dir / "builders"
+        if root.is_dir():
+            for home in root.iterdir():
+                try:
+                    found[home.name] = int((home / "identity").read_text())
+                except (OSError, ValueError):
+                    continue
+        return found
+
+    def _evict(self, recorded: dict[str, int]) -> int:
+        idle = [env_id for env_id in recorded if env_id not in self._live]
+        if not idle:
+            raise EnvironmentError_(
+                f"All {self.settings.builder_slots} builder slots of this runner are busy.",
+                "Raise OFFLOAD_RUNNER_BUILDER_SLOTS, or build again once a build has finished.",
+            )
+        victim = min(idle, key=lambda e: EnvPaths.of(self.settings, e).home.stat().st_mtime)
+        log.warning("builder slots full: wiping the cache of idle builder %s", victim)
+        slot = recorded[victim]
+        _wipe_now(self.settings, victim)
+        return slot
+
+    async def usage(self, org: str, org_limit_bytes: int | None = None) -> BuilderUsage:
+        env = await self.for_org(org, org_limit_bytes)
+        df = await _engine_json(env, "GET", "/system/df")
+        cache = df.get("BuildCache") or []
+        last = max((str(r.get("LastUsedAt") or "") for r in cache), default="") or None
+        return BuilderUsage(
+            running=True,
+            size_bytes=sum(int(r.get("Size") or 0) for r in cache if not r.get("Shared")),
+            records=len(cache),
+            shared_records=sum(1 for r in cache if r.get("Shared")),
+            last_used_at=last,
+            keep_storage=self.keep_storage(org_limit_bytes),
+        )
+
+    async def close(self) -> None:
+        """Stop every running builder; their caches stay on disk."""
+        for env_id in list(self._live):
+            await self._stop(env_id)
+
+    async def _stop(self, env_id: str) -> None:
+        live = self._live.pop(env_id, None)
+        if live is not None:
+            await self.driver.destroy(live.env)
+
+
+def _wipe_now(settings: RunnerSettings, env_id: str) -> None:
+    """Called from a worker thread: run the async wipe on a loop of its own."""
+    asyncio.run(wipe_builder(settings, env_id))
+
+
+async def _engine_json(env: Environment, method: str, path: str) -> dict[str, Any]:
+    async with engine_client(env.engine_socket, timeout=ENGINE_TIMEOUT_S) as client:
+        answer = await client.request(method, path)
+    if answer.status_code >= 400:
+        raise EnvironmentError_(
+            f"The organisation's builder refused {method} {path}: {answer.text.strip()}",
+            "Try again; if it persists, ask the operator to check the runner's log.",
+        )
+    body = answer.json()
+    return body if isinstance(body, dict) else {}

@@ -1,0 +1,220 @@
+"""Move a built image from the organisation's builder into the session's engine, sending only the
+layers that engine lacks.
+
+`docker save` (`GET /images/get`) of the builder writes every layer; `docker load`
+(`POST /images/load`) of dockerd registers a layer only when the engine has no layer of the same
+chain id, and then never opens its file (moby's image/tarexport/load.go). So the runner saves
+the image to its own disk, learns which layers the session's engine has (the layer chains of
+its images), and loads into the session a copy of the archive without those layers' tarballs:
+a one-line source change moves one layer. The builder's copy of the image is then removed (its
+build cache keeps what rebuilds need).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import tarfile
+import tempfile
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from offload.core.engine_http import engine_client
+from offload.core.errors import EnvironmentError_
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Transfer:
+    image_id: str
+    layers: int
+    layers_sent: int
+    bytes_sent: int  # the archive loaded into the session's engine
+    image_bytes: int  # the whole image as `docker save` writes it
+
+    def describe(self) -> str:
+        if not self.image_bytes:
+            return "Offload: the session's engine has this image already; nothing moved"
+        return (
+            f"Offload: moved {self.layers_sent} of {self.layers} layers into the session's "
+            f"engine ({_size(self.bytes_sent)} sent; the whole image is {_size(self.image_bytes)})"
+        )
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """The layer chain id of each prefix of an image's `RootFS.Layers` (the OCI image spec)."""
+    chains: list[str] = []
+    for diff_id in diff_ids:
+        if not chains:
+            chains.append(diff_id)
+        else:
+            joined = f"{chains[-1]} {diff_id}".encode()
+            chains.append("sha256:" + hashlib.sha256(joined).hexdigest())
+    return chains
+
+
+async def move_image(
+    builder: Path, session: Path, image_id: str, tags: Iterable[str], work_dir: Path
+) -> Transfer:
+    """Make `image_id` (tagged `tags`) exist in the session's engine; see the module doc."""
+    async with engine_client(builder, TIMEOUT) as source, engine_client(session, TIMEOUT) as target:
+        built = await _json(source, "GET", f"/images/{image_id}/json")
+        diff_ids = list(built.get("RootFS", {}).get("Layers") or [])
+        if (await target.get(f"/images/{image_id}/json")).status_code == 200:
+            transfer = Transfer(image_id, len(diff_ids), 0, 0, 0)
+        else:
+            present = await _chains_present(target)
+            wanted = chain_ids(diff_ids)
+            keep = [chain not in present for chain in wanted]
+            transfer = await _save_and_load(source, target, image_id, keep, work_dir)
+        for tag in tags:
+            repo, tag_name = split_tag(tag)
+            await _ok(
+                target, "POST", f"/images/{image_id}/tag?repo={quote(repo)}&tag={quote(tag_name)}"
+            )
+        await source.delete(f"/images/{image_id}", params={"force": "1", "noprune": "1"})
+    log.info("%s (image %s)", transfer.describe(), image_id[:19])
+    return transfer
+
+
+async def _chains_present(target: httpx.AsyncClient) -> set[str]:
+    images = await _json_list(target, "/images/json?all=1")
+    present: set[str] = set()
+    for image in images:
+        info = await target.get(f"/images/{image['Id']}/json")
+        if info.status_code == 200:
+            present.update(chain_ids(list(info.json().get("RootFS", {}).get("Layers") or [])))
+    return present
+
+
+async def _save_and_load(
+    source: httpx.AsyncClient,
+    target: httpx.AsyncClient,
+    image_id: str,
+    keep: list[bool],
+    work_dir: Path,
+) -> Transfer:
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    saved = Path(tempfile.mkstemp(prefix="save-", suffix=".tar", dir=work_dir)[1])
+    sent = Path(tempfile.mkstemp(prefix="load-", suffix=".tar", dir=work_dir)[1])
+    try:
+        async with source.stream("GET", "/images/get", params={"names": image_id}) as answer:
+            if answer.status_code != 200:
+                raise _refused("save the built image on the builder", await answer.aread())
+            with saved.open("wb") as out:
+                async for chunk in answer.aiter_raw(CHUNK):
+                    out.write(chunk)
+        layers_sent = await asyncio.to_thread(_without_present_layers, saved, sent, keep)
+        bytes_sent = sent.stat().st_size
+        answer = await target.post(
+            "/images/load", params={"quiet": "1"}, content=_read(sent),
+            headers={"Content-Type": "application/x-tar"},
+        )  # fmt: skip
+        _check_stream(answer)
+        return Transfer(image_id, len(keep), layers_sent, bytes_sent, saved.stat().st_size)
+    finally:
+        saved.unlink(missing_ok=True)
+        sent.unlink(missing_ok=True)
+
+
+def _without_present_layers(saved: Path, sent: Path, keep: list[bool]) -> int:
+    """Copy the `docker save` archive, leaving out the tarballs of layers not to send."""
+    with tarfile.open(saved) as archive:
+        manifest = json.load(_member(archive, "manifest.json"))
+        (item,) = manifest
+        layers = list(item["Layers"])
+        if len(layers) != len(keep):
+            raise EnvironmentError_(
+                f"The saved image lists {len(layers)} layers, its config {len(keep)}.",
+                "Build again; if it persists, report it with the runner's log.",
+            )
+        dropped = {path for path, wanted in zip(layers, keep, strict=True) if not wanted}
+        with tarfile.open(sent, "w") as out:
+            for member in archive:
+                if member.name in dropped:
+                    continue
+                data = archive.extractfile(member) if member.isfile() else None
+                out.addfile(member, data)
+    return len(layers) - len(dropped)
+
+
+def _member(archive: tarfile.TarFile, name: str) -> Any:
+    handle = archive.extractfile(name)
+    if handle is None:
+        raise EnvironmentError_(f"The saved image has no {name}.", "Build again.")
+    return handle
+
+
+async def _read(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := await asyncio.to_thread(handle.read, CHUNK):
+            yield chunk
+
+
+def split_tag(reference: str) -> tuple[str, str]:
+    """`registry:5000/team/app:1` → (`registry:5000/team/app`, `1`); no tag → `latest`."""
+    name, _, tag = reference.rpartition(":")
+    if not name or "/" in tag:
+        return reference, "latest"
+    return name, tag
+
+
+async def _json(client: httpx.AsyncClient, method: str, path: str) -> dict[str, Any]:
+    answer = await client.request(method, path)
+    if answer.status_code >= 400:
+        raise _refused(f"{method} {path}", answer.content)
+    body = answer.json()
+    return body if isinstance(body, dict) else {}
+
+
+async def _json_list(client: httpx.AsyncClient, path: str) -> list[dict[str, Any]]:
+    answer = await client.get(path)
+    if answer.status_code >= 400:
+        raise _refused(f"GET {path}", answer.content)
+    return [item for item in answer.json() or [] if isinstance(item, dict)]
+
+
+async def _ok(client: httpx.AsyncClient, method: str, path: str) -> None:
+    answer = await client.request(method, path)
+    if answer.status_code >= 400:
+        raise _refused(f"{method} {path}", answer.content)
+
+
+def _check_stream(answer: httpx.Response) -> None:
+    if answer.status_code >= 400:
+        raise _refused("load the image into the session's engine", answer.content)
+    for line in answer.text.splitlines():
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(message, dict) and message.get("errorDetail"):
+            raise _refused("load the image into the session's engine", line.encode())
+
+
+def _refused(what: str, body: bytes) -> EnvironmentError_:
+    try:
+        detail = str(json.loads(body).get("message") or body.decode(errors="replace"))
+    except (ValueError, AttributeError):
+        detail = body.decode(errors="replace")
+    return EnvironmentError_(
+        f"Could not {what}: {detail.strip()}",
+        "Build again; the image stays in the organisation's build cache.",
+    )
+
+
+def _size(count: int) -> str:
+    if count < 1024 * 1024:
+        return f"{count / 1024:.1f} KiB"
+    return f"{count / 1024 / 1024:.1f} MiB"

@@ -1,0 +1,142 @@
+"""Builds on the organisation's persistent builder: the cache outlives sessions, teammates share
+it, other organisations never see it, only changed layers move into the session's engine.
+
+Real parts throughout: Debian's docker CLI 20.10 with BuildKit on each laptop, the agent sending
+builds over the builder channel, the runner's builder proxy, a rootless builder engine per
+organisation, `offload builder status|prune` and `offload org settings` as users run them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from offload.core.waiting import wait_until
+from tests.e2e.conftest import User
+from tests.support.images import BUSYBOX
+
+pytestmark = pytest.mark.slow
+
+DEBIAN_DOCKER = Path("/usr/bin/docker")  # 20.10, BuildKit built in
+BASE = 'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+WAIT = 120.0
+
+
+def _started(user: User) -> User:
+    if not DEBIAN_DOCKER.exists():
+        pytest.fail(f"{DEBIAN_DOCKER} (Debian's docker.io CLI, BuildKit built in) is missing")
+    user.docker("offload", "start", "--timeout", "300s")
+    return user
+
+
+def _context(directory: Path, marker: str, app: str = "v1\n") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(BUSYBOX, directory / "busybox")
+    (directory / "app.txt").write_text(app)
+    (directory / "Dockerfile").write_text(
+        BASE + f"RUN --mount=type=cache,target=/cache sh -c 'echo {marker} > /deps && "
+        "head -c 3000000 /dev/urandom > /deps.bin'\n"
+        "COPY app.txt /app.txt\n"
+        'CMD ["cat", "/app.txt"]\n'
+    )
+    return directory
+
+
+def _build(user: User, context: Path, tag: str) -> str:
+    built = user.run(
+        str(DEBIAN_DOCKER), "build", "--progress=plain", "-t", tag, str(context),
+        timeout=300, env_extra={"DOCKER_BUILDKIT": "1"},
+    )  # fmt: skip
+    return built.stdout + built.stderr
+
+
+def _deps_step_cached(output: str, marker: str) -> bool:
+    """BuildKit's plain progress: `#7 [3/4] RUN … marker …` then `#7 CACHED` for a cache hit."""
+    found = re.search(r"^#(\d+) \[[^\]]*\] RUN [^\n]*" + re.escape(marker), output, re.M)
+    assert found, output
+    return re.search(rf"^#{found.group(1)} CACHED$", output, re.M) is not None
+
+
+def test_a_teammates_fresh_session_reuses_the_cache_and_another_org_does_not(
+    make_user, tmp_path: Path
+) -> None:
+    org = f"acme-{uuid.uuid4().hex[:6]}"
+    alice, bob = _started(make_user(org)), _started(make_user(org))
+    eve = _started(make_user(f"globex-{uuid.uuid4().hex[:6]}"))
+    marker = uuid.uuid4().hex
+    context = _context(tmp_path / "ctx", marker)
+
+    first = _build(alice, context, "app")
+    assert not _deps_step_cached(first, marker), first
+    assert alice.docker("run", "--rm", "app").stdout == "v1\n"  # in her engine at once
+    alice.offload("stop", "--force", timeout=120)  # her session and engine are gone
+
+    second = _build(bob, context, "app")
+    assert _deps_step_cached(second, marker), second  # the builder outlived alice's session
+    assert bob.docker("run", "--rm", "app").stdout == "v1\n"
+
+    other = _build(eve, context, "app")
+    assert not _deps_step_cached(other, marker), other  # another organisation: its own cache
+
+
+def _moved(output: str) -> tuple[int, int]:
+    found = re.search(r"Offload: moved (\d+) of (\d+) layers", output)
+    assert found, output
+    return int(found.group(1)), int(found.group(2))
+
+
+def test_only_the_changed_layer_moves_into_the_session(make_user, tmp_path: Path) -> None:
+    user = _started(make_user(f"solo-{uuid.uuid4().hex[:6]}"))
+    marker = uuid.uuid4().hex
+    context = _context(tmp_path / "ctx", marker)
+    sent, total = _moved(_build(user, context, "app:1"))
+    assert sent == total  # an empty engine: every layer
+    (context / "app.txt").write_text("v2\n")
+    sent, total = _moved(_build(user, context, "app:2"))
+    assert (sent, total) == (1, 4), "only the COPY app.txt layer"
+    assert user.docker("run", "--rm", "app:2").stdout == "v2\n"
+    assert user.docker("run", "--rm", "app:1").stdout == "v1\n"
+    # Rebuilding what the engine has moves nothing.
+    assert "the session's engine has this image already" in _build(user, context, "app:again")
+
+
+def test_status_for_members_prune_for_owners_and_gc_to_the_limit(make_user, tmp_path: Path) -> None:
+    from offload.core.schemas import Role
+
+    org = f"gc-{uuid.uuid4().hex[:6]}"
+    owner = _started(make_user(org, Role.OWNER))
+    member = _started(make_user(org))
+    for n in range(3):  # three builds of 3 MB each: about 9 MB of cache
+        _build(member, _context(tmp_path / f"ctx{n}", uuid.uuid4().hex), f"img{n}")
+
+    status = json.loads(member.offload("builder", "status", "--json").stdout)
+    assert status["org"] == org and status["running"] is True
+    assert status["size_bytes"] > 6_000_000 and status["records"] > 0, status
+
+    refused = member.offload("builder", "prune", check=False)
+    assert refused.returncode == 3, refused.stderr
+    assert f"only an owner of {org} can prune its build cache" in refused.stderr
+
+    # The owner lowers the limit: BuildKit's GC brings the cache under it after the next build.
+    owner.offload("org", "settings", org, "--builder-cache-limit", "10MB")
+    for n in range(3, 6):
+        _build(member, _context(tmp_path / f"ctx{n}", uuid.uuid4().hex), f"img{n}")
+
+    def under_limit() -> bool:
+        usage = json.loads(member.offload("builder", "status", "--json").stdout)
+        return usage["keep_storage"] == "10000000B" and usage["size_bytes"] <= 10_000_000
+
+    wait_until(under_limit, WAIT, "the build cache under its 10 MB limit", 1.0)
+
+    pruned = json.loads(owner.offload("builder", "prune", "--json").stdout)
+    assert pruned["SpaceReclaimed"] > 0, pruned
+    after = json.loads(owner.offload("builder", "status", "--json").stdout)
+    assert after["size_bytes"] < status["size_bytes"], after
+    # The builder still builds after the prune.
+    _build(member, _context(tmp_path / "after", uuid.uuid4().hex), "after")
+    assert member.docker("run", "--rm", "after").stdout == "v1\n"
