@@ -480,15 +480,20 @@ class _ClientPipe(asyncio.Protocol):
     def builder_data(self, data: bytes) -> None:
         self._proxy._touch()
         self._watch.engine_bytes(data)
-        if self._transport is not None:
+        if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
     def builder_closed(self) -> None:
         self._builder = None
-        if self._transport is not None:
+        if self._route is Route.BUILDER and self._transport is not None:
             self._transport.close()
 
-    def engine_eof(self) -> bool:
+    def engine_eof(self, builder: bool = False) -> bool:
+        """A channel ended its side. Only the channel the connection is on now speaks for it:
+        the other one got the client's EOF too and answers it, while the answer that counts
+        still comes."""
+        if builder != (self._route is Route.BUILDER):
+            return False  # the idle channel: asyncssh closes it
         self._flush_response()
         self._engine_eof = True
         if self._transport is not None and self._transport.can_write_eof():
@@ -498,6 +503,8 @@ class _ClientPipe(asyncio.Protocol):
     def engine_closed(self) -> None:
         self._flush_response()
         self._chan = None
+        if self._route is Route.BUILDER:
+            return  # the connection is on the builder's channel now
         if self._transport is not None:
             self._transport.close()  # flushes what the engine sent, then closes
 
@@ -547,7 +554,7 @@ class _EngineSide(asyncssh.SSHUNIXSession[bytes]):
             self._pipe.engine_data(data)
 
     def eof_received(self) -> bool:
-        return self._pipe.engine_eof()
+        return self._pipe.engine_eof(self._builder)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._builder:

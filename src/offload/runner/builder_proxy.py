@@ -63,6 +63,9 @@ class BuildRoute:
     work_dir: Path  # where image transfers stage their archives
     move: Callable[[str, list[str]], Awaitable[str]] | None  # image id, tags -> what moved
     status: Callable[[], Awaitable[dict[str, Any]]]
+    release: Callable[[], None] = lambda: None  # the channel ended
+    # Before a build: the builder gets the session's images a FROM may name.
+    prepare: Callable[[], Awaitable[None]] | None = None
 
 
 Reader = asyncio.StreamReader | Any  # asyncssh's SSHReader has the same read()
@@ -78,6 +81,7 @@ class BuilderConnection:
         self.writer = writer
         self.buffer = b""
         self._buildkit = False  # the build being relayed is BuildKit's (`version=2`)
+        self._quiet = False
 
     async def serve(self) -> None:
         try:
@@ -85,6 +89,7 @@ class BuilderConnection:
                 str(self.route.builder_socket), limit=READ
             )
         except OSError as exc:
+            self.route.release()
             log.warning("builder of %s not answering: %s", self.route.org, exc)
             await self._answer(502, "Offload: the organisation's builder is not answering. "
                                     "Try again in a moment.")  # fmt: skip
@@ -97,6 +102,7 @@ class BuilderConnection:
         finally:
             up_writer.close()
             self.writer.close()
+            self.route.release()
 
     # ---- one request ------------------------------------------------------------------------
 
@@ -128,6 +134,12 @@ class BuilderConnection:
             await self._answer(403, f"Offload: only build requests go to the organisation's "
                                     f"builder, not {method} {path}.")  # fmt: skip
             return False
+        if _BUILD.fullmatch(path) and self.route.prepare is not None:
+            try:
+                await self.route.prepare()
+            except OffloadError as exc:
+                log.warning("builds of %s: session images not all on the builder: %s",
+                            self.route.org, exc)  # fmt: skip
         client = h11.Connection(h11.CLIENT)
         up_writer.write(client.send(request) or b"")
         await self._relay_body(server, client, up_writer)
@@ -136,6 +148,8 @@ class BuilderConnection:
         tags = query.get("t", []) if is_build else []
         wants_image = is_build and not _has_outputs(query)
         self._buildkit = query.get("version") == ["2"]
+        # `docker build -q` prints what the stream says: only the image id, for scripts.
+        self._quiet = query.get("q", ["0"])[-1].lower() in ("1", "true")
         return await self._relay_response(client, up_reader, request.method, wants_image, tags)
 
     async def _next_request(self, server: h11.Connection) -> h11.Request | None:
@@ -222,7 +236,8 @@ class BuilderConnection:
             elif isinstance(event, h11.EndOfMessage):
                 if wants_image and ok and image.id:
                     message = await self._moved(image.id, tags)
-                    self.writer.write(out.send(h11.Data(data=message)) or b"")
+                    if message:
+                        self.writer.write(out.send(h11.Data(data=message)) or b"")
                 self.writer.write(out.send(event) or b"")
                 return out.our_state is h11.DONE and client.our_state is h11.DONE
             await _drain(self.writer)
@@ -236,6 +251,8 @@ class BuilderConnection:
             if self._buildkit:  # BuildKit's CLI shows progress steps, not `stream` text
                 trace = buildkit_step(said, started, time.time())
                 return json.dumps({"id": "moby.buildkit.trace", "aux": trace}).encode() + b"\r\n"
+            if self._quiet:
+                return b""
             return json.dumps({"stream": said + "\n"}).encode() + b"\r\n"
         except OffloadError as exc:
             log.error("moving image %s of %s failed: %s", image_id, self.route.org, exc)
@@ -253,9 +270,13 @@ class BuilderConnection:
         await _drain(self.writer)
 
 
+_QUIET_ID = re.compile(r"sha256:[0-9a-f]{64}\n?")
+
+
 class _ImageId:
     """Finds the built image's id in a build's JSON message stream (legacy and BuildKit both
-    send `{"aux": {"ID": "sha256:…"}}`; BuildKit's with `"id": "moby.image.id"`)."""
+    send `{"aux": {"ID": "sha256:…"}}`, BuildKit's with `"id": "moby.image.id"`; a quiet legacy
+    build (`-q`) sends only `{"stream": "sha256:…\n"}`)."""
 
     def __init__(self) -> None:
         self.id: str | None = None
@@ -269,9 +290,13 @@ class _ImageId:
                 message = json.loads(line)
             except ValueError:
                 continue
-            aux = message.get("aux") if isinstance(message, dict) else None
+            if not isinstance(message, dict):
+                continue
+            aux, stream = message.get("aux"), message.get("stream")
             if isinstance(aux, dict) and str(aux.get("ID", "")).startswith("sha256:"):
                 self.id = str(aux["ID"])
+            elif isinstance(stream, str) and _QUIET_ID.fullmatch(stream):
+                self.id = stream.strip()
 
 
 def _as_response(

@@ -56,6 +56,7 @@ class _Live:
     env: Environment
     keep_storage: str
     last_used: float = field(default_factory=time.monotonic)
+    users: int = 0  # open build channels
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,11 @@ class BuilderPool:
         self.settings = settings
         self.driver = driver
         self._live: dict[str, _Live] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock = asyncio.Lock()
         self._transfers: dict[str, asyncio.Lock] = {}
 
     def transfer_lock(self, env_id: str) -> asyncio.Lock:
-        """One image move out of a builder at a time (each removes its image afterwards)."""
+        """One image move into or out of a builder at a time."""
         return self._transfers.setdefault(env_id, asyncio.Lock())
 
     def keep_storage(self, org_limit_bytes: int | None) -> str:
@@ -91,21 +92,31 @@ class BuilderPool:
         """The organisation's builder, started if it is not running (same cache as before)."""
         env_id = builder_id(org)
         keep = self.keep_storage(org_limit_bytes)
-        async with self._locks.setdefault(env_id, asyncio.Lock()):
+        async with self._lock:  # one start at a time: two must never take the same slot
             live = self._live.get(env_id)
-            if live is not None and live.keep_storage != keep:
+            if live is not None and live.keep_storage != keep and live.users == 0:
                 log.info("builder %s: cache limit now %s, restarting it", env_id, keep)
                 await self._stop(env_id)
                 live = None
             if live is None:
-                slot = await asyncio.to_thread(self._slot_for, env_id)
+                slot = await self._slot_for(env_id)
                 env = await self.driver.start_builder(env_id, BUILDER_SPEC, slot, gc_config(keep))
                 live = self._live[env_id] = _Live(env, keep)
                 log.info("builder %s of %s running on slot %d", env_id, org, slot)
             live.last_used = time.monotonic()
             return live.env
 
-    def _slot_for(self, env_id: str) -> int:
+    def acquire(self, env_id: str) -> None:
+        """A build channel uses the builder: it is not evicted meanwhile."""
+        if (live := self._live.get(env_id)) is not None:
+            live.users += 1
+
+    def release(self, env_id: str) -> None:
+        if (live := self._live.get(env_id)) is not None:
+            live.users = max(0, live.users - 1)
+            live.last_used = time.monotonic()
+
+    async def _slot_for(self, env_id: str) -> int:
         first = self.settings.capacity
         slots = range(first, first + self.settings.builder_slots)
         if not slots:
@@ -113,14 +124,14 @@ class BuilderPool:
                 "This runner keeps no builders (OFFLOAD_RUNNER_BUILDER_SLOTS=0).",
                 "Builds run on the session's own engine; raise the setting for a shared cache.",
             )
-        recorded = self._recorded_slots()
+        recorded = await asyncio.to_thread(self._recorded_slots)
         if env_id in recorded:
             return recorded[env_id]
         taken = set(recorded.values())
         free = [slot for slot in slots if slot not in taken]
         if free:
             return free[0]
-        return self._evict(recorded)
+        return await self._evict(recorded)
 
     def _recorded_slots(self) -> dict[str, int]:
         found = {}
@@ -133,18 +144,24 @@ class BuilderPool:
                     continue
         return found
 
-    def _evict(self, recorded: dict[str, int]) -> int:
-        idle = [env_id for env_id in recorded if env_id not in self._live]
-        if not idle:
+    async def _evict(self, recorded: dict[str, int]) -> int:
+        """Free the slot of the builder used least recently that no build uses now: stopped
+        builders first (oldest directory), then running idle ones (oldest last use)."""
+        stopped = [e for e in recorded if e not in self._live]
+        idle = [e for e, live in self._live.items() if live.users == 0 and e in recorded]
+        if stopped:
+            victim = min(stopped, key=lambda e: EnvPaths.of(self.settings, e).home.stat().st_mtime)
+        elif idle:
+            victim = min(idle, key=lambda e: self._live[e].last_used)
+            await self._stop(victim)
+        else:
             raise EnvironmentError_(
                 f"All {self.settings.builder_slots} builder slots of this runner are busy.",
                 "Raise OFFLOAD_RUNNER_BUILDER_SLOTS, or build again once a build has finished.",
             )
-        victim = min(idle, key=lambda e: EnvPaths.of(self.settings, e).home.stat().st_mtime)
         log.warning("builder slots full: wiping the cache of idle builder %s", victim)
-        slot = recorded[victim]
-        _wipe_now(self.settings, victim)
-        return slot
+        await wipe_builder(self.settings, victim)
+        return recorded[victim]
 
     async def usage(self, org: str, org_limit_bytes: int | None = None) -> BuilderUsage:
         env = await self.for_org(org, org_limit_bytes)
@@ -169,11 +186,6 @@ class BuilderPool:
         live = self._live.pop(env_id, None)
         if live is not None:
             await self.driver.destroy(live.env)
-
-
-def _wipe_now(settings: RunnerSettings, env_id: str) -> None:
-    """Called from a worker thread: run the async wipe on a loop of its own."""
-    asyncio.run(wipe_builder(settings, env_id))
 
 
 async def _engine_json(env: Environment, method: str, path: str) -> dict[str, Any]:

@@ -71,7 +71,7 @@ from offload.runner.builders import BuilderPool
 from offload.runner.driver import Environment
 from offload.runner.egress import EgressFirewall
 from offload.runner.environment import RootlessDriver, cleanup_orphans, identity_range
-from offload.runner.image_transfer import move_image
+from offload.runner.image_transfer import move_image, prune_replaced, sync_tags
 from offload.runner.pool import EnvironmentPool
 from offload.runner.pull_cache import PullCache
 from offload.runner.registry_trust import EngineRegistries, engine_bundle
@@ -296,6 +296,7 @@ class Runner:
         if self.builders is not None:
             try:
                 builder = await self.builders.for_org(assigned.org, limit)
+                self.builders.acquire(builder.id)
             except OffloadError as exc:
                 log.warning("builds of %s run on its session's engine: %s", assigned.org, exc)
         pool = self.builders
@@ -306,7 +307,13 @@ class Runner:
                 moved = await move_image(
                     builder.engine_socket, env.engine_socket, image_id, tags, work_dir
                 )
+                await prune_replaced(builder.engine_socket)
             return moved.describe()
+
+        async def prepare() -> None:
+            assert builder is not None and pool is not None
+            async with pool.transfer_lock(builder.id):
+                await sync_tags(env.engine_socket, builder.engine_socket, work_dir)
 
         async def status() -> dict[str, Any]:
             if pool is None or builder is None:
@@ -322,6 +329,10 @@ class Runner:
             work_dir=work_dir,
             move=move if builder is not None else None,
             status=status,
+            prepare=prepare if builder is not None else None,
+            release=(lambda: pool.release(builder.id))
+            if pool is not None and builder is not None
+            else (lambda: None),
         )
 
     # ---- heartbeat -------------------------------------------------------------------------

@@ -6,8 +6,13 @@ layers that engine lacks.
 chain id, and then never opens its file (moby's image/tarexport/load.go). So the runner saves
 the image to its own disk, learns which layers the session's engine has (the layer chains of
 its images), and loads into the session a copy of the archive without those layers' tarballs:
-a one-line source change moves one layer. The builder's copy of the image is then removed (its
-build cache keeps what rebuilds need).
+a one-line source change moves one layer.
+
+The other way, before each build, the builder gets the session's local-only tagged images it
+lacks (`sync_tags`: no RepoDigests, so never pulled; a pulled base the builder pulls itself):
+a Dockerfile may say `FROM` an image the session built, loaded, imported or committed, as with
+a local engine. The builder keeps the images it built or received, so the next build finds
+them there and nothing moves; the versions a new build replaced (now untagged) are pruned.
 """
 
 from __future__ import annotations
@@ -79,13 +84,49 @@ async def move_image(
             keep = [chain not in present for chain in wanted]
             transfer = await _save_and_load(source, target, image_id, keep, work_dir)
         for tag in tags:
-            repo, tag_name = split_tag(tag)
-            await _ok(
-                target, "POST", f"/images/{image_id}/tag?repo={quote(repo)}&tag={quote(tag_name)}"
-            )
-        await source.delete(f"/images/{image_id}", params={"force": "1", "noprune": "1"})
+            await _tag(target, image_id, tag)
     log.info("%s (image %s)", transfer.describe(), image_id[:19])
     return transfer
+
+
+async def sync_tags(session: Path, builder: Path, work_dir: Path) -> list[str]:
+    """Give the builder every local-only tagged image of the session's engine it lacks under
+    that tag; returns the tags that changed there."""
+    async with engine_client(session, TIMEOUT) as source, engine_client(builder, TIMEOUT) as target:
+        local = [i for i in await _json_list(source, "/images/json") if not i.get("RepoDigests")]
+        theirs = _tag_map(local)
+        ours = _tag_map(await _json_list(target, "/images/json"))
+    changed = []
+    for tag, image_id in sorted(theirs.items()):
+        if ours.get(tag) == image_id:
+            continue
+        if image_id in ours.values():
+            async with engine_client(builder, TIMEOUT) as target:
+                await _tag(target, image_id, tag)
+        else:
+            await move_image(session, builder, image_id, [tag], work_dir)
+        changed.append(tag)
+    return changed
+
+
+async def prune_replaced(builder: Path) -> None:
+    """Remove the builder's untagged images (the versions later builds replaced)."""
+    async with engine_client(builder, TIMEOUT) as client:
+        await _ok(client, "POST", "/images/prune")
+
+
+def _tag_map(images: list[dict[str, Any]]) -> dict[str, str]:
+    return {
+        tag: str(image["Id"])
+        for image in images
+        for tag in image.get("RepoTags") or []
+        if tag != "<none>:<none>"
+    }
+
+
+async def _tag(client: httpx.AsyncClient, image_id: str, reference: str) -> None:
+    repo, tag = split_tag(reference)
+    await _ok(client, "POST", f"/images/{image_id}/tag?repo={quote(repo)}&tag={quote(tag)}")
 
 
 async def _chains_present(target: httpx.AsyncClient) -> set[str]:
