@@ -18,15 +18,19 @@ them there and nothing moves; the versions a new build replaced (now untagged) a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import io
 import json
 import logging
+import os
 import tarfile
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import httpx
@@ -73,6 +77,7 @@ async def move_image(
     builder: Path, session: Path, image_id: str, tags: Iterable[str], work_dir: Path
 ) -> Transfer:
     """Make `image_id` (tagged `tags`) exist in the session's engine; see the module doc."""
+    started = time.monotonic()
     async with engine_client(builder, TIMEOUT) as source, engine_client(session, TIMEOUT) as target:
         built = await _json(source, "GET", f"/images/{image_id}/json")
         diff_ids = list(built.get("RootFS", {}).get("Layers") or [])
@@ -85,7 +90,7 @@ async def move_image(
             transfer = await _save_and_load(source, target, image_id, keep, work_dir)
         for tag in tags:
             await _tag(target, image_id, tag)
-    log.info("%s (image %s)", transfer.describe(), image_id[:19])
+    log.info("%s (image %s, %.2fs)", transfer.describe(), image_id[:19], time.monotonic() - started)
     return transfer
 
 
@@ -146,9 +151,13 @@ async def _save_and_load(
     keep: list[bool],
     work_dir: Path,
 ) -> Transfer:
+    """Save to the runner's disk (the manifest comes last in the archive), then stream the
+    archive without the present layers straight into the load. With every layer missing
+    (a fresh engine), the save streams into the load as it comes."""
+    if all(keep):
+        return await _stream_whole(source, target, image_id, len(keep))
     work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     saved = Path(tempfile.mkstemp(prefix="save-", suffix=".tar", dir=work_dir)[1])
-    sent = Path(tempfile.mkstemp(prefix="load-", suffix=".tar", dir=work_dir)[1])
     try:
         async with source.stream("GET", "/images/get", params={"names": image_id}) as answer:
             if answer.status_code != 200:
@@ -156,22 +165,70 @@ async def _save_and_load(
             with saved.open("wb") as out:
                 async for chunk in answer.aiter_raw(CHUNK):
                     out.write(chunk)
-        layers_sent = await asyncio.to_thread(_without_present_layers, saved, sent, keep)
-        bytes_sent = sent.stat().st_size
-        answer = await target.post(
-            "/images/load", params={"quiet": "1"}, content=_read(sent),
-            headers={"Content-Type": "application/x-tar"},
-        )  # fmt: skip
+        layers_sent = 0
+        read_end, write_end = os.pipe()
+        sink = _Counting(os.fdopen(write_end, "wb"))
+        writing = asyncio.create_task(asyncio.to_thread(_without_present_layers, saved, sink, keep))
+        try:
+            answer = await target.post(
+                "/images/load", params={"quiet": "1"}, content=_read_fd(read_end),
+                headers={"Content-Type": "application/x-tar"},
+            )  # fmt: skip
+        finally:
+            os.close(read_end)  # a writer still going gets EPIPE and ends
+            with contextlib.suppress(BrokenPipeError):
+                layers_sent = await writing
         _check_stream(answer)
-        return Transfer(image_id, len(keep), layers_sent, bytes_sent, saved.stat().st_size)
+        return Transfer(image_id, len(keep), layers_sent, sink.count, saved.stat().st_size)
     finally:
         saved.unlink(missing_ok=True)
-        sent.unlink(missing_ok=True)
 
 
-def _without_present_layers(saved: Path, sent: Path, keep: list[bool]) -> int:
-    """Copy the `docker save` archive, leaving out the tarballs of layers not to send."""
-    with tarfile.open(saved) as archive:
+async def _stream_whole(
+    source: httpx.AsyncClient, target: httpx.AsyncClient, image_id: str, layers: int
+) -> Transfer:
+    sent = 0
+
+    async def archive(answer: httpx.Response) -> AsyncIterator[bytes]:
+        nonlocal sent
+        async for chunk in answer.aiter_raw(CHUNK):
+            sent += len(chunk)
+            yield chunk
+
+    async with source.stream("GET", "/images/get", params={"names": image_id}) as saved:
+        if saved.status_code != 200:
+            raise _refused("save the built image on the builder", await saved.aread())
+        answer = await target.post(
+            "/images/load", params={"quiet": "1"}, content=archive(saved),
+            headers={"Content-Type": "application/x-tar"},
+        )  # fmt: skip
+    _check_stream(answer)
+    return Transfer(image_id, layers, layers, sent, sent)
+
+
+class _Counting(io.RawIOBase):
+    """A write-only file that counts what passes (the bytes moved)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out, self.count = out, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.out.write(data)
+        self.count += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.out.close()
+        super().close()
+
+
+def _without_present_layers(saved: Path, sink: _Counting, keep: list[bool]) -> int:
+    """Write the `docker save` archive to `sink`, leaving out the tarballs of layers not to
+    send; closes `sink`."""
+    with sink, tarfile.open(saved) as archive:
         manifest = json.load(_member(archive, "manifest.json"))
         (item,) = manifest
         layers = list(item["Layers"])
@@ -181,7 +238,7 @@ def _without_present_layers(saved: Path, sent: Path, keep: list[bool]) -> int:
                 "Build again; if it persists, report it with the runner's log.",
             )
         dropped = {path for path, wanted in zip(layers, keep, strict=True) if not wanted}
-        with tarfile.open(sent, "w") as out:
+        with tarfile.open(fileobj=sink, mode="w|") as out:
             for member in archive:
                 if member.name in dropped:
                     continue
@@ -197,10 +254,9 @@ def _member(archive: tarfile.TarFile, name: str) -> Any:
     return handle
 
 
-async def _read(path: Path) -> AsyncIterator[bytes]:
-    with path.open("rb") as handle:
-        while chunk := await asyncio.to_thread(handle.read, CHUNK):
-            yield chunk
+async def _read_fd(fd: int) -> AsyncIterator[bytes]:
+    while chunk := await asyncio.to_thread(os.read, fd, CHUNK):
+        yield chunk
 
 
 def split_tag(reference: str) -> tuple[str, str]:
