@@ -1,0 +1,109 @@
+"""Organisations' builders with real sandboxed engines: the cache outlives the builder's stop
+and a runner restart, stays on the organisation's own identity slot, and moves into a session's
+engine with only the layers that engine lacks."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from offload.core.engine_http import engine_client
+from offload.core.schemas import InstanceSpec
+from offload.runner.builders import BuilderPool, builder_id
+from offload.runner.environment import EnvPaths, RootlessDriver, cleanup_orphans
+from offload.runner.image_transfer import move_image
+from tests.integration.runner.conftest import MakeSettings
+from tests.support.images import BUSYBOX
+
+DEBIAN_DOCKER = Path("/usr/bin/docker")  # BuildKit built in
+
+
+async def _buildkit(socket: Path, context: Path, tag: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        str(DEBIAN_DOCKER), "-H", f"unix://{socket}", "build", "--progress=plain", "-t", tag,
+        str(context), env={"DOCKER_BUILDKIT": "1", "PATH": "/usr/bin:/bin", "HOME": "/tmp"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 300)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def _cache_records(socket: Path) -> int:
+    async with engine_client(socket, 30) as client:
+        return len((await client.get("/system/df")).json().get("BuildCache") or [])
+
+
+def _context(directory: Path, marker: str, app: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(BUSYBOX, directory / "busybox")
+    (directory / "app.txt").write_text(app)
+    (directory / "Dockerfile").write_text(
+        "FROM scratch\nCOPY busybox /bin/busybox\n"
+        f'RUN ["/bin/busybox", "sh", "-c", "echo {marker} > /deps"]\nCOPY app.txt /app.txt\n'
+    )
+    return directory
+
+
+@pytest.mark.skipif(not DEBIAN_DOCKER.exists(), reason="needs Debian's docker.io CLI")
+async def test_cache_survives_a_runner_restart_and_only_missing_layers_move(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    settings = make_settings()
+    marker = uuid.uuid4().hex
+    context = _context(tmp_path / "ctx", marker, "v1\n")
+
+    pool = BuilderPool(settings, RootlessDriver(settings))
+    env = await pool.for_org("acme")
+    assert env.id == builder_id("acme")
+    slot = int(EnvPaths.of(settings, env.id).identity_file.read_text())
+    assert slot == settings.capacity  # the first builder slot, after the sessions' ones
+    first = await _buildkit(env.engine_socket, context, "app:1")
+    assert "CACHED" not in first.split(marker)[1].split("\n#")[0]
+    records = await _cache_records(env.engine_socket)
+    assert records > 0
+    await pool.close()  # the runner stops
+    assert not env.engine_socket.exists()
+
+    await cleanup_orphans(settings)  # a new runner process starts
+    driver = RootlessDriver(settings)
+    pool = BuilderPool(settings, driver)
+    try:
+        again = await pool.for_org("acme")
+        assert int(EnvPaths.of(settings, again.id).identity_file.read_text()) == slot
+        assert await _cache_records(again.engine_socket) >= records
+        rebuilt = await _buildkit(again.engine_socket, context, "app:1")
+        step = rebuilt.split(marker)[1].split("\n\n")[0]
+        assert "CACHED" in step, rebuilt
+
+        other = await pool.for_org("globex")
+        assert int(EnvPaths.of(settings, other.id).identity_file.read_text()) == slot + 1
+        assert await _cache_records(other.engine_socket) == 0
+
+        session = await driver.create(InstanceSpec(cpus=1, memory_bytes=512 * 1024**2))
+        try:
+            async with engine_client(again.engine_socket, 30) as client:
+                image_id = (await client.get("/images/app:1/json")).json()["Id"]
+            moved = await move_image(again.engine_socket, session.engine_socket, image_id,
+                                     ["app:1"], settings.data_dir / "transfers")  # fmt: skip
+            assert moved.layers_sent == moved.layers == 3
+            (context / "app.txt").write_text("v2\n")
+            await _buildkit(again.engine_socket, context, "app:2")
+            async with engine_client(again.engine_socket, 30) as client:
+                image_id = (await client.get("/images/app:2/json")).json()["Id"]
+            moved = await move_image(again.engine_socket, session.engine_socket, image_id,
+                                     ["app:2"], settings.data_dir / "transfers")  # fmt: skip
+            assert (moved.layers_sent, moved.layers) == (1, 3)
+            assert moved.bytes_sent < moved.image_bytes / 10
+            async with engine_client(session.engine_socket, 30) as client:
+                tags = {t for i in (await client.get("/images/json")).json() for t in i["RepoTags"]}
+            assert {"app:1", "app:2"} <= tags
+        finally:
+            await driver.destroy(session)
+    finally:
+        await pool.close()
+    assert list((settings.data_dir / "transfers").iterdir()) == []  # nothing staged is left
