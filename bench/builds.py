@@ -135,6 +135,12 @@ def main() -> None:
                 )  # fmt: skip
                 for user in (alice, bob):
                     user.offload("stop", "--force", check=False, timeout=120)
+                log = deployment.data_dir / "logs" / "runner.log"
+                moves = [line.split(" INFO ", 1)[-1] for line in log.read_text().splitlines()
+                         if "Offload: moved" in line]  # fmt: skip
+                results["moves_logged"] = moves
+                for line in moves:
+                    say(f"  runner: {line}")
     speedup = results["cold_s"] / results["shared_s"]
     ratio = results["one_line"]["bytes_sent"] / results["one_line"]["changed_layer_bytes"]
     results["cold_over_shared"], results["sent_over_changed_layer"] = speedup, ratio
