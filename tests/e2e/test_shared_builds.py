@@ -140,3 +140,47 @@ def test_status_for_members_prune_for_owners_and_gc_to_the_limit(make_user, tmp_
     # The builder still builds after the prune.
     _build(member, _context(tmp_path / "after", uuid.uuid4().hex), "after")
     assert member.docker("run", "--rm", "after").stdout == "v1\n"
+
+
+def test_a_prune_in_the_middle_of_a_build_leaves_it_and_the_builder_working(
+    make_user, tmp_path: Path
+) -> None:
+    """BuildKit keeps the records a running build uses: the owner's prune frees the rest, the
+    build finishes, and the builder builds again."""
+    import subprocess
+    import threading
+
+    from offload.core.schemas import Role
+
+    org = f"mid-{uuid.uuid4().hex[:6]}"
+    owner = _started(make_user(org, Role.OWNER))
+    member = _started(make_user(org))
+    _build(member, _context(tmp_path / "old", uuid.uuid4().hex), "old")  # something to prune
+    marker = uuid.uuid4().hex
+    context = tmp_path / "slow"
+    context.mkdir()
+    shutil.copy(BUSYBOX, context / "busybox")
+    (context / "Dockerfile").write_text(
+        BASE + f"RUN sh -c 'echo started-{marker}; sleep 6; echo finished > /result'\n"
+    )
+    build = subprocess.Popen(
+        [str(DEBIAN_DOCKER), "build", "--progress=plain", "-t", "slow", str(context)],
+        env={**member.env, "DOCKER_BUILDKIT": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(build.stderr or []), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any(f"started-{marker}" in line for line in lines), WAIT,
+                   "the slow build's RUN step to start", 0.1)  # fmt: skip
+        pruned = json.loads(owner.offload("builder", "prune", "--json").stdout)
+        assert pruned["SpaceReclaimed"] > 0, pruned  # the old build's cache went
+        assert build.wait(timeout=300) == 0, "".join(lines)
+    finally:
+        if build.poll() is None:
+            build.kill()
+        reader.join(timeout=10)
+    assert member.docker("run", "--rm", "slow", "cat", "/result").stdout == "finished\n"
+    _build(member, _context(tmp_path / "after", uuid.uuid4().hex), "after")
+    assert member.docker("run", "--rm", "after").stdout == "v1\n"
