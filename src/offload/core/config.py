@@ -64,6 +64,9 @@ class RunnerSettings(BaseSettings):
     # the organisation's owners set their own limit.
     builder_slots: int = Field(default=4, ge=0, le=256)
     builder_keep_storage: str = "20GB"
+    # A builder no build has used for this long is stopped (its cache stays on disk; the next
+    # build starts it again in about a second); 0 keeps builders running.
+    builder_idle_stop_s: float = Field(default=1800.0, ge=0)
     cgroup_parent: str = "offload"
     # Where the cgroup filesystem is, and which version to use there ("auto": what is mounted;
     # a hybrid host with v1 controllers counts as v1).

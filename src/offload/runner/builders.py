@@ -11,6 +11,9 @@ Identity slots `capacity .. capacity + builder_slots - 1` are the builders'; the
 recorded in its directory (`data_dir/builders/bld-<key>/identity`). With every slot taken, the
 builder used least recently is wiped to make room (its cache is lost, nothing else).
 
+A builder no build has used for `OFFLOAD_RUNNER_BUILDER_IDLE_STOP_S` (30 min) is stopped to give
+its memory back; its cache stays, and the next build starts it again in about a second.
+
 GC: BuildKit's own policy (`builder.gc` in the builder's daemon.json, `defaultKeepStorage`),
 which BuildKit applies after builds; the organisation's owners set the limit, the runner's
 `OFFLOAD_RUNNER_BUILDER_KEEP_STORAGE` is the default. A changed limit restarts the builder.
@@ -22,7 +25,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from offload.core.config import RunnerSettings
@@ -55,7 +59,7 @@ def gc_config(keep_storage: str) -> dict[str, Any]:
 class _Live:
     env: Environment
     keep_storage: str
-    last_used: float = field(default_factory=time.monotonic)
+    last_used: float
     users: int = 0  # open build channels
 
 
@@ -72,9 +76,15 @@ class BuilderUsage:
 
 
 class BuilderPool:
-    def __init__(self, settings: RunnerSettings, driver: RootlessDriver) -> None:
+    def __init__(
+        self,
+        settings: RunnerSettings,
+        driver: RootlessDriver,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.driver = driver
+        self.clock = clock
         self._live: dict[str, _Live] = {}
         self._lock = asyncio.Lock()
         self._transfers: dict[str, asyncio.Lock] = {}
@@ -101,9 +111,9 @@ class BuilderPool:
             if live is None:
                 slot = await self._slot_for(env_id)
                 env = await self.driver.start_builder(env_id, BUILDER_SPEC, slot, gc_config(keep))
-                live = self._live[env_id] = _Live(env, keep)
+                live = self._live[env_id] = _Live(env, keep, self.clock())
                 log.info("builder %s of %s running on slot %d", env_id, org, slot)
-            live.last_used = time.monotonic()
+            live.last_used = self.clock()
             return live.env
 
     def acquire(self, env_id: str) -> None:
@@ -114,7 +124,7 @@ class BuilderPool:
     def release(self, env_id: str) -> None:
         if (live := self._live.get(env_id)) is not None:
             live.users = max(0, live.users - 1)
-            live.last_used = time.monotonic()
+            live.last_used = self.clock()
 
     async def _slot_for(self, env_id: str) -> int:
         first = self.settings.capacity
@@ -176,6 +186,24 @@ class BuilderPool:
             last_used_at=last,
             keep_storage=self.keep_storage(org_limit_bytes),
         )
+
+    async def stop_idle(self) -> list[str]:
+        """Stop the builders no build has used for `builder_idle_stop_s` (their caches stay);
+        returns their ids."""
+        limit = self.settings.builder_idle_stop_s
+        if not limit:
+            return []
+        now = self.clock()
+        async with self._lock:
+            idle = [e for e, live in self._live.items()
+                    if live.users == 0 and now - live.last_used >= limit]  # fmt: skip
+            for env_id in idle:
+                log.info("builder %s idle for %.0fs: stopping it (its cache stays)", env_id, limit)
+                await self._stop(env_id)
+        return idle
+
+    def running(self) -> list[str]:
+        return sorted(self._live)
 
     async def close(self) -> None:
         """Stop every running builder; their caches stay on disk."""

@@ -423,6 +423,8 @@ class Runner:
         self._reported &= after.keys()
         for session_id, env in after.items():
             await self._report_ready(session_id, env)
+        if self.builders is not None:
+            await self.builders.stop_idle()
 
     async def _report_ready(self, session_id: str, env: Environment) -> None:
         """Tell the control plane once per session; failures are retried on the next beat."""

@@ -107,3 +107,29 @@ async def test_cache_survives_a_runner_restart_and_only_missing_layers_move(
     finally:
         await pool.close()
     assert list((settings.data_dir / "transfers").iterdir()) == []  # nothing staged is left
+
+
+@pytest.mark.skipif(not DEBIAN_DOCKER.exists(), reason="needs Debian's docker.io CLI")
+async def test_an_idle_builder_stops_and_its_cache_stays(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    settings = make_settings(builder_idle_stop_s=600)
+    now = [1000.0]
+    pool = BuilderPool(settings, RootlessDriver(settings), clock=lambda: now[0])
+    try:
+        env = await pool.for_org("idle-org")
+        await _buildkit(env.engine_socket, _context(tmp_path / "ctx", uuid.uuid4().hex, "x\n"), "x")
+        records = await _cache_records(env.engine_socket)
+        pool.acquire(env.id)  # a build channel is open
+        now[0] += 601
+        assert await pool.stop_idle() == []  # never while a build uses it
+        pool.release(env.id)  # the channel ends: last use is now
+        now[0] += 599
+        assert await pool.stop_idle() == []
+        now[0] += 1
+        assert await pool.stop_idle() == [env.id]
+        assert pool.running() == [] and not env.engine_socket.exists()
+        again = await pool.for_org("idle-org")
+        assert again.id == env.id and await _cache_records(again.engine_socket) >= records
+    finally:
+        await pool.close()
