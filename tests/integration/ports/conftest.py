@@ -10,6 +10,7 @@ import pytest
 
 from offload.agent.ports import PortForwarder
 from offload.core.waiting import async_wait_until
+from offload.runner.port_gate import PortGate
 from tests.integration.tunnel.support import (
     Dockerd,
     LoopThread,
@@ -18,7 +19,7 @@ from tests.integration.tunnel.support import (
 )
 from tests.support.images import build_test_image
 
-from .support import DirectTransports, FakeClock, build_udp_echo_image, docker
+from .support import FakeClock, SSHPair, build_udp_echo_image, docker, ssh_pair
 
 pytestmark = pytest.mark.slow
 
@@ -82,12 +83,14 @@ async def containers(ports_dockerd: Dockerd) -> AsyncIterator[Containers]:
 
 
 @pytest.fixture
-async def direct(ports_dockerd: Dockerd) -> AsyncIterator[DirectTransports]:
-    transports = DirectTransports(ports_dockerd)
+async def ssh(ports_dockerd: Dockerd) -> AsyncIterator[SSHPair]:
+    """The runner's real SSH endpoint serving the test environment, and a client signed in to
+    it with the session's certificate: the forwarder's transports, as the agent's tunnel."""
+    pair = await ssh_pair(ports_dockerd, PortGate())
     try:
-        yield transports
+        yield pair
     finally:
-        await transports.close()
+        await pair.close()
 
 
 @pytest.fixture
@@ -96,13 +99,13 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def forwarder(direct: DirectTransports, clock: FakeClock) -> AsyncIterator[PortForwarder]:
-    """A forwarder on direct transports, following the engine (fast retries; fake clock for
-    activity and UDP idleness)."""
+async def forwarder(ssh: SSHPair, clock: FakeClock) -> AsyncIterator[PortForwarder]:
+    """A forwarder over the real SSH endpoint, following the engine (fast retries; fake clock
+    for activity and UDP idleness)."""
     f = PortForwarder(
-        direct.open_tcp,
-        direct.open_udp,
-        direct.open_engine,
+        ssh.open_tcp,
+        ssh.open_udp,
+        ssh.open_engine,
         clock=clock,
         retry_initial_s=0.05,
         retry_max_s=0.5,

@@ -24,7 +24,6 @@ from offload.agent.standby import STANDBY_CHANNEL_PATH, StandbyChannels
 from offload.agent.udp_relay import udp_channel_path
 from offload.core import ssh_fastpath
 from offload.core.schemas import ENGINE_CHANNEL_PATH
-from offload.runner.netns_connect import connect_in_netns, relay_udp_channel
 from offload.runner.port_gate import PortGate
 from offload.runner.ssh_endpoint import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, ENCRYPTION_ALGS
 from tests.integration.tunnel.support import CertificateAuthority, Dockerd, Runner, ssh_connect
@@ -176,41 +175,6 @@ async def udp_echoes(client: UdpClient, payload: bytes, timeout: float = 0.5) ->
 
 
 # ---- transports -------------------------------------------------------------------------------
-
-
-class DirectTransports:
-    """The forwarder's three transports wired straight into the test engine's namespace.
-
-    No SSH: the runner-side functions are called in-process (TCP through
-    `open_connection_in_netns`, UDP through `relay_udp_channel` over a socketpair standing in for
-    the SSH channel), so these tests check the forwarding logic on its own.
-    """
-
-    def __init__(self, dockerd: Dockerd) -> None:
-        self.dockerd = dockerd
-        self._relays: set[asyncio.Task[None]] = set()
-
-    async def open_tcp(self, port: int, protocol_factory: Callable[[], Any]) -> None:
-        sock = await connect_in_netns(self.dockerd.netns, "127.0.0.1", port)
-        await asyncio.get_running_loop().create_connection(protocol_factory, sock=sock)
-
-    async def open_udp(self, port: int) -> tuple[Any, Any]:
-        laptop_end, runner_end = socket.socketpair()
-        runner_reader, runner_writer = await asyncio.open_connection(sock=runner_end)
-        task = asyncio.create_task(
-            relay_udp_channel(self.dockerd.netns, port, runner_reader, runner_writer)
-        )
-        self._relays.add(task)
-        task.add_done_callback(self._relays.discard)
-        return await asyncio.open_connection(sock=laptop_end)
-
-    async def open_engine(self) -> tuple[Any, Any]:
-        return await asyncio.open_unix_connection(str(self.dockerd.socket))
-
-    async def close(self) -> None:
-        for task in list(self._relays):
-            task.cancel()
-        await asyncio.gather(*self._relays, return_exceptions=True)
 
 
 class FakeClock:

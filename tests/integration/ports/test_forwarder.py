@@ -1,23 +1,22 @@
-"""The agent's port forwarder against a real engine, with transports wired straight into the
-engine's namespace (no SSH in this unit: `test_over_ssh.py` runs the same paths through a real
-SSH connection). The "laptop" is this host's own namespace; the engine lives in another one, so a
-port answers here only if the forwarder listens and forwards it."""
+"""The agent's port forwarder against a real engine, through the runner's real SSH endpoint
+signed in with a session certificate (`conftest.ssh`). The "laptop" is this host's own
+namespace; the engine lives in another one, so a port answers here only if the forwarder listens
+and forwards it."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
+from typing import Any
 
 import pytest
 
 from offload.agent.ports import PortForwarder
 from offload.core.waiting import async_wait_until
-from tests.integration.tunnel.support import Dockerd
 
 from .conftest import Containers
 from .support import (
-    DirectTransports,
     FakeClock,
+    SSHPair,
     free_ports,
     refused,
     serves,
@@ -161,31 +160,30 @@ async def test_udp_ports_relay_datagrams_per_client(
 
 
 async def test_forwards_survive_an_unreachable_engine_and_resync(
-    ports_dockerd: Dockerd, images: dict[str, str], containers: Containers
+    ssh: SSHPair, images: dict[str, str], containers: Containers
 ) -> None:
     """The engine channel failing (tunnel down) keeps listeners; the engine is re-read after."""
     (port,) = free_ports(1)
     await containers.run("web", "-p", f"{port}:80", *httpd_args(images["busybox"], 80))
-    direct = DirectTransports(ports_dockerd)
     tunnel_up = True
-    engine_channels: list[asyncio.StreamWriter] = []
+    engine_channels: list[Any] = []
 
     async def open_engine() -> tuple[object, object]:
         if not tunnel_up:
             raise ConnectionError("the tunnel to the runner is down")
-        reader, writer = await direct.open_engine()
+        reader, writer = await ssh.open_engine()
         engine_channels.append(writer)
         return reader, writer
 
     f = PortForwarder(
-        direct.open_tcp, direct.open_udp, open_engine, retry_initial_s=0.05, retry_max_s=0.2
+        ssh.open_tcp, ssh.open_udp, open_engine, retry_initial_s=0.05, retry_max_s=0.2
     )
     await f.start()
     try:
         await async_wait_until(lambda: serves("127.0.0.1", port, BODY), 30, "the page")
         tunnel_up = False
-        for channel in engine_channels:  # the connection drops under the event stream
-            channel.transport.abort()
+        for writer in engine_channels:  # the channel drops under the event stream
+            writer.channel.abort()
 
         async def down() -> bool:
             snapshot = f.snapshot()
@@ -202,7 +200,6 @@ async def test_forwards_survive_an_unreachable_engine_and_resync(
         assert await serves("127.0.0.1", port, BODY)
     finally:
         await f.close()
-        await direct.close()
 
 
 async def _following(f: PortForwarder) -> bool:
