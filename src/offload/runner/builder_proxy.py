@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -125,8 +126,7 @@ class BuilderConnection:
                                     "build cache. Ask one of them (`offload org show`).")  # fmt: skip
             return False
         elif method == "POST" and _SESSION.fullmatch(path):
-            up_writer.write(_encode_head(request) + server.trailing_data[0])
-            await _splice(self.reader, self.writer, up_reader, up_writer)
+            await self._session(request, server.trailing_data[0], up_reader, up_writer)
             return False
         elif method != "POST" or not (
             _BUILD.fullmatch(path) or _CANCEL.fullmatch(path) or _PRUNE.fullmatch(path)
@@ -151,6 +151,32 @@ class BuilderConnection:
         # `docker build -q` prints what the stream says: only the image id, for scripts.
         self._quiet = query.get("q", ["0"])[-1].lower() in ("1", "true")
         return await self._relay_response(client, up_reader, request.method, wants_image, tags)
+
+    async def _session(
+        self,
+        request: h11.Request,
+        after: bytes,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
+        """BuildKit's session: raw bytes both ways, but only once the builder has switched
+        protocols. Until its `101` the client's further bytes stay here: were dockerd to refuse
+        the upgrade and keep the connection, they would reach it as requests of their own."""
+        up_writer.write(_encode_head(request))
+        try:
+            head = await up_reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return
+        self.writer.write(head)
+        if head.split(b" ", 2)[1:2] != [b"101"]:
+            length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+            if length is not None:  # the refusal's body, then the connection ends
+                with contextlib.suppress(asyncio.IncompleteReadError):
+                    self.writer.write(await up_reader.readexactly(int(length.group(1))))
+            await _drain(self.writer)
+            return
+        up_writer.write(after)
+        await _splice(self.reader, self.writer, up_reader, up_writer)
 
     async def _next_request(self, server: h11.Connection) -> h11.Request | None:
         while True:
