@@ -121,20 +121,21 @@ class RawEngine:
         `Connection: close`). No half-close unless asked: dockerd cancels a request whose client
         half-closed (a volume create then fails with "context canceled")."""
 
-        async def exchange() -> bytes:
-            reader, writer = await self._open()
-            try:
-                writer.write(raw)
-                if half_close:
-                    writer.write_eof()
-                chunks = []
-                while chunk := await reader.read(65536):
-                    chunks.append(chunk)
-                return b"".join(chunks)
-            finally:
-                writer.close()
+        return parse_responses(await within(self.exchange(raw, half_close), timeout))
 
-        return parse_responses(await within(exchange(), timeout))
+    async def exchange(self, raw: bytes, half_close: bool = False) -> bytes:
+        """Write `raw` on a new stream; every byte that comes back until it ends, unparsed."""
+        reader, writer = await self._open()
+        try:
+            writer.write(raw)
+            if half_close:
+                writer.write_eof()
+            chunks = []
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            writer.close()
 
     async def call(
         self,

@@ -123,9 +123,9 @@ async def test_smuggled_pipelined_and_malformed_requests_never_reach_the_builder
         # Behind a /session that dockerd refuses (no Upgrade: h2c), where a relay that turned
         # raw after the request line would hand the rest to the engine as a new request.
         session = b"POST /session HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\n\r\n"
-        data = await _exchange(builder, session + create)
+        data = await builder.exchange(session + create)
         assert b"smuggled-" not in data, data
-        data = await _exchange(builder, session + listing)
+        data = await builder.exchange(session + listing)
         assert b'"ServerVersion"' not in data, data
         # Both framings at once (the classic smuggling shape), a bare LF head, garbage, an
         # oversized head: closed without an answer from the builder.
@@ -139,7 +139,7 @@ async def test_smuggled_pipelined_and_malformed_requests_never_reach_the_builder
             b"\x16\x03\x01\x00\xa5garbage\r\n\r\n",
             b"GET /_ping HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n" + listing,
         ):
-            data = await _exchange(builder, raw)
+            data = await builder.exchange(raw)
             assert b'"ServerVersion"' not in data and b"HTTP/1.1 200" not in data, data[:300]
         # An old API version reaches dockerd's legacy code: the builder's policy refuses it.
         (old,) = await builder.send(request_bytes("POST", "/v1.23/build"))
@@ -147,16 +147,3 @@ async def test_smuggled_pipelined_and_malformed_requests_never_reach_the_builder
         assert _builder_state(deployment, org) == before
     finally:
         conn.close()  # type: ignore[attr-defined]
-
-
-async def _exchange(builder: RawEngine, raw: bytes) -> bytes:
-    """Whatever comes back for `raw` until the channel ends (responses not parsed)."""
-    reader, writer = await builder._open()
-    try:
-        writer.write(raw)
-        chunks = []
-        while chunk := await reader.read(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        writer.close()

@@ -374,10 +374,7 @@ class _ClientPipe(asyncio.Protocol):
                 self._builder.close()
             return
         self._route = route
-        held, self._held = self._held, None
-        self._transport.resume_reading()
-        if held:
-            self._feed(bytes(held))
+        self._release_held()
         if self._client_eof and self._held is None:
             self.eof_received()
 
@@ -401,12 +398,17 @@ class _ClientPipe(asyncio.Protocol):
         if self._transport is None:
             return
         self._to_engine(create.encode(body))
+        self._release_held()
+        if self._client_eof and self._held is None and self._chan is not None:
+            self._chan.write_eof()
+
+    def _release_held(self) -> None:
+        """What the client sent while a create was prepared or a channel switched goes on."""
+        assert self._transport is not None
         held, self._held = self._held, None
         self._transport.resume_reading()
         if held:
             self._feed(bytes(held))
-        if self._client_eof and self._held is None and self._chan is not None:
-            self._chan.write_eof()
 
     def _feed(self, data: bytes) -> None:
         """What the client sent while its create was prepared (it may hold another create)."""

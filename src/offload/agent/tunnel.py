@@ -315,49 +315,32 @@ class Tunnel:
         self, session_factory: Callable[[], asyncssh.SSHUNIXSession[bytes]]
     ) -> asyncssh.SSHUNIXChannel[bytes]:
         """A new channel to the engine driven by `session_factory`'s protocol (no streams)."""
-        conn = self._require_conn()
-        try:
-            chan, _ = await conn.create_unix_connection(
-                session_factory,
-                ENGINE_CHANNEL_PATH,
-                encoding=None,
-                window=self.window,
-                max_pktsize=self.max_pktsize,
-            )
-        except (asyncssh.Error, OSError) as exc:
-            raise _channel_failed(exc) from None
-        return chan
+        return await self._unix_channel(ENGINE_CHANNEL_PATH, session_factory, "engine")
 
     async def open_builder_session(
         self, session_factory: Callable[[], asyncssh.SSHUNIXSession[bytes]]
     ) -> asyncssh.SSHUNIXChannel[bytes]:
         """A channel for build requests: the organisation's builder (BUILDER_CHANNEL_PATH)."""
-        conn = self._require_conn()
-        try:
-            chan, _ = await conn.create_unix_connection(
-                session_factory,
-                BUILDER_CHANNEL_PATH,
-                encoding=None,
-                window=self.window,
-                max_pktsize=self.max_pktsize,
-            )
-        except (asyncssh.Error, OSError) as exc:
-            raise _channel_failed(exc, "builder") from None
-        return chan
+        return await self._unix_channel(BUILDER_CHANNEL_PATH, session_factory, "builder")
 
     async def open_standby_channel(self, session_factory: Callable[[], Any]) -> Any:
         """A channel opened ahead of a forwarded connection (`offload.agent.standby`)."""
+        return await self._unix_channel(STANDBY_CHANNEL_PATH, session_factory, "a standby channel")
+
+    async def _unix_channel(
+        self, path: str, session_factory: Callable[[], Any], what: str
+    ) -> asyncssh.SSHUNIXChannel[bytes]:
         conn = self._require_conn()
         try:
             chan, _ = await conn.create_unix_connection(
                 session_factory,
-                STANDBY_CHANNEL_PATH,
+                path,
                 encoding=None,
                 window=self.window,
                 max_pktsize=self.max_pktsize,
             )
         except (asyncssh.Error, OSError) as exc:
-            raise _channel_failed(exc, "a standby channel") from None
+            raise _channel_failed(exc, what) from None
         return chan
 
     async def open_port_channel(self, port: int, session_factory: Callable[[], Any]) -> Any:

@@ -69,8 +69,8 @@ class BuildRoute:
     prepare: Callable[[], Awaitable[None]] | None = None
 
 
-Reader = asyncio.StreamReader | Any  # asyncssh's SSHReader has the same read()
-Writer = asyncio.StreamWriter | Any
+Reader = Any  # asyncio's StreamReader, or asyncssh's SSHReader (the same read())
+Writer = Any  # asyncio's StreamWriter, or asyncssh's SSHWriter
 
 
 class BuilderConnection:

@@ -67,7 +67,6 @@ class _Live:
 class BuilderUsage:
     """What `offload builder status` shows (from the builder's `GET /system/df`)."""
 
-    running: bool
     size_bytes: int
     records: int
     shared_records: int
@@ -179,7 +178,6 @@ class BuilderPool:
         cache = df.get("BuildCache") or []
         last = max((str(r.get("LastUsedAt") or "") for r in cache), default="") or None
         return BuilderUsage(
-            running=True,
             size_bytes=sum(int(r.get("Size") or 0) for r in cache if not r.get("Shared")),
             records=len(cache),
             shared_records=sum(1 for r in cache if r.get("Shared")),

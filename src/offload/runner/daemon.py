@@ -40,6 +40,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -129,10 +130,12 @@ def egress_firewall(
     )
 
 
-async def start_pull_cache(settings: RunnerSettings) -> PullCache | None:
+async def start_pull_cache(
+    settings: RunnerSettings, ca_bundle: bytes | None = None
+) -> PullCache | None:
     if not settings.pull_cache:
         return None
-    cache = PullCache(settings)
+    cache = PullCache(settings, ca_bundle)
     try:
         await cache.start()
     except EnvironmentError_ as exc:
@@ -319,7 +322,7 @@ class Runner:
             if pool is None or builder is None:
                 return {"org": assigned.org, "running": False}
             usage = await pool.usage(assigned.org, limit)
-            return {"org": assigned.org, **dataclasses.asdict(usage)}
+            return {"org": assigned.org, "running": True, **dataclasses.asdict(usage)}
 
         return BuildRoute(
             org=assigned.org,
@@ -330,9 +333,7 @@ class Runner:
             move=move if builder is not None else None,
             status=status,
             prepare=prepare if builder is not None else None,
-            release=(lambda: pool.release(builder.id))
-            if pool is not None and builder is not None
-            else (lambda: None),
+            release=partial(pool.release, builder.id) if pool and builder else lambda: None,
         )
 
     # ---- heartbeat -------------------------------------------------------------------------
@@ -451,7 +452,7 @@ async def run_runner(settings: RunnerSettings, stop: asyncio.Event | None = None
     await asyncio.to_thread(check_prerequisites, settings)
     await cleanup_orphans(settings)
     ca_bundle = await asyncio.to_thread(engine_bundle, settings.registry_ca)  # checked first
-    cache = await start_pull_cache(settings)
+    cache = await start_pull_cache(settings, ca_bundle)
     mirrors = (cache.mirror_url,) if cache is not None else ()
     try:
         await _serve(settings, stop, cache, EngineRegistries(mirrors, ca_bundle))

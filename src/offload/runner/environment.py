@@ -264,7 +264,7 @@ class RootlessDriver:
             # threads it runs (cgroups, accounts) and a sandbox being spawned cannot be stopped
             # half-way, and a wipe that ran before them would miss what they make.
             await _settle(start)
-            tail = await asyncio.to_thread(_log_tail, paths.log_file)
+            tail = await asyncio.to_thread(log_tail, paths.log_file)
             # Shielded: a cancelled create must still leave nothing behind.
             await asyncio.shield(self._teardown_quietly(env_id))
             if isinstance(exc, Exception):
@@ -834,7 +834,7 @@ async def wipe_builder(settings: RunnerSettings, env_id: str) -> None:
         await asyncio.to_thread(shutil.rmtree, paths.home, True)
 
 
-def _log_tail(log_file: Path, lines: int = 20) -> str:
+def log_tail(log_file: Path, lines: int = 20) -> str:
     try:
         return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

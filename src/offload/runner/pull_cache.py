@@ -41,7 +41,7 @@ import httpx
 
 from offload.core.config import RunnerSettings
 from offload.core.errors import EnvironmentError_
-from offload.runner.registry_trust import engine_bundle
+from offload.runner.environment import log_tail
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,9 @@ def free_port(address: str) -> int:
 class PullCache:
     """One `docker-registry serve` in proxy mode, started and stopped with the runner."""
 
-    def __init__(self, settings: RunnerSettings) -> None:
+    def __init__(self, settings: RunnerSettings, ca_bundle: bytes | None = None) -> None:
         self.settings = settings
+        self.ca_bundle = ca_bundle  # the engines' (`registry_trust.engine_bundle`)
         self.files = CacheFiles(settings.data_dir / "pull-cache")
         self.address = ""
         self.port = 0
@@ -167,7 +168,7 @@ class PullCache:
     async def start(self) -> None:
         settings = self.settings
         password = await asyncio.to_thread(_read_password, settings.pull_cache_password_file)
-        bundle = await asyncio.to_thread(engine_bundle, settings.registry_ca)
+        bundle = self.ca_bundle
         scheme = await upstream_challenge(settings.pull_cache_upstream, bundle)
         self.address = settings.pull_cache_address or await primary_address()
         check_address(self.address)
@@ -220,7 +221,8 @@ class PullCache:
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.1)
-        tail = await asyncio.to_thread(_tail, self.files.log)
+        lines = (await asyncio.to_thread(log_tail, self.files.log, 8)).splitlines()
+        tail = " | ".join(lines) or "(empty log)"
         await self.stop()
         raise EnvironmentError_(
             f"The pull cache did not come up on {self.mirror_url}: {tail}",
@@ -273,11 +275,3 @@ def _read_password(path: Path | None) -> str:
             f"{exc.strerror or exc}.",
             "Point it at a file holding the upstream account's password (or token).",
         ) from None
-
-
-def _tail(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return " | ".join(text.strip().splitlines()[-lines:]) or "(empty log)"
