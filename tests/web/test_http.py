@@ -13,16 +13,19 @@ from sqlalchemy import select
 
 from offload.cli.device_login import device_login
 from offload.core import schemas as s
+from offload.core.config import ServerSettings
 from offload.core.errors import NotFound, Unreachable
 from offload.server.context import ServerContext
 from offload.server.db.models import WebSession
 from offload.server.services import device_codes, org_settings, tokens, web_auth
+from offload.server.services.throttle import Limits
 from offload.server.services.tokens import AuthUser
 
 from .conftest import WebUser
 from .support import LiveClock, LiveServer, run
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+LIMITS = Limits.from_settings(ServerSettings())
 
 
 @pytest.fixture
@@ -242,7 +245,9 @@ def test_device_code_answers_follow_rfc_8628(
     assert first.headers["cache-control"] == "no-store"
     assert _poll(http, code).json()["error"] == "slow_down"  # polled again at once
 
-    ctx.db.call(device_codes.decide, _auth(ctx, user), code.user_code.lower(), True, ctx.now())
+    ctx.db.call(
+        device_codes.decide, _auth(ctx, user), code.user_code.lower(), True, ctx.now(), LIMITS
+    )
     clock.advance(2)
     granted = _poll(http, code)
     assert granted.status_code == 200
@@ -259,14 +264,18 @@ def test_device_codes_expire_on_the_control_plane_clock(
     clock.advance(601)
     assert _poll(http, code).json()["error"] == "expired_token"
     with pytest.raises(NotFound, match="No sign-in request"):
-        ctx.db.call(device_codes.decide, _auth(ctx, make_user()), code.user_code, True, ctx.now())
+        ctx.db.call(
+            device_codes.decide, _auth(ctx, make_user()), code.user_code, True, ctx.now(), LIMITS
+        )
 
 
 def test_a_denied_device_code_says_so(
     http: httpx.Client, make_user: Callable[..., WebUser], ctx: ServerContext
 ) -> None:
     code = _start(http)
-    ctx.db.call(device_codes.decide, _auth(ctx, make_user()), code.user_code, False, ctx.now())
+    ctx.db.call(
+        device_codes.decide, _auth(ctx, make_user()), code.user_code, False, ctx.now(), LIMITS
+    )
     response = _poll(http, code)
     assert response.json() == {
         "error": "access_denied",
@@ -297,3 +306,103 @@ def test_device_login_says_when_the_server_cannot_be_reached() -> None:
     with pytest.raises(Unreachable, match="Cannot reach the Offload control plane"):
         run(device_login(url, lambda uri, code: shown.append(code)))
     assert shown == []
+
+
+# ---- passwords, lockouts, the audit page --------------------------------------------------------
+
+
+def _change_password(
+    http: httpx.Client, current: str, new: str, with_csrf: bool = True
+) -> httpx.Response:
+    page = http.get("/settings")
+    data = {"current_password": current, "new_password": new, "confirm_password": new}
+    if with_csrf:
+        data["csrf_token"] = csrf_of(page)
+    return http.post("/settings/password", data=data)
+
+
+def test_a_password_change_signs_out_every_other_browser(
+    http: httpx.Client, server: LiveServer, make_user: Callable[..., WebUser]
+) -> None:
+    user = make_user()
+    with httpx.Client(base_url=server.url, follow_redirects=False, timeout=15) as other:
+        sign_in(other, user)
+        assert other.get("/settings").status_code == 200
+        sign_in(http, user)
+        old_cookie = http.cookies[web_auth.SESSION_COOKIE]
+        changed = _change_password(http, user.password, "a brand new password")
+        assert changed.status_code == 303
+        assert changed.headers["location"] == "/settings?notice=password-changed"
+        assert http.cookies[web_auth.SESSION_COOKIE] != old_cookie  # this browser: a new session
+        assert http.get("/settings").status_code == 200
+        # The other browser, and a replay of this browser's old cookie, are signed out.
+        assert other.get("/settings").headers["location"].startswith("/login")
+        with httpx.Client(base_url=server.url, follow_redirects=False) as replay:
+            replay.cookies.set(web_auth.SESSION_COOKIE, old_cookie)
+            assert replay.get("/settings").headers["location"].startswith("/login")
+    with httpx.Client(base_url=server.url, follow_redirects=False) as fresh:
+        assert sign_in(fresh, user).status_code == 401  # the old password
+        renamed = WebUser(user.username, "a brand new password", user.org, user.token)
+        assert sign_in(fresh, renamed).status_code == 303
+
+
+def test_the_password_form_replayed_without_its_csrf_token_changes_nothing(
+    http: httpx.Client, server: LiveServer, make_user: Callable[..., WebUser]
+) -> None:
+    user = make_user()
+    sign_in(http, user)
+    refused = _change_password(http, user.password, "attacker chosen pw", with_csrf=False)
+    assert refused.status_code == 403
+    wrong_current = _change_password(http, "not the password", "another new password")
+    assert wrong_current.status_code == 401 and "Wrong username or password" in wrong_current.text
+    with httpx.Client(base_url=server.url, follow_redirects=False) as fresh:
+        assert sign_in(fresh, user).status_code == 303  # the password is still the old one
+
+
+def test_the_sign_in_form_throttles_and_owners_unlock_from_the_members_list(
+    http: httpx.Client, server: LiveServer, make_user: Callable[..., WebUser], ctx: ServerContext
+) -> None:
+    owner = make_user(role=s.Role.OWNER)
+    member = make_user(org=owner.org)
+    guesser = WebUser(member.username, "not-it", member.org, member.token)
+    with httpx.Client(base_url=server.url, follow_redirects=False) as attacker:
+        statuses = [
+            sign_in(attacker, guesser).status_code
+            for _ in range(ctx.settings.login_failures_per_account)
+        ]
+        assert statuses == [401] * ctx.settings.login_failures_per_account
+        locked = sign_in(attacker, member)  # the right password, refused while locked
+        assert locked.status_code == 429
+        assert locked.headers["Retry-After"] == str(ctx.settings.login_lockout_s)
+        assert "locked" in locked.text and web_auth.SESSION_COOKIE not in attacker.cookies
+
+        sign_in(http, owner)
+        members = http.get(f"/orgs/{owner.org}/settings")
+        assert "locked until" in members.text
+        unlock = f"/orgs/{owner.org}/members/{member.username}/unlock"
+        assert http.post(unlock, data={}).status_code == 403  # CSRF holds here too
+        done = http.post(unlock, data={"csrf_token": csrf_of(members)})
+        assert done.status_code == 303 and done.headers["location"].endswith("notice=unlocked")
+        assert sign_in(attacker, member).status_code == 303
+
+        audit = http.get(f"/orgs/{owner.org}/audit")
+        assert audit.status_code == 200
+        rows = re.findall(r'<th scope="row" data-label="Action">([a-z_.]+)</th>', audit.text)
+        failures = ctx.settings.login_failures_per_account
+        assert rows[:4] == [
+            "auth.sign_in",
+            "auth.account_unlocked",
+            "auth.sign_in",
+            "auth.account_locked",
+        ]
+        assert rows[4 : 4 + failures] == ["auth.sign_in_failed"] * failures
+        assert "not-it" not in audit.text
+
+
+def test_the_audit_page_is_for_owners_only(
+    http: httpx.Client, make_user: Callable[..., WebUser]
+) -> None:
+    owner = make_user(role=s.Role.OWNER)
+    sign_in(http, make_user(org=owner.org))
+    refused = http.get(f"/orgs/{owner.org}/audit")
+    assert refused.status_code == 403 and f"Only owners of {owner.org}" in refused.text

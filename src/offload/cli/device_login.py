@@ -46,6 +46,14 @@ def _unexpected(response: httpx.Response) -> OffloadError:
         )
 
 
+def retry_after(response: httpx.Response, default: float = 60.0) -> float:
+    """The seconds a 429's `Retry-After` asks for (RFC 9110: delay-seconds)."""
+    try:
+        return max(1.0, float(response.headers.get("Retry-After", default)))
+    except ValueError:
+        return default
+
+
 def _final_error(error: str, description: str) -> OffloadError:
     if error == "access_denied":
         return PermissionDenied(
@@ -113,6 +121,9 @@ async def device_login(
             response = await _post(client, base, "/device/token", {"device_code": code.device_code})
             if response.status_code == 200:
                 return s.DeviceTokenResponse.model_validate(response.json()).access_token
+            if response.status_code == 429:  # the address's limit: wait as long as it says
+                await sleep(retry_after(response))
+                continue
             try:
                 error = s.DeviceTokenError.model_validate(response.json())
             except (ValueError, ValidationError):

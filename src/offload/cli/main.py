@@ -632,6 +632,85 @@ def org_billing(
     _print_rows(usage_view.billing_rows(billing, month))
 
 
+@org_app.command("audit")
+def org_audit(
+    org: Annotated[str | None, typer.Argument(help="Organisation (default: yours).")] = None,
+    limit: Annotated[int, typer.Option(help="Events to show.", min=1, max=500)] = 50,
+    before: Annotated[
+        int | None, typer.Option(help="Only events older than this id (the next page).", min=1)
+    ] = None,
+    action: Annotated[
+        sch.AuditAction | None, typer.Option(help="Only this action, e.g. auth.sign_in_failed.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Security-relevant actions in an organisation and of its members (owners): sign-ins,
+    lockouts, tokens, members and roles, settings and billing, takeovers."""
+    log = _run(lambda: session_ops.org_audit(_paths(), org, limit, before, action))
+    if as_json:
+        _print_json(log.model_dump(mode="json"))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("When (UTC)", "Action", "Who", "Account", "Target", "From", "Details"):
+        table.add_column(column)
+    for event in log.events:
+        details = ", ".join(f"{k}={v}" for k, v in event.details.items())
+        table.add_row(
+            event.at.strftime("%Y-%m-%d %H:%M:%S"),
+            event.action.value,
+            event.actor,
+            event.subject or "",
+            event.target,
+            event.address or "",
+            details,
+        )
+    out.print(table if log.events else f"No audit events in {log.org} yet.")
+    if log.next_before is not None:
+        out.print(f"Older events: `offload org audit {log.org} --before {log.next_before}`")
+
+
+@org_app.command("unlock")
+def org_unlock(
+    username: Annotated[str, typer.Argument(help="The member whose sign-ins are locked.")],
+    org: Annotated[str | None, typer.Option(help="Organisation (default: yours).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Clear a member's lockout after too many failed passwords (owners)."""
+    result = _run(lambda: session_ops.unlock_member(_paths(), org, username))
+    if as_json:
+        _print_json(result.model_dump(mode="json"))
+        return
+    out.print(f"[green]✓[/] {result.username} can sign in again.")
+
+
+@app.command()
+def password(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Change your password (asked for twice); your dashboard sessions end, API tokens stay."""
+    current = typer.prompt("Current password", hide_input=True)
+    new = typer.prompt(
+        "New password (8 characters or more)", hide_input=True, confirmation_prompt=True
+    )
+
+    def work() -> Coroutine[Any, Any, sch.UserInfo]:
+        if len(new) < 8:
+            raise InvalidInput(
+                "The new password is shorter than 8 characters.",
+                "Run `offload password` again with a longer one.",
+            )
+        change = sch.PasswordChange(current_password=current, new_password=new)
+        return session_ops.change_password(_paths(), change)
+
+    me = _run(work)
+    if as_json:
+        _print_json(me.model_dump(mode="json"))
+        return
+    out.print(
+        f"[green]✓[/] Password changed for [bold]{me.username}[/]; sign in to the dashboard again."
+    )
+
+
 def _print_rows(rows: list[tuple[str, Any]]) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")

@@ -555,6 +555,29 @@ async def org_settings(
         return await client.update_org_settings(name, update)
 
 
+async def org_audit(
+    paths: ClientPaths,
+    org: str | None,
+    limit: int,
+    before: int | None,
+    action: s.AuditAction | None,
+) -> s.AuditLog:
+    name = await org_default(paths, org)
+    async with user_client(load_config(paths)) as client:
+        return await client.org_audit(name, limit, before, action)
+
+
+async def unlock_member(paths: ClientPaths, org: str | None, username: str) -> s.Lockout:
+    name = await org_default(paths, org)
+    async with user_client(load_config(paths)) as client:
+        return await client.unlock_member(name, username)
+
+
+async def change_password(paths: ClientPaths, change: s.PasswordChange) -> s.UserInfo:
+    async with user_client(load_config(paths)) as client:
+        return await client.change_password(change)
+
+
 async def org_billing(
     paths: ClientPaths, org: str | None, update: s.OrgBillingUpdate | None
 ) -> tuple[s.OrgBilling, s.OrgUsage]:

@@ -12,7 +12,13 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from offload.core import schemas as s
-from offload.core.errors import ErrorBody, OffloadError, Unreachable, error_from_body
+from offload.core.errors import (
+    ErrorBody,
+    OffloadError,
+    RateLimited,
+    Unreachable,
+    error_from_body,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -27,7 +33,17 @@ def _raise_for_response(response: httpx.Response) -> None:
             f"The control plane answered {response.status_code}: {response.text[:200]}",
             "Check the server URL with `offload status`; is it an Offload control plane?",
         ) from None
-    raise error_from_body(body)
+    error = error_from_body(body)
+    if isinstance(error, RateLimited):
+        error.retry_after_s = _retry_after(response)
+    raise error
+
+
+def _retry_after(response: httpx.Response) -> int:
+    try:
+        return max(1, int(response.headers.get("Retry-After", "60")))
+    except ValueError:
+        return 60
 
 
 class _Sent:
@@ -146,6 +162,22 @@ class UserClient(_Base):
     async def grant_trial_credit(self, org: str, amount_cents: int) -> s.OrgBilling:
         body = s.TrialCreditGrant(amount_cents=amount_cents)
         return await self._call("POST", f"/orgs/{org}/billing/trial-credits", s.OrgBilling, body)
+
+    async def org_audit(
+        self, org: str, limit: int, before: int | None, action: s.AuditAction | None
+    ) -> s.AuditLog:
+        params: dict[str, Any] = {"limit": limit}
+        if before is not None:
+            params["before"] = before
+        if action is not None:
+            params["action"] = action.value
+        return await self._call("GET", f"/orgs/{org}/audit", s.AuditLog, params=params)
+
+    async def unlock_member(self, org: str, username: str) -> s.Lockout:
+        return await self._call("POST", f"/orgs/{org}/members/{username}/unlock", s.Lockout)
+
+    async def change_password(self, change: s.PasswordChange) -> s.UserInfo:
+        return await self._call("POST", "/me/password", s.UserInfo, change)
 
     async def org_usage(self, org: str) -> s.OrgUsage:
         return await self._call("GET", f"/orgs/{org}/usage", s.OrgUsage)

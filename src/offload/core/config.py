@@ -39,6 +39,17 @@ class ServerSettings(BaseSettings):
     tick_interval_s: float = Field(default=1.0, ge=0)
     # A prompt (keep / idle now) left unanswered this long makes the session idle.
     prompt_answer_timeout_s: int = Field(default=120, ge=10, le=3600)
+    # Abuse limits (server/services/throttle.py), counted in the database across replicas:
+    # failed sign-ins per account (then locked for `login_lockout_s`) and per client address
+    # (then refused as long) within `login_window_s`; device-login requests per address a minute.
+    login_failures_per_account: int = Field(default=5, ge=1, le=1000)
+    login_failures_per_address: int = Field(default=30, ge=1, le=100_000)
+    login_window_s: int = Field(default=900, ge=10, le=86_400)
+    login_lockout_s: int = Field(default=900, ge=10, le=86_400)
+    device_requests_per_address_per_minute: int = Field(default=120, ge=1, le=100_000)
+    # Behind a load balancer or TLS proxy: the proxies' addresses (comma-separated, or "*")
+    # whose X-Forwarded-For and X-Forwarded-Proto are believed; empty believes none.
+    forwarded_allow_ips: str = ""
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'offload.db'}"

@@ -104,6 +104,20 @@ class PolicyDenied(OffloadError):
     exit_code = 9
 
 
+class RateLimited(OffloadError):
+    """Too many attempts (sign-ins, device-login polls): refused until `retry_after_s` passed.
+
+    The control plane sends it as 429 with a `Retry-After` header."""
+
+    code = "rate_limited"
+    http_status = 429
+    exit_code = 10
+
+    def __init__(self, message: str, fix: str | None = None, retry_after_s: int = 60) -> None:
+        super().__init__(message, fix)
+        self.retry_after_s = max(1, retry_after_s)
+
+
 ERRORS_BY_CODE: dict[str, type[OffloadError]] = {
     cls.code: cls
     for cls in (
@@ -117,6 +131,7 @@ ERRORS_BY_CODE: dict[str, type[OffloadError]] = {
         Unreachable,
         EnvironmentError_,
         PolicyDenied,
+        RateLimited,
     )
 }
 

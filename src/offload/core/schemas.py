@@ -46,8 +46,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 API_PREFIX = "/api/v1"
 API_VERSION = "1"
@@ -63,6 +64,17 @@ BUILDER_CHANNEL_PATH = "/builder.sock"
 # `-v /var/run/docker.sock:/var/run/docker.sock` talks to the session's own engine (under the
 # same policy), as it would to the local one.
 ENGINE_SOCKET_IN_MOUNT_AREA = ".docker.sock"
+
+# The largest count or amount a request may carry: what an INTEGER column holds in every database
+# the control plane runs on (PostgreSQL's is 32-bit); a larger one is refused as invalid input.
+MAX_INT = 2**31 - 1
+# Request fields are StrictBool: a JSON boolean is true or false, where pydantic's lax mode would
+# also take 0, 1.0 or "yes" for one.
+# Ranges the control plane's services enforce, each with its own message and fix; they are
+# documented here (json_schema_extra), not validated, so that a dashboard form's value gets the
+# service's answer rather than a pydantic error.
+IDLE_TIMEOUT_RANGE: dict[str, Any] = {"minimum": 10, "maximum": 3600}
+BUILDER_CACHE_RANGE: dict[str, Any] = {"minimum": 10 * 1000**2, "maximum": 100 * 1000**4}
 
 
 class SessionState(StrEnum):
@@ -145,12 +157,12 @@ class VersionInfo(BaseModel):
 
 class SessionCreate(BaseModel):
     org: str | None = None  # None: the user's default organisation
-    gpu: bool = False
+    gpu: StrictBool = False
     idle_timeout_s: int | None = Field(default=None, ge=10, le=3600)
     client_public_key: str = Field(description="OpenSSH public key line of the agent's key")
     client_name: str = Field(default="", max_length=255, description="hostname of the laptop")
     # Move the user's live session from another machine to this one (its old key stops working).
-    takeover: bool = False
+    takeover: StrictBool = False
 
 
 class CertificateRequest(BaseModel):
@@ -202,12 +214,12 @@ class SessionInfo(BaseModel):
 
 class RunnerRegister(BaseModel):
     name: str = Field(min_length=1, max_length=128)
-    ssh_host: str
+    ssh_host: str = Field(min_length=1, max_length=255)
     ssh_port: int = Field(ge=1, le=65535)
     host_key: str
-    capacity: int = Field(ge=0, description="environments this runner can hold at once")
+    capacity: int = Field(ge=0, le=MAX_INT, description="environments this runner can hold at once")
     instance_types: list[InstanceType] = [InstanceType.STANDARD]
-    gpus: int = 0
+    gpus: int = Field(default=0, ge=0, le=MAX_INT)
 
 
 class RunnerRegistered(BaseModel):
@@ -222,18 +234,18 @@ class EnvironmentReport(BaseModel):
     state: str  # "warm" | "bound" | "paused" | "destroying"
     # What the environment's engine holds (bound environments): a running container counts as
     # activity; images feed the usage insights.
-    running_containers: int = 0
-    containers_total: int = 0
+    running_containers: int = Field(default=0, ge=0, le=MAX_INT)
+    containers_total: int = Field(default=0, ge=0, le=MAX_INT)
     # Images of the containers it holds and of those created since the last answered heartbeat.
     images: list[str] = []
     # Containers created since the environment was bound, `docker run --rm` ones included: a
     # running total, so the control plane keeps the highest it saw (a retry counts nothing twice).
-    containers_created: int = Field(default=0, ge=0)
+    containers_created: int = Field(default=0, ge=0, le=MAX_INT)
 
 
 class RunnerHeartbeat(BaseModel):
-    capacity: int
-    warm: int
+    capacity: int = Field(ge=0, le=MAX_INT)
+    warm: int = Field(ge=0, le=MAX_INT)
     environments: list[EnvironmentReport] = []
 
 
@@ -262,7 +274,7 @@ class RunnerDesired(BaseModel):
 
 
 class EnvironmentReady(BaseModel):
-    env_id: str
+    env_id: str = Field(min_length=1, max_length=64)
 
 
 # ---- lifecycle, settings, billing and usage (issue 3) ----------------------------------------
@@ -305,7 +317,7 @@ class ActivityReport(BaseModel):
 
     api_calls: int = Field(default=0, ge=0)
     open_streams: int = Field(default=0, ge=0)
-    building: bool = False
+    building: StrictBool = False
 
 
 class OffloadAccess(StrEnum):
@@ -329,9 +341,9 @@ class UserSettings(BaseModel):
 class UserSettingsUpdate(BaseModel):
     """Only the fields sent change; `idle_timeout_s: null` goes back to the org's default."""
 
-    idle_timeout_s: int | None = None
+    idle_timeout_s: int | None = Field(default=None, json_schema_extra=IDLE_TIMEOUT_RANGE)
     default_org: str | None = None
-    offload_enabled: bool | None = None
+    offload_enabled: StrictBool | None = None
 
 
 class OrgSettings(BaseModel):
@@ -349,14 +361,16 @@ class OrgSettings(BaseModel):
 class OrgSettingsUpdate(BaseModel):
     """Only the fields sent change."""
 
-    offload_enabled: bool | None = None
+    offload_enabled: StrictBool | None = None
     # Wins over offload_enabled when both are sent; always_disabled means offload_enabled false.
     offload_access: OffloadAccess | None = None
-    idle_timeout_default_s: int | None = None
-    idle_timeout_locked: bool | None = None
+    idle_timeout_default_s: int | None = Field(default=None, json_schema_extra=IDLE_TIMEOUT_RANGE)
+    idle_timeout_locked: StrictBool | None = None
     fair_use_policy: FairUsePolicy | None = None
     # Sent as null: back to the runner's default.
-    builder_cache_limit_bytes: int | None = None
+    builder_cache_limit_bytes: int | None = Field(
+        default=None, json_schema_extra=BUILDER_CACHE_RANGE
+    )
 
 
 class TrialCredit(BaseModel):
@@ -380,14 +394,18 @@ class OrgBillingUpdate(BaseModel):
     """Only the fields sent change; `committed_minutes_per_month: null` makes the org unmetered,
     `on_demand_limit_cents: null` removes the on-demand limit."""
 
-    committed_minutes_per_month: int | None = Field(default=None, ge=0)
-    on_demand_enabled: bool | None = None
-    on_demand_limit_cents: int | None = Field(default=None, ge=0)
-    rates_cents_per_minute: dict[InstanceType, float] | None = None
+    committed_minutes_per_month: int | None = Field(default=None, ge=0, le=MAX_INT)
+    on_demand_enabled: StrictBool | None = None
+    on_demand_limit_cents: int | None = Field(default=None, ge=0, le=MAX_INT)
+    # 0 or more, and finite (enforced by the billing service).
+    rates_cents_per_minute: (
+        dict[InstanceType, Annotated[float, Field(strict=True, json_schema_extra={"minimum": 0})]]
+        | None
+    ) = None
 
 
 class TrialCreditGrant(BaseModel):
-    amount_cents: int = Field(gt=0)
+    amount_cents: int = Field(gt=0, le=MAX_INT)
 
 
 class OrgUsage(BaseModel):
@@ -482,6 +500,62 @@ class DeviceTokenError(BaseModel):
 
     error: str  # authorization_pending | slow_down | access_denied | expired_token | invalid_grant
     error_description: str = ""
+
+
+# ---- security: password changes, lockouts, the audit log ---------------------------------------
+
+
+class PasswordChange(BaseModel):
+    current_password: str = Field(min_length=1, max_length=1024)
+    new_password: str = Field(min_length=8, max_length=1024)
+
+
+class AuditAction(StrEnum):
+    SIGN_IN = "auth.sign_in"
+    SIGN_IN_FAILED = "auth.sign_in_failed"
+    ACCOUNT_LOCKED = "auth.account_locked"
+    ACCOUNT_UNLOCKED = "auth.account_unlocked"
+    SIGN_OUT = "auth.sign_out"
+    PASSWORD_CHANGED = "auth.password_changed"
+    DEVICE_APPROVED = "auth.device_login_approved"
+    DEVICE_DENIED = "auth.device_login_denied"
+    TOKEN_CREATED = "token.created"
+    TOKEN_REVOKED = "token.revoked"
+    MEMBER_ADDED = "member.added"
+    MEMBER_ROLE_CHANGED = "member.role_changed"
+    MEMBER_REMOVED = "member.removed"
+    SETTINGS_CHANGED = "org.settings_changed"
+    BILLING_CHANGED = "org.billing_changed"
+    TRIAL_CREDIT_GRANTED = "org.trial_credit_granted"
+    SESSION_TAKEOVER = "session.takeover"
+    RUNNER_REGISTERED = "runner.registered"
+    RUNNER_TOKEN_CREATED = "runner.token_created"
+
+
+AuditDetail = str | int | float | bool | None
+
+
+class AuditEventView(BaseModel):
+    id: int
+    at: datetime
+    action: AuditAction
+    actor: str  # a username, `runner NAME`, or `someone` for an unknown caller
+    subject: str | None = None  # the account acted on, when it is not the actor's own
+    target: str = ""  # what was acted on: a token's name and prefix, a setting, a session
+    address: str | None = None  # the client address the request came from
+    details: dict[str, AuditDetail] = Field(default_factory=dict)
+
+
+class AuditLog(BaseModel):
+    org: str
+    events: list[AuditEventView]  # newest first
+    next_before: int | None = None  # pass as `before` for the next (older) page
+
+
+class Lockout(BaseModel):
+    username: str
+    locked: bool
+    locked_until: datetime | None = None
 
 
 SessionInfo.model_rebuild()

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import offload
 from offload.core.config import ServerSettings
@@ -17,7 +18,7 @@ from offload.core.schemas import API_PREFIX
 from offload.server import web
 from offload.server.api import device, ops, orgs, runners, sessions, users
 from offload.server.api.errors import install_error_handlers
-from offload.server.context import Clock, ServerContext, utc_now
+from offload.server.context import CLIENT_ADDRESS, Clock, ServerContext, utc_now
 from offload.server.db.engine import Database
 from offload.server.db.migrate import upgrade_database
 from offload.server.services import lifecycle
@@ -27,8 +28,27 @@ from offload.server.services.signals import RunnerSignals
 log = logging.getLogger(__name__)
 
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 422, 503)
+    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 422, 429, 503)
 }
+
+
+class ClientAddressMiddleware:
+    """Makes each request's client address known to the services (`context.client_address`):
+    the abuse limits count per address and the audit log says where an action came from."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        token = CLIENT_ADDRESS.set(client[0] if client else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            CLIENT_ADDRESS.reset(token)
 
 
 def open_database(settings: ServerSettings) -> Database:
@@ -100,4 +120,5 @@ def create_app(settings: ServerSettings, clock: Clock | None = None) -> FastAPI:
     app.include_router(ops.router)
     web.mount(app)  # the dashboard: pages at /, assets at /static
     install_error_handlers(app)
+    app.add_middleware(ClientAddressMiddleware)
     return app

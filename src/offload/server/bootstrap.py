@@ -13,12 +13,16 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session as Db
 
+from offload.core import schemas as s
 from offload.core.config import ServerSettings
 from offload.core.schemas import Role
 from offload.server.app import open_database
 from offload.server.context import utc_now
 from offload.server.db.engine import Database
-from offload.server.services import accounts, tokens
+from offload.server.services import accounts, audit, tokens, web_auth
+from offload.server.services.tokens import AuthUser
+
+OPERATOR = "operator"  # the audit log's actor for the server's own commands
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ def bootstrap(
         password = _ensure_admin(session, admin_username, admin_password, org_name, now)
         return BootstrapResult(
             admin_token=_user_token(session, admin_username, "bootstrap", now),
-            runner_token=tokens.issue_runner_token(session, "bootstrap", now),
+            runner_token=_runner_token(session, "bootstrap", now),
             admin_password=password,
         )
 
@@ -71,6 +75,12 @@ def _ensure_admin(
         user = accounts.create_user(db, username, password, now)
     elif password is not None:
         accounts.set_password(user, password)
+        web_auth.close_all(db, user.id)  # a reset password ends every browser session
+        subject = AuthUser(user.id, user.username)
+        details: dict[str, s.AuditDetail] = {"via": "offload up"}
+        audit.record(
+            db, now, s.AuditAction.PASSWORD_CHANGED, OPERATOR, subject=subject, details=details
+        )
     accounts.add_member(db, user, org, Role.OWNER, now)
     return password
 
@@ -106,4 +116,11 @@ def create_runner_token(
 ) -> str:
     """A new runner token (off_r_…), shown once."""
     with _database(settings) as db, db.transaction() as session:
-        return tokens.issue_runner_token(session, name, clock())
+        return _runner_token(session, name, clock())
+
+
+def _runner_token(db: Db, name: str, now: datetime) -> str:
+    token = tokens.issue_runner_token(db, name, now)
+    label = audit.token_label(name, token[: tokens.DISPLAY_PREFIX_LEN])
+    audit.record(db, now, s.AuditAction.RUNNER_TOKEN_CREATED, OPERATOR, target=label)
+    return token

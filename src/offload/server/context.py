@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -12,6 +13,15 @@ from offload.server.services.ca import CertificateAuthority
 from offload.server.services.signals import RunnerSignals
 
 Clock = Callable[[], datetime]
+
+# The address of the client a request came from (after trusted proxy headers), for abuse
+# limits and the audit log.  Set per request by `ClientAddressMiddleware`; the worker threads of
+# `Database.run` see it too (asyncio.to_thread copies the context).
+CLIENT_ADDRESS: ContextVar[str | None] = ContextVar("offload_client_address", default=None)
+
+
+def client_address() -> str | None:
+    return CLIENT_ADDRESS.get()
 
 
 def utc_now() -> datetime:

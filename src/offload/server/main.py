@@ -21,7 +21,10 @@ def serve(settings: ServerSettings) -> None:
         port=settings.port,
         log_level="info",
         access_log=True,
-        proxy_headers=False,
+        # Behind a load balancer or TLS proxy: believe its X-Forwarded-For (abuse limits and the
+        # audit log see the real client) and X-Forwarded-Proto (cookies get Secure).
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
         # Runners' long polls are parked for up to 15 s; they retry, so shutdown need not wait.
         timeout_graceful_shutdown=2,
     )

@@ -2,7 +2,8 @@
 
 The token endpoint answers errors the RFC's way (400 with `{"error": …}`) rather than with
 `ErrorBody`: `authorization_pending` and `slow_down` are not failures, they tell the client to
-keep polling.
+keep polling.  Both endpoints count against the per-address device-login limit; beyond it they
+answer 429 with `ErrorBody` and `Retry-After` (the CLI waits that long).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from offload.core import schemas as s
 from offload.server.api.deps import Context
 from offload.server.services import device_codes
+from offload.server.services.throttle import Limits
 
 router = APIRouter(prefix="/device", tags=["device login"])
 
@@ -32,7 +34,8 @@ async def device_code(
     body: Annotated[s.DeviceCodeRequest | None, Body()] = None,
 ) -> s.DeviceCodeResponse:
     client_name = body.client_name if body else ""
-    started = await ctx.db.run(device_codes.start, client_name, ctx.now())
+    limits = Limits.from_settings(ctx.settings)
+    started = await ctx.db.run(device_codes.start, client_name, ctx.now(), limits)
     uri = verification_uri(request)
     return s.DeviceCodeResponse(
         device_code=started.device_code,
@@ -56,7 +59,8 @@ async def device_token(ctx: Context, body: s.DeviceTokenRequest) -> JSONResponse
             error_description=f"Only grant_type {s.DEVICE_GRANT_TYPE} is served here.",
         )
         return JSONResponse(error.model_dump(), status_code=400, headers=_NO_STORE)
-    result = await ctx.db.run(device_codes.poll, body.device_code, ctx.now())
+    limits = Limits.from_settings(ctx.settings)
+    result = await ctx.db.run(device_codes.poll, body.device_code, ctx.now(), limits)
     if result.token is not None:
         return JSONResponse(result.token.model_dump(mode="json"), headers=_NO_STORE)
     assert result.error is not None

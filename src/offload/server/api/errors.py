@@ -8,8 +8,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from offload.core.errors import ErrorBody, InvalidInput, NotFound, OffloadError
+from offload.core.errors import ErrorBody, InvalidInput, NotFound, OffloadError, RateLimited
 from offload.core.schemas import API_PREFIX
 
 log = logging.getLogger(__name__)
@@ -20,13 +21,20 @@ IDLE_TIMEOUT_FIX = (
 )
 
 
-def _response(status: int, body: ErrorBody) -> JSONResponse:
-    return JSONResponse(status_code=status, content=body.model_dump())
+def _response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
+
+
+def error_headers(exc: OffloadError) -> dict[str, str] | None:
+    """Retry-After on a 429 (RFC 6585): clients wait that long before trying again."""
+    if isinstance(exc, RateLimited):
+        return {"Retry-After": str(exc.retry_after_s)}
+    return None
 
 
 async def _offload_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, OffloadError)
-    return _response(exc.http_status, exc.body())
+    return _response(exc.http_status, exc.body(), error_headers(exc))
 
 
 def describe_validation_errors(exc: RequestValidationError) -> str:
@@ -55,6 +63,11 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        # FastAPI's answer to a body it cannot decode (bytes that are not UTF-8 JSON text): as
+        # invalid as JSON that does not parse, which FastAPI answers 422 like the schema's rules.
+        error = InvalidInput("The request body is not JSON text in UTF-8.", SCHEMA_FIX)
+        return _response(error.http_status, error.body())
     if exc.status_code == 404:
         body = NotFound(
             f"No such endpoint: {request.method} {request.url.path}.",
@@ -64,7 +77,21 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         body = ErrorBody(
             code="http_error", message=str(exc.detail), fix=f"See the API at {API_PREFIX}/docs."
         )
-    return _response(exc.status_code, body)
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return _response(exc.status_code, body, headers or None)
+
+
+def _allowed_methods(request: Request) -> str:
+    """A 405's `Allow` (RFC 9110): every method served at the path.  Starlette names only those
+    of the first route matching the path, e.g. GET where PUT is served too."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from offload.core import schemas as s
 from offload.server.api.deps import Context, CurrentUser
-from offload.server.services import orgs
+from offload.server.services import audit, org_members, orgs
+from offload.server.services.throttle import Limits
 
 router = APIRouter(prefix="/orgs", tags=["organisations"])
 
@@ -20,7 +23,7 @@ async def get_settings(ctx: Context, user: CurrentUser, org: str) -> s.OrgSettin
 async def put_settings(
     ctx: Context, user: CurrentUser, org: str, body: s.OrgSettingsUpdate
 ) -> s.OrgSettings:
-    return await ctx.db.run(orgs.put_settings, user, org, body)
+    return await ctx.db.run(orgs.put_settings, user, org, body, ctx.now())
 
 
 @router.get("/{org}/billing")
@@ -40,6 +43,26 @@ async def grant_trial_credit(
     ctx: Context, user: CurrentUser, org: str, body: s.TrialCreditGrant
 ) -> s.OrgBilling:
     return await ctx.db.run(orgs.grant_trial_credit, user, org, body, ctx.now())
+
+
+@router.get("/{org}/audit")
+async def get_audit(
+    ctx: Context,
+    user: CurrentUser,
+    org: str,
+    limit: Annotated[int, Query(ge=1, le=audit.PAGE_MAX)] = 100,
+    before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+    action: s.AuditAction | None = None,
+) -> s.AuditLog:
+    """Security-relevant actions in the organisation and of its members, newest first (owners)."""
+    return await ctx.db.read(org_members.owner_audit, user, org, limit, before, action)
+
+
+@router.post("/{org}/members/{username}/unlock")
+async def unlock_member(ctx: Context, user: CurrentUser, org: str, username: str) -> s.Lockout:
+    """Clear a member's sign-in lockout after too many failed passwords (owners)."""
+    limits = Limits.from_settings(ctx.settings)
+    return await ctx.db.run(org_members.owner_unlock, user, org, username, limits, ctx.now())
 
 
 @router.get("/{org}/usage")

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 import offload
 from offload.core import schemas as s
 from offload.server.api.deps import Context, CurrentUser
-from offload.server.services import accounts, org_settings, usage
+from offload.server.services import accounts, org_settings, usage, web_auth
 from offload.server.services.lifecycle import Rules
 
 router = APIRouter(tags=["users"])
@@ -16,6 +16,14 @@ router = APIRouter(tags=["users"])
 @router.post("/auth/login")
 async def login(ctx: Context, body: s.LoginRequest) -> s.TokenResponse:
     return await accounts.login(ctx, body)
+
+
+@router.post("/me/password")
+async def change_password(ctx: Context, user: CurrentUser, body: s.PasswordChange) -> s.UserInfo:
+    """Set a new password (the current one is checked like a sign-in); every dashboard session
+    of the user ends.  API tokens stay valid: revoke them in the dashboard if one leaked."""
+    await web_auth.change_password(ctx, user, body, via="api")
+    return await ctx.db.read(accounts.me, user)
 
 
 @router.get("/me")

@@ -279,3 +279,46 @@ class DeviceCode(Base):
     )
     decided_at: Mapped[datetime | None]
     last_polled_at: Mapped[datetime | None]
+
+
+class AuthThrottle(Base):
+    """Attempts counted against one abuse limit (services/throttle.py), per scope and key.
+
+    Kept in the database so that every replica counts the same attempts.  Keys never hold what
+    was typed: an account key is a hash of the username, an address key the client address."""
+
+    __tablename__ = "auth_throttles"
+
+    scope: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(80), primary_key=True)
+    attempts: Mapped[int] = mapped_column(default=0)
+    window_start: Mapped[datetime]
+    blocked_until: Mapped[datetime | None]
+
+
+class AuditEvent(Base):
+    """One security-relevant action (services/audit.py): who, what, when, from where.
+
+    Actor and subject are copied as names, without foreign keys, so the log outlives the
+    accounts it names; `org_id` is set for organisation actions and None for a user's own
+    (sign-ins, tokens), which owners see for their members through `subject_user_id`."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_org_id_id", "org_id", "id"),
+        Index("ix_audit_events_subject_user_id_id", "subject_user_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    action: Mapped[str] = mapped_column(String(48))  # core.schemas.AuditAction
+    actor: Mapped[str] = mapped_column(String(160))
+    actor_user_id: Mapped[str | None] = mapped_column(String(32))
+    subject: Mapped[str | None] = mapped_column(String(64))
+    subject_user_id: Mapped[str | None] = mapped_column(String(32))
+    org_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("organizations.id", ondelete="CASCADE")
+    )
+    address: Mapped[str | None] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(255), default="")
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -10,10 +10,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session as Db
 
 from offload.core import schemas as s
-from offload.core.errors import Conflict, InvalidInput, NotAuthenticated, PermissionDenied
+from offload.core.errors import Conflict, InvalidInput, PermissionDenied
 from offload.server.context import ServerContext
 from offload.server.db.models import Membership, Organization, User
-from offload.server.services import tokens
+from offload.server.services import audit, sign_in, tokens
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -131,17 +131,6 @@ def resolve_org(db: Db, user: User, org_name: str | None) -> Organization:
 # ---- requests -----------------------------------------------------------------------------------
 
 
-def _check_password_tx(db: Db, request: s.LoginRequest) -> User:
-    user = find_user(db, request.username)
-    if not tokens.verify_password(user.password_hash if user else None, request.password):
-        raise NotAuthenticated(
-            "Wrong username or password.",
-            "Check both and try again; an administrator can reset your password.",
-        )
-    assert user is not None  # verify_password is False for an unknown user
-    return user
-
-
 def _issue_login_token_tx(
     db: Db, user_id: str, token_name: str, now: datetime, new_hash: str | None
 ) -> s.TokenResponse:
@@ -149,21 +138,25 @@ def _issue_login_token_tx(
     if new_hash is not None:
         user.password_hash = new_hash
     token = tokens.issue_api_token(db, user.id, token_name, now)
+    audit.record(
+        db,
+        now,
+        s.AuditAction.TOKEN_CREATED,
+        tokens.AuthUser(user.id, user.username),
+        target=audit.token_label(token_name, token[: tokens.DISPLAY_PREFIX_LEN]),
+        details={"via": "password login"},
+    )
     return s.TokenResponse(token=token, user=user_info(db, user))
 
 
 async def login(ctx: ServerContext, request: s.LoginRequest) -> s.TokenResponse:
-    """A new API token for a right username and password.
-
-    Password hashing is slow on purpose: it runs in a read transaction, so no write lock is held
-    while argon2 works.
-    """
-    user = await ctx.db.read(_check_password_tx, request)
+    """A new API token for a right username and password (within the abuse limits)."""
+    verified = await sign_in.verify(ctx, request.username, request.password, via="api")
     new_hash = None
-    if tokens.password_needs_rehash(user.password_hash):
+    if tokens.password_needs_rehash(verified.password_hash):
         new_hash = await asyncio.to_thread(tokens.hash_password, request.password)
     return await ctx.db.run(
-        _issue_login_token_tx, user.id, request.token_name or "cli", ctx.now(), new_hash
+        _issue_login_token_tx, verified.user.id, request.token_name or "cli", ctx.now(), new_hash
     )
 
 

@@ -13,6 +13,7 @@ ledger on demand, so a restart can neither lose nor double-count spend.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -276,7 +277,7 @@ def update_billing(db: Db, org: Organization, update: s.OrgBillingUpdate) -> Non
         row.on_demand_limit_cents = update.on_demand_limit_cents
     if update.rates_cents_per_minute is not None:
         for instance_type, rate in update.rates_cents_per_minute.items():
-            if rate < 0:
+            if not math.isfinite(rate) or rate < 0:  # JSON's 1e999 reads as infinity
                 raise_invalid_rate(instance_type)
         row.rates_cents_per_minute = {
             **row.rates_cents_per_minute,
@@ -287,7 +288,7 @@ def update_billing(db: Db, org: Organization, update: s.OrgBillingUpdate) -> Non
 
 def raise_invalid_rate(instance_type: s.InstanceType) -> None:
     raise InvalidInput(
-        f"The rate for {instance_type.value} is negative.",
+        f"The rate for {instance_type.value} is negative or not a finite number.",
         "Give rates in cents per minute, 0 or more.",
     )
 

@@ -22,8 +22,10 @@ from sqlalchemy.orm import Session as Db
 
 from offload.core import schemas as s
 from offload.core.errors import Conflict, NotFound
+from offload.server.context import client_address
 from offload.server.db.models import DeviceCode, User
-from offload.server.services import accounts, tokens
+from offload.server.services import accounts, audit, sign_in, throttle, tokens
+from offload.server.services.throttle import Limits
 from offload.server.services.tokens import AuthUser
 
 USER_CODE_ALPHABET = "BCDFGHJKLMNPQRSTVWXZ"
@@ -104,7 +106,8 @@ def _new_user_code(db: Db) -> str:
             return code
 
 
-def start(db: Db, client_name: str, now: datetime) -> Started:
+def start(db: Db, client_name: str, now: datetime, limits: Limits) -> Started:
+    throttle.begin(db, limits.device_address, throttle.address_key(client_address()), now)
     db.execute(delete(DeviceCode).where(DeviceCode.expires_at <= now - FORGET_AFTER))
     device_code = secrets.token_urlsafe(32)
     user_code = _new_user_code(db)
@@ -143,12 +146,22 @@ def pending_request(db: Db, user_code: str, now: datetime) -> Request:
     return Request(format_user_code(row.user_code), row.client_name, row.created_at, row.expires_at)
 
 
-def decide(db: Db, auth: AuthUser, user_code: str, approve: bool, now: datetime) -> Request:
-    """The signed-in user approves (the CLI then gets a token of theirs) or denies the code."""
+def decide(
+    db: Db, auth: AuthUser, user_code: str, approve: bool, now: datetime, limits: Limits
+) -> Request:
+    """The signed-in user approves (the CLI then gets a token of theirs) or denies the code.
+
+    Approving also clears a sign-in lockout of the account: whoever approves is signed in to
+    it already, so they are its owner, not the one guessing its password."""
     row = _pending(db, user_code, now)
     row.status = (Status.APPROVED if approve else Status.DENIED).value
     row.user_id = auth.id
     row.decided_at = now
+    action = s.AuditAction.DEVICE_APPROVED if approve else s.AuditAction.DEVICE_DENIED
+    target = f"{format_user_code(row.user_code)} {row.client_name}".strip()
+    audit.record(db, now, action, auth, target=target)
+    if approve and sign_in.unlock(db, limits, auth.username):
+        audit.record(db, now, s.AuditAction.ACCOUNT_UNLOCKED, auth, details={"by": "device login"})
     return Request(format_user_code(row.user_code), row.client_name, row.created_at, row.expires_at)
 
 
@@ -156,9 +169,10 @@ def _token_name(row: DeviceCode) -> str:
     return f"device login {row.client_name}".strip()[:64]
 
 
-def poll(db: Db, device_code: str, now: datetime) -> PollResult:
+def poll(db: Db, device_code: str, now: datetime, limits: Limits) -> PollResult:
     """One poll of the CLI. The token is issued in the same transaction that spends the code,
     so two concurrent polls cannot both get one."""
+    throttle.begin(db, limits.device_address, throttle.address_key(client_address()), now)
     row = db.scalar(
         select(DeviceCode).where(DeviceCode.device_code_hash == tokens.hash_token(device_code))
     )
@@ -176,6 +190,14 @@ def poll(db: Db, device_code: str, now: datetime) -> PollResult:
     user = db.get_one(User, row.user_id)
     token = tokens.issue_api_token(db, user.id, _token_name(row), now)
     row.status = Status.USED.value
+    audit.record(
+        db,
+        now,
+        s.AuditAction.TOKEN_CREATED,
+        AuthUser(user.id, user.username),
+        target=audit.token_label(_token_name(row), token[: tokens.DISPLAY_PREFIX_LEN]),
+        details={"via": "device login"},
+    )
     return PollResult(
         token=s.DeviceTokenResponse(access_token=token, user=accounts.user_info(db, user))
     )

@@ -7,7 +7,7 @@ one owner: removing or demoting the last one is refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session as Db
 from offload.core import schemas as s
 from offload.core.errors import Conflict, NotFound, PermissionDenied
 from offload.server.db.models import Membership, Organization, User
-from offload.server.services import accounts, org_settings, tokens
+from offload.server.services import accounts, audit, org_settings, sign_in, tokens
+from offload.server.services.throttle import Limits
 from offload.server.services.tokens import AuthUser
 
 
@@ -25,6 +26,7 @@ class MemberView:
     username: str
     role: s.Role
     joined_at: datetime
+    locked_until: datetime | None = None  # too many failed sign-ins: owners can unlock
 
 
 @dataclass(frozen=True)
@@ -125,21 +127,89 @@ class SettingsPage:
     members: list[MemberView]
 
 
-def owner_settings(db: Db, auth: AuthUser, org_name: str) -> SettingsPage:
+def owner_settings(
+    db: Db, auth: AuthUser, org_name: str, limits: Limits, now: datetime
+) -> SettingsPage:
     org = require_owner(db, auth.id, org_name, "its settings")
-    return SettingsPage(org_settings.settings_view(db, org), members(db, org))
+    shown = [
+        replace(member, locked_until=sign_in.locked_until(db, limits, member.username, now))
+        for member in members(db, org)
+    ]
+    return SettingsPage(org_settings.settings_view(db, org), shown)
+
+
+def _subject(db: Db, username: str) -> AuthUser | None:
+    user = accounts.find_user(db, username)
+    return AuthUser(user.id, user.username) if user else None
 
 
 def owner_invite(
     db: Db, auth: AuthUser, org_name: str, username: str, role: s.Role, now: datetime
 ) -> Invited:
     org = org_settings.owned_org(db, auth.id, org_name, "its members")
-    return invite(db, org, username, role, now)
+    invited = invite(db, org, username, role, now)
+    details: dict[str, s.AuditDetail] = {
+        "role": role.value,
+        "account_created": invited.password is not None,
+    }
+    subject = _subject(db, invited.username)
+    audit.record(
+        db, now, s.AuditAction.MEMBER_ADDED, auth, org=org, subject=subject, details=details
+    )
+    return invited
 
 
-def owner_set_role(db: Db, auth: AuthUser, org_name: str, username: str, role: s.Role) -> None:
-    set_role(db, org_settings.owned_org(db, auth.id, org_name, "its members"), username, role)
+def owner_set_role(
+    db: Db, auth: AuthUser, org_name: str, username: str, role: s.Role, now: datetime
+) -> None:
+    org = org_settings.owned_org(db, auth.id, org_name, "its members")
+    set_role(db, org, username, role)
+    audit.record(
+        db,
+        now,
+        s.AuditAction.MEMBER_ROLE_CHANGED,
+        auth,
+        org=org,
+        subject=_subject(db, username),
+        details={"role": role.value},
+    )
 
 
-def owner_remove(db: Db, auth: AuthUser, org_name: str, username: str) -> None:
-    remove(db, org_settings.owned_org(db, auth.id, org_name, "its members"), username)
+def owner_remove(db: Db, auth: AuthUser, org_name: str, username: str, now: datetime) -> None:
+    org = org_settings.owned_org(db, auth.id, org_name, "its members")
+    remove(db, org, username)
+    audit.record(
+        db, now, s.AuditAction.MEMBER_REMOVED, auth, org=org, subject=_subject(db, username)
+    )
+
+
+def owner_unlock(
+    db: Db, auth: AuthUser, org_name: str, username: str, limits: Limits, now: datetime
+) -> s.Lockout:
+    """Clear a member's sign-in lockout (owners of an organisation the account belongs to)."""
+    org = org_settings.owned_org(db, auth.id, org_name, "its members")
+    user, _ = _membership(db, org, username)
+    if sign_in.unlock(db, limits, user.username):
+        subject = AuthUser(user.id, user.username)
+        audit.record(
+            db,
+            now,
+            s.AuditAction.ACCOUNT_UNLOCKED,
+            auth,
+            org=org,
+            subject=subject,
+            details={"by": "owner"},
+        )
+    return s.Lockout(username=user.username, locked=False)
+
+
+def owner_audit(
+    db: Db,
+    auth: AuthUser,
+    org_name: str,
+    limit: int,
+    before: int | None,
+    action: s.AuditAction | None,
+) -> s.AuditLog:
+    org = require_owner(db, auth.id, org_name, "its audit log")
+    return audit.org_events(db, org, limit, before, action)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from pydantic import BaseModel
 from sqlalchemy.orm import Session as Db
 
 from offload.core import schemas as s
-from offload.server.services import billing, org_settings
+from offload.server.services import audit, billing, org_settings
 from offload.server.services.tokens import AuthUser
 
 
@@ -21,11 +22,20 @@ def get_settings(db: Db, auth: AuthUser, org_name: str) -> s.OrgSettings:
     return org_settings.settings_view(db, org)
 
 
+def _sent(update: BaseModel) -> dict[str, s.AuditDetail]:
+    """The fields an update set, as the audit log shows them (no setting is secret)."""
+    shown: dict[str, s.AuditDetail] = {}
+    for name, value in update.model_dump(mode="json", exclude_unset=True).items():
+        shown[name] = value if isinstance(value, str | int | float | bool | None) else str(value)
+    return shown
+
+
 def put_settings(
-    db: Db, auth: AuthUser, org_name: str, update: s.OrgSettingsUpdate
+    db: Db, auth: AuthUser, org_name: str, update: s.OrgSettingsUpdate, now: datetime
 ) -> s.OrgSettings:
     org = org_settings.owned_org(db, auth.id, org_name, "its Offload settings")
     org_settings.update_settings(db, org, update)
+    audit.record(db, now, s.AuditAction.SETTINGS_CHANGED, auth, org=org, details=_sent(update))
     return org_settings.settings_view(db, org)
 
 
@@ -39,6 +49,7 @@ def put_billing(
 ) -> s.OrgBilling:
     org = org_settings.owned_org(db, auth.id, org_name, "its billing")
     billing.update_billing(db, org, update)
+    audit.record(db, now, s.AuditAction.BILLING_CHANGED, auth, org=org, details=_sent(update))
     return billing.billing_view(db, org, now)
 
 
@@ -47,6 +58,8 @@ def grant_trial_credit(
 ) -> s.OrgBilling:
     org = org_settings.owned_org(db, auth.id, org_name, "its billing")
     billing.grant_trial_credit(db, org, grant.amount_cents, now)
+    details: dict[str, s.AuditDetail] = {"amount_cents": grant.amount_cents}
+    audit.record(db, now, s.AuditAction.TRIAL_CREDIT_GRANTED, auth, org=org, details=details)
     return billing.billing_view(db, org, now)
 
 

@@ -25,7 +25,7 @@ from offload.core.errors import Conflict, InvalidInput, NotFound
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
 from offload.server.db.models import OffloadSession, OrgSettingsRow, Runner
-from offload.server.services import lifecycle
+from offload.server.services import audit, lifecycle
 from offload.server.services.ca import key_fingerprint, parse_public_key
 from offload.server.services.tokens import AuthRunner
 
@@ -99,6 +99,14 @@ def assigned_live_session(db: Db, runner: Runner, session_id: str) -> OffloadSes
 def _register_tx(db: Db, auth: AuthRunner, request: s.RunnerRegister, now: datetime) -> str:
     # Upsert by name: a restarted runner keeps its id (and its sessions) under a new token.
     runner = db.scalar(select(Runner).where(Runner.name == request.name))
+    audit.record(
+        db,
+        now,
+        s.AuditAction.RUNNER_REGISTERED,
+        f"runner token {auth.name}",
+        target=request.name,
+        details={"address": f"{request.ssh_host}:{request.ssh_port}", "new": runner is None},
+    )
     if runner is None:
         runner = Runner(name=request.name, registered_at=now)
         db.add(runner)

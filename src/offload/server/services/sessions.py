@@ -20,7 +20,15 @@ from offload.core.errors import Conflict, NotFound, PermissionDenied
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
 from offload.server.db.models import OffloadSession, Organization, Runner, User
-from offload.server.services import accounts, billing, ledger, lifecycle, org_settings, placement
+from offload.server.services import (
+    accounts,
+    audit,
+    billing,
+    ledger,
+    lifecycle,
+    org_settings,
+    placement,
+)
 from offload.server.services.ca import parse_public_key
 from offload.server.services.lifecycle import Rules
 from offload.server.services.tokens import AuthUser
@@ -155,6 +163,16 @@ def _join_live(
             TAKEOVER_FIX,
         )
     key_changed = live.client_public_key.strip() != request.client_public_key.strip()
+    if live.client_name != request.client_name:
+        audit.record(
+            db,
+            now,
+            s.AuditAction.SESSION_TAKEOVER,
+            AuthUser(live.user.id, live.user.username),
+            org=live.org,
+            target=live.id,
+            details={"from": live.client_name or "another machine", "to": request.client_name},
+        )
     live.client_public_key = request.client_public_key
     live.client_name = request.client_name
     state_before = live.state

@@ -16,7 +16,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session as Db
 
-from offload.core.errors import NotAuthenticated
+from offload.core.errors import InvalidInput, NotAuthenticated
 from offload.server.db.models import ApiToken, RunnerToken, User
 
 USER_TOKEN_PREFIX = "off_u_"
@@ -24,6 +24,7 @@ RUNNER_TOKEN_PREFIX = "off_r_"
 DISPLAY_PREFIX_LEN = 12
 # Writing last_used_at on every request would make each read a write; a minute is precise enough.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+RUNNER_TOKEN_NAME_MAX = 128  # runner_tokens.name
 
 _hasher = PasswordHasher()
 # Verified against when the username is unknown, so both failures take the same time.
@@ -73,6 +74,11 @@ def issue_api_token(db: Db, user_id: str, name: str, now: datetime) -> str:
 
 
 def issue_runner_token(db: Db, name: str, now: datetime) -> str:
+    if not name or len(name) > RUNNER_TOKEN_NAME_MAX:
+        raise InvalidInput(
+            f"A runner token needs a name of 1-{RUNNER_TOKEN_NAME_MAX} characters.",
+            "Name it after the runner's host, e.g. `gpu-1`.",
+        )
     token = generate_token(RUNNER_TOKEN_PREFIX)
     db.add(
         RunnerToken(

@@ -19,10 +19,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session as Db
 
-from offload.core.errors import NotAuthenticated
+from offload.core import schemas as s
+from offload.core.errors import InvalidInput
 from offload.server.context import ServerContext
 from offload.server.db.models import User, WebSession
-from offload.server.services import accounts, tokens
+from offload.server.services import audit, tokens
+from offload.server.services import sign_in as sign_in_service
 from offload.server.services.tokens import AuthUser
 
 SESSION_COOKIE = "offload_session"
@@ -53,22 +55,15 @@ def csrf_matches(secret: str, sent: str | None) -> bool:
 # ---- transactions -------------------------------------------------------------------------------
 
 
-def _check_password_tx(db: Db, username: str, password: str) -> tuple[str, str]:
-    user = accounts.find_user(db, username)
-    if not tokens.verify_password(user.password_hash if user else None, password):
-        raise NotAuthenticated(
-            "Wrong username or password.",
-            "Check both and try again; an administrator can reset your password.",
-        )
-    assert user is not None  # verify_password is False for an unknown user
-    return user.id, user.password_hash
-
-
 def _open_tx(db: Db, user_id: str, now: datetime, new_hash: str | None) -> str:
     if new_hash is not None:
         db.get_one(User, user_id).password_hash = new_hash
     # Sign-ins are rare: a good moment to forget expired sessions.
     db.execute(delete(WebSession).where(WebSession.expires_at <= now))
+    return _new_session(db, user_id, now)
+
+
+def _new_session(db: Db, user_id: str, now: datetime) -> str:
     token = secrets.token_urlsafe(32)
     db.add(
         WebSession(
@@ -94,22 +89,48 @@ def identify(db: Db, token: str, now: datetime) -> AuthUser | None:
     return AuthUser(id=row[1].id, username=row[1].username)
 
 
-def close(db: Db, token: str) -> None:
+def close(db: Db, token: str, user: AuthUser, now: datetime) -> None:
     db.execute(delete(WebSession).where(WebSession.token_hash == tokens.hash_token(token)))
+    audit.record(db, now, s.AuditAction.SIGN_OUT, user)
+
+
+def close_all(db: Db, user_id: str) -> None:
+    """End every browser session of the user (a password change or reset)."""
+    db.execute(delete(WebSession).where(WebSession.user_id == user_id))
+
+
+def _change_password_tx(db: Db, user: AuthUser, new_hash: str, via: str, now: datetime) -> str:
+    db.get_one(User, user.id).password_hash = new_hash
+    close_all(db, user.id)
+    audit.record(db, now, s.AuditAction.PASSWORD_CHANGED, user, details={"via": via})
+    return _new_session(db, user.id, now)
 
 
 # ---- the service --------------------------------------------------------------------------------
 
 
 async def sign_in(ctx: ServerContext, username: str, password: str) -> str:
-    """A new browser session's cookie token for a right username and password.
-
-    argon2 runs in a read transaction so that no write lock is held while it works."""
-    user_id, password_hash = await ctx.db.read(_check_password_tx, username, password)
+    """A new browser session's cookie token for a right username and password (within the
+    abuse limits)."""
+    verified = await sign_in_service.verify(ctx, username, password, via="dashboard")
     new_hash = None
-    if tokens.password_needs_rehash(password_hash):
+    if tokens.password_needs_rehash(verified.password_hash):
         new_hash = await asyncio.to_thread(tokens.hash_password, password)
-    return await ctx.db.run(_open_tx, user_id, ctx.now(), new_hash)
+    return await ctx.db.run(_open_tx, verified.user.id, ctx.now(), new_hash)
+
+
+async def change_password(
+    ctx: ServerContext, user: AuthUser, change: s.PasswordChange, via: str
+) -> str:
+    """Set a new password after checking the current one (counted like a sign-in): every
+    browser session of the user ends; returns a new session token for the caller's browser."""
+    await sign_in_service.verify(ctx, user.username, change.current_password, via=via)
+    if change.new_password == change.current_password:
+        raise InvalidInput(
+            "The new password is the same as the current one.", "Choose a different one."
+        )
+    new_hash = await asyncio.to_thread(tokens.hash_password, change.new_password)
+    return await ctx.db.run(_change_password_tx, user, new_hash, via, ctx.now())
 
 
 async def who(ctx: ServerContext, token: str | None) -> WebIdentity | None:
@@ -119,5 +140,5 @@ async def who(ctx: ServerContext, token: str | None) -> WebIdentity | None:
     return WebIdentity(user, token) if user else None
 
 
-async def sign_out(ctx: ServerContext, token: str) -> None:
-    await ctx.db.run(close, token)
+async def sign_out(ctx: ServerContext, identity: WebIdentity) -> None:
+    await ctx.db.run(close, identity.session_token, identity.user, ctx.now())

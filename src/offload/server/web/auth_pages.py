@@ -8,9 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request, Response
 from fastapi.responses import HTMLResponse
 
-from offload.core.errors import NotAuthenticated
+from offload.core.errors import NotAuthenticated, RateLimited
 from offload.server.api.deps import Context
+from offload.server.api.errors import error_headers
 from offload.server.services import device_codes, web_auth
+from offload.server.services.throttle import Limits
 from offload.server.web.routing import (
     LOGIN_CSRF_COOKIE,
     CurrentViewer,
@@ -19,25 +21,11 @@ from offload.server.web.routing import (
     page,
     redirect,
     safe_next,
+    set_cookie,
+    set_session_cookie,
 )
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
-
-
-def _is_https(request: Request) -> bool:
-    return request.url.scheme == "https"
-
-
-def _set_cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:
-    response.set_cookie(
-        name,
-        value,
-        max_age=max_age,
-        path="/",
-        httponly=True,
-        samesite="lax",
-        secure=_is_https(request),
-    )
 
 
 def _login_form(
@@ -59,7 +47,7 @@ def _login_form(
         error=error,
         username=username,
     )
-    _set_cookie(request, response, LOGIN_CSRF_COOKIE, secret, max_age=3600)
+    set_cookie(request, response, LOGIN_CSRF_COOKIE, secret, max_age=3600)
     return response
 
 
@@ -87,21 +75,19 @@ async def login_submit(
         token = await web_auth.sign_in(ctx, username, password)
     except NotAuthenticated as exc:
         return _login_form(request, target, exc.message, username, status=401)
+    except RateLimited as exc:
+        refused = _login_form(request, target, f"{exc.message} {exc.fix}", username, status=429)
+        refused.headers.update(error_headers(exc) or {})
+        return refused
     response = redirect(target)
-    _set_cookie(
-        request,
-        response,
-        web_auth.SESSION_COOKIE,
-        token,
-        max_age=int(web_auth.SESSION_LIFETIME.total_seconds()),
-    )
+    set_session_cookie(request, response, token)
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
     return response
 
 
 @router.post("/logout")
 async def logout(ctx: Context, viewer: FormViewer) -> Response:
-    await web_auth.sign_out(ctx, viewer.identity.session_token)
+    await web_auth.sign_out(ctx, viewer.identity)
     response = redirect("/login?notice=signed-out")
     response.delete_cookie(web_auth.SESSION_COOKIE, path="/", httponly=True, samesite="lax")
     return response
@@ -141,5 +127,8 @@ async def device_decision(
     decision: Annotated[str, Form(pattern="^(approve|deny)$")],
 ) -> HTMLResponse:
     approve = decision == "approve"
-    decided = await ctx.db.run(device_codes.decide, viewer.user, user_code, approve, ctx.now())
+    limits = Limits.from_settings(ctx.settings)
+    decided = await ctx.db.run(
+        device_codes.decide, viewer.user, user_code, approve, ctx.now(), limits
+    )
     return page(request, "device_done.html", decided=decided, approved=approve)

@@ -1,4 +1,5 @@
-"""Organisation pages, for owners: activity (with CSV export), billing, settings and members.
+"""Organisation pages, for owners: activity (with CSV export), billing, settings and members,
+and the audit log.
 
 Members reach none of them: each answers 403 with a page naming the owners to ask.
 """
@@ -14,6 +15,7 @@ from offload.core import schemas as s
 from offload.core.errors import InvalidInput
 from offload.server.api.deps import Context
 from offload.server.services import org_activity, org_members, org_settings, orgs
+from offload.server.services.throttle import Limits
 from offload.server.web import charts
 from offload.server.web.routing import (
     CurrentViewer,
@@ -163,7 +165,8 @@ async def _settings_page(
     org: str,
     invited: org_members.Invited | None = None,
 ) -> HTMLResponse:
-    found = await ctx.db.read(org_members.owner_settings, viewer.user, org)
+    limits = Limits.from_settings(ctx.settings)
+    found = await ctx.db.read(org_members.owner_settings, viewer.user, org, limits, ctx.now())
     return page(
         request,
         "org_settings.html",
@@ -208,7 +211,7 @@ async def save_settings(
         idle_timeout_locked=idle_timeout_locked == "on",
         fair_use_policy=fair_use_policy,
     )
-    await ctx.db.run(orgs.put_settings, viewer.user, org, update)
+    await ctx.db.run(orgs.put_settings, viewer.user, org, update, ctx.now())
     return redirect(f"/orgs/{org}/settings?notice=saved")
 
 
@@ -236,11 +239,36 @@ async def change_role(
     username: str,
     role: Annotated[s.Role, Form()],
 ) -> Response:
-    await ctx.db.run(org_members.owner_set_role, viewer.user, org, username, role)
+    await ctx.db.run(org_members.owner_set_role, viewer.user, org, username, role, ctx.now())
     return redirect(f"/orgs/{org}/settings?notice=role-changed")
+
+
+@router.post("/members/{username}/unlock")
+async def unlock_member(ctx: Context, viewer: FormViewer, org: str, username: str) -> Response:
+    limits = Limits.from_settings(ctx.settings)
+    await ctx.db.run(org_members.owner_unlock, viewer.user, org, username, limits, ctx.now())
+    return redirect(f"/orgs/{org}/settings?notice=unlocked")
+
+
+# ---- audit log ----------------------------------------------------------------------------------
+
+
+@router.get("/audit")
+async def audit_page(
+    ctx: Context,
+    request: Request,
+    viewer: CurrentViewer,
+    org: str,
+    before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+    action: s.AuditAction | None = None,
+) -> HTMLResponse:
+    log = await ctx.db.read(org_members.owner_audit, viewer.user, org, 100, before, action)
+    return page(
+        request, "org_audit.html", org=org, log=log, action=action, actions=list(s.AuditAction)
+    )
 
 
 @router.post("/members/{username}/remove")
 async def remove_member(ctx: Context, viewer: FormViewer, org: str, username: str) -> Response:
-    await ctx.db.run(org_members.owner_remove, viewer.user, org, username)
+    await ctx.db.run(org_members.owner_remove, viewer.user, org, username, ctx.now())
     return redirect(f"/orgs/{org}/settings?notice=member-removed")

@@ -22,7 +22,7 @@ from fastapi.templating import Jinja2Templates
 
 from offload.core.errors import OffloadError
 from offload.server.api.deps import Context
-from offload.server.api.errors import describe_validation_errors
+from offload.server.api.errors import describe_validation_errors, error_headers
 from offload.server.context import ServerContext
 from offload.server.services import dashboard, web_auth
 from offload.server.services.lifecycle import Rules
@@ -63,6 +63,8 @@ NOTICES = {
     "member-removed": "Member removed.",
     "role-changed": "Role changed.",
     "signed-out": "You are signed out.",
+    "unlocked": "The account can sign in again.",
+    "password-changed": "Password changed; your other browser sessions were signed out.",
 }
 
 
@@ -142,7 +144,13 @@ def page(request: Request, template: str, status: int = 200, **context: Any) -> 
 
 
 def error_page(request: Request, status: int, message: str, fix: str = "") -> HTMLResponse:
-    titles = {401: "Sign-in needed", 403: "Not allowed", 404: "Not found", 409: "Conflict"}
+    titles = {
+        401: "Sign-in needed",
+        403: "Not allowed",
+        404: "Not found",
+        409: "Conflict",
+        429: "Too many attempts",
+    }
     return page(
         request,
         "error.html",
@@ -151,6 +159,25 @@ def error_page(request: Request, status: int, message: str, fix: str = "") -> HT
         message=message,
         fix=fix,
     )
+
+
+def set_cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:
+    """HttpOnly (no script reads it), SameSite=Lax (no cross-site POST carries it), Secure
+    when the page came over HTTPS (behind a TLS proxy: `forwarded_allow_ips`)."""
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+    )
+
+
+def set_session_cookie(request: Request, response: Response, token: str) -> None:
+    max_age = int(web_auth.SESSION_LIFETIME.total_seconds())
+    set_cookie(request, response, web_auth.SESSION_COOKIE, token, max_age)
 
 
 def redirect(url: str) -> RedirectResponse:
@@ -197,6 +224,7 @@ class WebRoute(APIRoute):
                 )
             except OffloadError as exc:
                 response = error_page(request, exc.http_status, exc.message, exc.fix)
+                response.headers.update(error_headers(exc) or {})
             is_html = response.media_type == "text/html" or isinstance(response, HTMLResponse)
             return secure_headers(response, html=is_html)
 

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse
 from offload.core import schemas as s
 from offload.core.errors import InvalidInput
 from offload.server.api.deps import Context
-from offload.server.services import dashboard, org_settings, sessions, usage, user_tokens
+from offload.server.services import dashboard, org_settings, sessions, usage, user_tokens, web_auth
 from offload.server.web import charts
 from offload.server.web.routing import (
     CurrentViewer,
@@ -20,6 +20,7 @@ from offload.server.web.routing import (
     redirect,
     rules,
     safe_next,
+    set_session_cookie,
 )
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
@@ -121,6 +122,27 @@ async def save_settings(
     return redirect("/settings?notice=saved")
 
 
+@router.post("/settings/password")
+async def change_password(
+    ctx: Context,
+    request: Request,
+    viewer: FormViewer,
+    current_password: Annotated[str, Form(min_length=1, max_length=1024)],
+    new_password: Annotated[str, Form(max_length=1024)],
+    confirm_password: Annotated[str, Form(max_length=1024)],
+) -> Response:
+    """Every browser session of the user ends; this browser gets a fresh one."""
+    if new_password != confirm_password:
+        raise InvalidInput("The two new passwords differ.", "Type the same new password twice.")
+    if len(new_password) < 8:
+        raise InvalidInput("The new password is shorter than 8 characters.", "Choose a longer one.")
+    change = s.PasswordChange(current_password=current_password, new_password=new_password)
+    token = await web_auth.change_password(ctx, viewer.user, change, via="dashboard")
+    response = redirect("/settings?notice=password-changed")
+    set_session_cookie(request, response, token)
+    return response
+
+
 @router.post("/settings/tokens")
 async def create_token(
     ctx: Context,
@@ -130,11 +152,11 @@ async def create_token(
 ) -> HTMLResponse:
     """Shows the new token once, in this response only (no redirect: it must not reach a URL
     or the browser's history)."""
-    token = await ctx.db.run(user_tokens.create, viewer.user.id, name, ctx.now())
+    token = await ctx.db.run(user_tokens.create, viewer.user, name, ctx.now())
     return await _settings_page(ctx, request, viewer, new_token=token)
 
 
 @router.post("/settings/tokens/{token_id}/revoke")
 async def revoke_token(ctx: Context, viewer: FormViewer, token_id: str) -> Response:
-    await ctx.db.run(user_tokens.revoke, viewer.user.id, token_id, ctx.now())
+    await ctx.db.run(user_tokens.revoke, viewer.user, token_id, ctx.now())
     return redirect("/settings?notice=revoked")
