@@ -4,14 +4,16 @@
 # Leaves you with a running session: `docker offload status`, `docker offload stop`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "Run as root (sudo): the local runner creates sandboxes, cgroups and egress rules." >&2; exit 1; }
+# shellcheck source=scripts/bootstrap.sh
+. scripts/bootstrap.sh
+[ "$(id -u)" = 0 ] ||
+  die "run as root: \`sudo scripts/quickstart.sh\`, or \`scripts/quickstart.sh\` as root (the local runner creates sandboxes, cgroups and egress rules)."
 
-scripts/bootstrap.sh
-ln -sf "$PWD/.venv/bin/offload" /usr/local/bin/offload
-ln -sf "$PWD/.venv/bin/docker-offload" /usr/local/bin/docker-offload
-if ! command -v docker >/dev/null; then
-  echo "docker CLI not found; docker.io provides one at /usr/bin/docker" >&2; exit 1
-fi
+bootstrap
+step "link offload and docker-offload into /usr/local/bin" "Check that /usr/local/bin exists and is writable." \
+  ln -sf "$VENV/bin/offload" "$VENV/bin/docker-offload" /usr/local/bin/
+command -v docker >/dev/null ||
+  die "docker CLI not found; Debian's docker.io provides one at /usr/bin/docker (\`apt-get install docker.io\`)."
 
 echo "==> offload up (control plane + local runner)"
 offload up
