@@ -866,12 +866,90 @@ def server(
     _run(work)
 
 
-@app.command()
-def runner() -> None:
+runner_app = typer.Typer(
+    help="Run a runner host in the foreground (settings from OFFLOAD_RUNNER_* variables); "
+    "`offload runner drain NAME` stops new placements on one.",
+)
+app.add_typer(runner_app, name="runner")
+
+
+@runner_app.callback(invoke_without_command=True)
+def runner(ctx: typer.Context) -> None:
     """Run a runner host in the foreground (settings from OFFLOAD_RUNNER_* variables)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from offload.runner.daemon import main as runner_main
 
     _run(runner_main)
+
+
+@runner_app.command("drain")
+def runner_drain(
+    name: Annotated[str, typer.Argument(help="The runner (see `offload admin runners`).")],
+    undo: Annotated[bool, typer.Option("--undo", help="Take new sessions again.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Place no new sessions on a runner; its live sessions run to their end (operators, on the
+    control plane's host: reads OFFLOAD_DATA_DIR / OFFLOAD_DATABASE_URL)."""
+    from offload.server.bootstrap import drain_runner
+
+    fleet = _run(lambda: drain_runner(ServerSettings(), name, not undo))
+    if as_json:
+        _print_json(fleet.model_dump(mode="json"))
+        return
+    held = next(view for view in fleet.runners if view.name == name)
+    state = "takes new sessions again" if undo else "is draining: no new sessions"
+    out.print(f"[green]✓[/] Runner {name} {state} ({held.live_sessions} live session(s)).")
+
+
+admin_app = typer.Typer(
+    help="Operator views, on the control plane's host (OFFLOAD_DATA_DIR / OFFLOAD_DATABASE_URL).",
+    no_args_is_help=True,
+)
+app.add_typer(admin_app, name="admin")
+
+
+@admin_app.command("runners")
+def admin_runners(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Runner hosts: online, draining, capacity, free slots, live sessions."""
+    from offload.server.bootstrap import runner_fleet
+
+    fleet = _run(lambda: runner_fleet(ServerSettings()))
+    if as_json:
+        _print_json(fleet.model_dump(mode="json"))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in (
+        "Runner",
+        "SSH",
+        "State",
+        "Sessions",
+        "Free",
+        "Warm",
+        "Types",
+        "GPUs",
+        "Heartbeat",
+    ):
+        table.add_column(column)
+    for view in fleet.runners:
+        state = "offline" if not view.online else ("draining" if view.draining else "online")
+        table.add_row(
+            view.name,
+            view.ssh,
+            state,
+            f"{view.live_sessions}/{view.capacity}",
+            str(view.free),
+            str(view.warm),
+            ",".join(t.value for t in view.instance_types),
+            str(view.gpus),
+            view.last_heartbeat_at.strftime("%H:%M:%S") if view.last_heartbeat_at else "never",
+        )
+    out.print(table if fleet.runners else "No runner has registered yet.")
+    out.print(
+        f"{fleet.online} online, {fleet.live_sessions} live session(s), {fleet.free} free slot(s)."
+    )
 
 
 @app.command(hidden=True)

@@ -32,6 +32,9 @@ class ServerSettings(BaseSettings):
     heartbeat_interval_s: float = Field(default=5.0, gt=0, le=300)
     # A runner silent for this long is considered gone: no new sessions are placed on it.
     runner_timeout_s: float = Field(default=30.0, gt=0)
+    # A runner silent this long is lost: its live sessions end `failed`, billed to its last
+    # heartbeat (at least `runner_timeout_s`).
+    runner_lost_after_s: float = Field(default=120.0, gt=0)
     min_client_version: str = "0.1.0"
     default_idle_timeout_s: int = Field(default=300, ge=10, le=3600)
     # How often the lifecycle clock runs (idle, grace, prompts, limits); 0 turns it off (tests

@@ -48,7 +48,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StrictBool
+from pydantic import BaseModel, BeforeValidator, Field, Strict, StrictBool
 
 API_PREFIX = "/api/v1"
 API_VERSION = "1"
@@ -68,13 +68,23 @@ ENGINE_SOCKET_IN_MOUNT_AREA = ".docker.sock"
 # The largest count or amount a request may carry: what an INTEGER column holds in every database
 # the control plane runs on (PostgreSQL's is 32-bit); a larger one is refused as invalid input.
 MAX_INT = 2**31 - 1
-# Request fields are StrictBool: a JSON boolean is true or false, where pydantic's lax mode would
-# also take 0, 1.0 or "yes" for one.
 # Ranges the control plane's services enforce, each with its own message and fix; they are
 # documented here (json_schema_extra), not validated, so that a dashboard form's value gets the
 # service's answer rather than a pydantic error.
 IDLE_TIMEOUT_RANGE: dict[str, Any] = {"minimum": 10, "maximum": 3600}
 BUILDER_CACHE_RANGE: dict[str, Any] = {"minimum": 10 * 1000**2, "maximum": 100 * 1000**4}
+
+
+def _integral(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# The integers (JsonInt) and booleans (StrictBool) of requests are JSON's: 5 (or 5.0) is an
+# integer, true a boolean, where pydantic's lax mode would also take true or "5" for an
+# integer, and 0 or "yes" for a boolean.
+# An optional one with bounds spells them out before the validator (`Annotated[int, Field(…),
+# Strict(), BeforeValidator(_integral)] | None`): else the document reads `ge`/`le` for them.
+JsonInt = Annotated[int, Strict(), BeforeValidator(_integral)]
 
 
 class SessionState(StrEnum):
@@ -158,7 +168,9 @@ class VersionInfo(BaseModel):
 class SessionCreate(BaseModel):
     org: str | None = None  # None: the user's default organisation
     gpu: StrictBool = False
-    idle_timeout_s: int | None = Field(default=None, ge=10, le=3600)
+    idle_timeout_s: (
+        Annotated[int, Field(ge=10, le=3600), Strict(), BeforeValidator(_integral)] | None
+    ) = None
     client_public_key: str = Field(description="OpenSSH public key line of the agent's key")
     client_name: str = Field(default="", max_length=255, description="hostname of the laptop")
     # Move the user's live session from another machine to this one (its old key stops working).
@@ -215,11 +227,13 @@ class SessionInfo(BaseModel):
 class RunnerRegister(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     ssh_host: str = Field(min_length=1, max_length=255)
-    ssh_port: int = Field(ge=1, le=65535)
+    ssh_port: JsonInt = Field(ge=1, le=65535)
     host_key: str
-    capacity: int = Field(ge=0, le=MAX_INT, description="environments this runner can hold at once")
+    capacity: JsonInt = Field(
+        ge=0, le=MAX_INT, description="environments this runner can hold at once"
+    )
     instance_types: list[InstanceType] = [InstanceType.STANDARD]
-    gpus: int = Field(default=0, ge=0, le=MAX_INT)
+    gpus: JsonInt = Field(default=0, ge=0, le=MAX_INT)
 
 
 class RunnerRegistered(BaseModel):
@@ -234,18 +248,18 @@ class EnvironmentReport(BaseModel):
     state: str  # "warm" | "bound" | "paused" | "destroying"
     # What the environment's engine holds (bound environments): a running container counts as
     # activity; images feed the usage insights.
-    running_containers: int = Field(default=0, ge=0, le=MAX_INT)
-    containers_total: int = Field(default=0, ge=0, le=MAX_INT)
+    running_containers: JsonInt = Field(default=0, ge=0, le=MAX_INT)
+    containers_total: JsonInt = Field(default=0, ge=0, le=MAX_INT)
     # Images of the containers it holds and of those created since the last answered heartbeat.
     images: list[str] = []
     # Containers created since the environment was bound, `docker run --rm` ones included: a
     # running total, so the control plane keeps the highest it saw (a retry counts nothing twice).
-    containers_created: int = Field(default=0, ge=0, le=MAX_INT)
+    containers_created: JsonInt = Field(default=0, ge=0, le=MAX_INT)
 
 
 class RunnerHeartbeat(BaseModel):
-    capacity: int = Field(ge=0, le=MAX_INT)
-    warm: int = Field(ge=0, le=MAX_INT)
+    capacity: JsonInt = Field(ge=0, le=MAX_INT)
+    warm: JsonInt = Field(ge=0, le=MAX_INT)
     environments: list[EnvironmentReport] = []
 
 
@@ -315,8 +329,8 @@ class PromptAnswer(BaseModel):
 class ActivityReport(BaseModel):
     """What the agent saw since its last report (see docs/activity.md)."""
 
-    api_calls: int = Field(default=0, ge=0)
-    open_streams: int = Field(default=0, ge=0)
+    api_calls: JsonInt = Field(default=0, ge=0)
+    open_streams: JsonInt = Field(default=0, ge=0)
     building: StrictBool = False
 
 
@@ -341,7 +355,7 @@ class UserSettings(BaseModel):
 class UserSettingsUpdate(BaseModel):
     """Only the fields sent change; `idle_timeout_s: null` goes back to the org's default."""
 
-    idle_timeout_s: int | None = Field(default=None, json_schema_extra=IDLE_TIMEOUT_RANGE)
+    idle_timeout_s: JsonInt | None = Field(default=None, json_schema_extra=IDLE_TIMEOUT_RANGE)
     default_org: str | None = None
     offload_enabled: StrictBool | None = None
 
@@ -364,11 +378,13 @@ class OrgSettingsUpdate(BaseModel):
     offload_enabled: StrictBool | None = None
     # Wins over offload_enabled when both are sent; always_disabled means offload_enabled false.
     offload_access: OffloadAccess | None = None
-    idle_timeout_default_s: int | None = Field(default=None, json_schema_extra=IDLE_TIMEOUT_RANGE)
+    idle_timeout_default_s: JsonInt | None = Field(
+        default=None, json_schema_extra=IDLE_TIMEOUT_RANGE
+    )
     idle_timeout_locked: StrictBool | None = None
     fair_use_policy: FairUsePolicy | None = None
     # Sent as null: back to the runner's default.
-    builder_cache_limit_bytes: int | None = Field(
+    builder_cache_limit_bytes: JsonInt | None = Field(
         default=None, json_schema_extra=BUILDER_CACHE_RANGE
     )
 
@@ -394,9 +410,13 @@ class OrgBillingUpdate(BaseModel):
     """Only the fields sent change; `committed_minutes_per_month: null` makes the org unmetered,
     `on_demand_limit_cents: null` removes the on-demand limit."""
 
-    committed_minutes_per_month: int | None = Field(default=None, ge=0, le=MAX_INT)
+    committed_minutes_per_month: (
+        Annotated[int, Field(ge=0, le=MAX_INT), Strict(), BeforeValidator(_integral)] | None
+    ) = None
     on_demand_enabled: StrictBool | None = None
-    on_demand_limit_cents: int | None = Field(default=None, ge=0, le=MAX_INT)
+    on_demand_limit_cents: (
+        Annotated[int, Field(ge=0, le=MAX_INT), Strict(), BeforeValidator(_integral)] | None
+    ) = None
     # 0 or more, and finite (enforced by the billing service).
     rates_cents_per_minute: (
         dict[InstanceType, Annotated[float, Field(strict=True, json_schema_extra={"minimum": 0})]]
@@ -405,7 +425,7 @@ class OrgBillingUpdate(BaseModel):
 
 
 class TrialCreditGrant(BaseModel):
-    amount_cents: int = Field(gt=0, le=MAX_INT)
+    amount_cents: JsonInt = Field(gt=0, le=MAX_INT)
 
 
 class OrgUsage(BaseModel):
@@ -530,6 +550,7 @@ class AuditAction(StrEnum):
     SESSION_TAKEOVER = "session.takeover"
     RUNNER_REGISTERED = "runner.registered"
     RUNNER_TOKEN_CREATED = "runner.token_created"
+    RUNNER_DRAINED = "runner.drain_changed"
 
 
 AuditDetail = str | int | float | bool | None
@@ -550,6 +571,31 @@ class AuditLog(BaseModel):
     org: str
     events: list[AuditEventView]  # newest first
     next_before: int | None = None  # pass as `before` for the next (older) page
+
+
+class RunnerAdminView(BaseModel):
+    """One runner host as the operator sees it (`offload admin runners`)."""
+
+    name: str
+    id: str
+    ssh: str  # host:port users' tunnels reach
+    online: bool  # heartbeat within the server's runner timeout
+    draining: bool  # takes no new sessions
+    last_heartbeat_at: datetime | None
+    capacity: int
+    live_sessions: int
+    free: int  # slots a new session could take now (0 when offline or draining)
+    warm: int  # environments started ahead of demand
+    instance_types: list[InstanceType]
+    gpus: int
+    sessions: list[str]
+
+
+class RunnerFleet(BaseModel):
+    runners: list[RunnerAdminView]
+    online: int
+    live_sessions: int
+    free: int
 
 
 class Lockout(BaseModel):

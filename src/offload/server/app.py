@@ -21,7 +21,7 @@ from offload.server.api.errors import install_error_handlers
 from offload.server.context import CLIENT_ADDRESS, Clock, ServerContext, utc_now
 from offload.server.db.engine import Database
 from offload.server.db.migrate import upgrade_database
-from offload.server.services import lifecycle
+from offload.server.services import background
 from offload.server.services.ca import CertificateAuthority
 from offload.server.services.signals import RunnerSignals
 
@@ -77,7 +77,7 @@ async def run_lifecycle_clock(context: ServerContext) -> None:
     database each time, so nothing is lost by a skipped tick."""
     while True:
         try:
-            await lifecycle.tick(context)
+            await background.tick(context)
         except Exception:
             log.exception("lifecycle tick failed; retrying on the next one")
         await asyncio.sleep(context.settings.tick_interval_s)

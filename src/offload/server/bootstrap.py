@@ -19,7 +19,7 @@ from offload.core.schemas import Role
 from offload.server.app import open_database
 from offload.server.context import utc_now
 from offload.server.db.engine import Database
-from offload.server.services import accounts, audit, tokens, web_auth
+from offload.server.services import accounts, admin, audit, tokens, web_auth
 from offload.server.services.tokens import AuthUser
 
 OPERATOR = "operator"  # the audit log's actor for the server's own commands
@@ -117,6 +117,25 @@ def create_runner_token(
     """A new runner token (off_r_…), shown once."""
     with _database(settings) as db, db.transaction() as session:
         return _runner_token(session, name, clock())
+
+
+def runner_fleet(
+    settings: ServerSettings, clock: Callable[[], datetime] = utc_now
+) -> s.RunnerFleet:
+    """Every registered runner: online, draining, capacity, live sessions (operators)."""
+    with _database(settings) as db, db.transaction(read_only=True) as session:
+        return admin.runners_view(session, clock(), settings.runner_timeout_s)
+
+
+def drain_runner(
+    settings: ServerSettings, name: str, draining: bool, clock: Callable[[], datetime] = utc_now
+) -> s.RunnerFleet:
+    """Stop (or resume) placing new sessions on `name`; live sessions run to their end."""
+    with _database(settings) as db:
+        with db.transaction() as session:
+            admin.set_draining(session, name, draining, clock())
+        with db.transaction(read_only=True) as session:
+            return admin.runners_view(session, clock(), settings.runner_timeout_s)
 
 
 def _runner_token(db: Db, name: str, now: datetime) -> str:

@@ -14,7 +14,18 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from offload.server.db.types import UtcDateTime
@@ -127,6 +138,8 @@ class Runner(Base):
     registered_at: Mapped[datetime]
     last_heartbeat_at: Mapped[datetime | None]
     warm: Mapped[int] = mapped_column(default=0)
+    # `offload runner drain`: no new sessions are placed here; live ones run to their end.
+    draining: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The runner token that registered it last: a token acts only for its own runners.
     token_id: Mapped[str | None] = mapped_column(
         String(32), ForeignKey("runner_tokens.id", ondelete="SET NULL")

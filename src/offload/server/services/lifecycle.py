@@ -424,9 +424,14 @@ def _due_tx(db: Db, now: datetime, rules: Rules) -> list[str]:
 
 
 def _advance_tx(db: Db, session_id: str, now: datetime, rules: Rules) -> str | None:
-    """Re-read under the row lock and re-evaluate (the guard); the runner to wake, if any."""
+    """Re-read under the row lock and re-evaluate (the guard); the runner to wake, if any.
+
+    A row another replica holds is skipped (SKIP LOCKED): that replica applies what is due, and
+    whatever it leaves is due again on the next tick."""
     row = db.scalars(
-        select(OffloadSession).where(OffloadSession.id == session_id).with_for_update()
+        select(OffloadSession)
+        .where(OffloadSession.id == session_id)
+        .with_for_update(skip_locked=True)
     ).one_or_none()
     if row is None or not S(row.state).live:
         return None

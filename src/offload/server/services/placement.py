@@ -1,8 +1,9 @@
 """The scheduler: which live runner gets a new session.
 
-A runner is live when its last heartbeat is within `runner_timeout_s`.  Among live runners that
-offer the instance type and have room, the one holding the fewest live sessions wins (ties: by
-name, so placement is predictable).
+A runner is live when its last heartbeat is within `runner_timeout_s`; a draining one
+(`offload runner drain`) takes no new session.  Among live runners that offer the instance type
+and have room, the one with the most free slots wins, so sessions spread across hosts (ties: the
+fewest live sessions, then the name, so placement is predictable).
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ class Load:
     live: int
     live_gpu: int
 
+    @property
+    def free(self) -> int:
+        return max(0, self.runner.capacity - self.live)
+
     def has_room(self, instance_type: InstanceType) -> bool:
-        if self.live >= self.runner.capacity:
+        if self.runner.draining or self.live >= self.runner.capacity:
             return False
         if instance_type.value not in self.runner.instance_types:
             return False
@@ -74,7 +79,7 @@ def choose_runner(
     loads = online_runner_loads(db, now, runner_timeout_s)
     fitting = [load for load in loads if load.has_room(instance_type)]
     if fitting:
-        return min(fitting, key=lambda load: load.live).runner
+        return min(fitting, key=lambda load: (-load.free, load.live, load.runner.name)).runner
     raise NoCapacity(_why_none(loads, instance_type), RUNNER_FIX)
 
 
@@ -86,6 +91,8 @@ def _why_none(loads: list[Load], instance_type: InstanceType) -> str:
         offering = [load for load in offering if load.runner.gpus > 0]
     if not offering:
         return f"No online runner offers the {instance_type.value} instance type."
+    if all(load.runner.draining for load in offering):
+        return f"Every online runner offering {instance_type.value} is draining for maintenance."
     return (
         f"Every online runner offering {instance_type.value} is full "
         f"({len(offering)} runner(s) at capacity)."

@@ -25,7 +25,7 @@ from offload.core.errors import Conflict, InvalidInput, NotFound
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
 from offload.server.db.models import OffloadSession, OrgSettingsRow, Runner
-from offload.server.services import audit, lifecycle
+from offload.server.services import audit, lifecycle, runner_liveness
 from offload.server.services.ca import key_fingerprint, parse_public_key
 from offload.server.services.tokens import AuthRunner
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MAX_WAIT_S = 60.0
 # Images remembered per session for the usage insights (the top 10 are shown).
 MAX_IMAGES_PER_SESSION = 100
-END_RUNNER_RESTARTED = "runner restarted: the session's engine was lost"
+END_RUNNER_RESTARTED = runner_liveness.END_RUNNER_RESTARTED
 
 
 def effective_wait(requested_s: float, runner_timeout_s: float) -> float:
@@ -111,7 +111,7 @@ def _register_tx(db: Db, auth: AuthRunner, request: s.RunnerRegister, now: datet
         runner = Runner(name=request.name, registered_at=now)
         db.add(runner)
     else:
-        _fail_lost_sessions(db, runner, now)
+        runner_liveness.fail_engines_of(db, runner, now)
     runner.ssh_host = request.ssh_host
     runner.ssh_port = request.ssh_port
     runner.host_key = request.host_key.strip()
@@ -123,31 +123,6 @@ def _register_tx(db: Db, auth: AuthRunner, request: s.RunnerRegister, now: datet
     runner.last_heartbeat_at = now
     db.flush()
     return runner.id
-
-
-def _fail_lost_sessions(db: Db, runner: Runner, now: datetime) -> list[str]:
-    """End the live sessions whose engine a restarting runner wiped (see the module docstring).
-
-    A session has an engine once the runner reported it ready (`env_id`).  The end is stamped at
-    the runner's last heartbeat: nothing after it is billed, as the engine may have died then."""
-    rows = db.scalars(
-        select(OffloadSession).where(
-            OffloadSession.runner_id == runner.id,
-            OffloadSession.state.in_(lifecycle.LIVE_STATES),
-            OffloadSession.env_id.is_not(None),
-        )
-    ).all()
-    lost_at = min(now, runner.last_heartbeat_at or now)
-    for row in rows:
-        # Never before the session's own last step: its record must read in time order.
-        marks = [t for t in (lost_at, row.started_at, row.idle_since) if t is not None]
-        lifecycle.move(db, row, S.FAILED, min(now, max(marks)), END_RUNNER_RESTARTED)
-    if rows:
-        log.warning(
-            "runner %s registered again: %d live session(s) lost their engine and failed",
-            runner.name, len(rows),
-        )  # fmt: skip
-    return [row.id for row in rows]
 
 
 def _record_heartbeat_tx(
