@@ -67,6 +67,26 @@ class ClockedDeployment:
     runner_data_dir: Path
     cgroup_parent: str
     runner_log: Path
+    runner_token: str = ""
+    ssh_port: int = 0
+    runner: subprocess.Popen[bytes] | None = None
+
+    def start_runner(self) -> None:
+        """Start `offload runner` (again) and wait for its SSH endpoint."""
+        runner = _start_runner(self, self.runner_token, self.ssh_port)
+        self.runner = runner
+        wait_until(
+            lambda: _listening(self.ssh_port, runner, self.runner_log),
+            90,
+            "the runner's SSH endpoint",
+            interval=0.1,
+        )
+
+    def kill_runner(self) -> None:
+        """SIGKILL the runner's whole process group: a host that died, nothing cleaned up."""
+        if self.runner is not None and self.runner.poll() is None:
+            os.killpg(self.runner.pid, signal.SIGKILL)
+            self.runner.wait(30)
 
 
 def _serve(settings: ServerSettings, clock: SteppedClock) -> tuple[object, threading.Thread]:
@@ -140,20 +160,24 @@ def _stop_runner(runner: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="module")
-def clocked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClockedDeployment]:
+def clocked(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ClockedDeployment]:
+    """One per test module; a module's `CLOCKED_SETTINGS` (a dict) changes server settings."""
     from offload.server.bootstrap import bootstrap
 
     root = tmp_path_factory.mktemp("clocked")
     suffix = uuid.uuid4().hex[:6]
-    settings = ServerSettings(
-        data_dir=root / "server",
-        port=_free_port(),
-        tick_interval_s=0.1,
+    defaults = {
+        "data_dir": root / "server",
+        "port": _free_port(),
+        "tick_interval_s": 0.1,
         # The runner stays "live" however far the test moves the clock between heartbeats.
-        runner_timeout_s=7 * 24 * 3600,
-        cert_validity_s=6 * 3600,
-        default_idle_timeout_s=300,
-    )
+        "runner_timeout_s": 7 * 24 * 3600,
+        "cert_validity_s": 6 * 3600,
+        "default_idle_timeout_s": 300,
+    }
+    settings = ServerSettings(**(defaults | getattr(request.module, "CLOCKED_SETTINGS", {})))
     clock = SteppedClock(datetime.now(UTC) - CLOCK_BEHIND)
     tokens = bootstrap(settings, admin_username="clock-admin", org_name="clocked")
     server, thread = _serve(settings, clock)
@@ -165,19 +189,15 @@ def clocked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClockedDeploym
         runner_data_dir=root / "runner",
         cgroup_parent=f"offload-clk-{suffix}",
         runner_log=root / "runner.log",
+        runner_token=tokens.runner_token,
+        ssh_port=_free_port(),
     )
-    ssh_port = _free_port()
-    runner = _start_runner(deployment, tokens.runner_token, ssh_port)
     try:
-        wait_until(
-            lambda: _listening(ssh_port, runner, deployment.runner_log),
-            90,
-            "the runner's SSH endpoint",
-            interval=0.1,
-        )
+        deployment.start_runner()
         yield deployment
     finally:
-        _stop_runner(runner)
+        if deployment.runner is not None:
+            _stop_runner(deployment.runner)
         server.should_exit = True  # type: ignore[attr-defined]
         thread.join(30)
         shutil.rmtree(deployment.run_dir, ignore_errors=True)

@@ -212,14 +212,22 @@ class SessionKeeper:
         public_key = await asyncio.to_thread(
             _public_key_line, Path(self.session_file.private_key_path)
         )
-        info = await self.client.create_session(
-            SessionCreate(
-                org=self.session_file.account,
-                idle_timeout_s=self.session_file.idle_timeout_s,
-                client_public_key=public_key,
-                client_name=self.client_name,
+        try:
+            info = await self.client.create_session(
+                SessionCreate(
+                    org=self.session_file.account,
+                    idle_timeout_s=self.session_file.idle_timeout_s,
+                    client_public_key=public_key,
+                    client_name=self.client_name,
+                )
             )
-        )
+        except OffloadError as exc:  # say why the old one ended, then why no new one
+            why = old.end_reason or old.state.value
+            raise type(exc)(
+                f"Your session {old.id} ended ({why}), and a new one could not start: "
+                f"{exc.message}",
+                exc.fix,
+            ) from None
         if info.runner is None or not info.certificate:
             raise Unreachable(f"the new session {info.id} came without a runner or certificate")
         self.session_file = self.session_file.model_copy(

@@ -650,21 +650,16 @@ def org_audit(
     if as_json:
         _print_json(log.model_dump(mode="json"))
         return
-    table = Table(box=None, pad_edge=False)
-    for column in ("When (UTC)", "Action", "Who", "Account", "Target", "From", "Details"):
-        table.add_column(column)
+    # One line per event, never cut to the terminal's width: a log is read whole and grepped.
     for event in log.events:
-        details = ", ".join(f"{k}={v}" for k, v in event.details.items())
-        table.add_row(
-            event.at.strftime("%Y-%m-%d %H:%M:%S"),
-            event.action.value,
-            event.actor,
-            event.subject or "",
-            event.target,
-            event.address or "",
-            details,
-        )
-    out.print(table if log.events else f"No audit events in {log.org} yet.")
+        who = event.actor + (f" → {event.subject}" if event.subject else "")
+        parts = [event.at.strftime("%Y-%m-%d %H:%M:%S"), event.action.value, who]
+        parts += [event.target] if event.target else []
+        parts += [f"from {event.address}"] if event.address else []
+        parts += [", ".join(f"{k}={v}" for k, v in event.details.items())] if event.details else []
+        typer.echo("  ".join(parts))
+    if not log.events:
+        out.print(f"No audit events in {log.org} yet.")
     if log.next_before is not None:
         out.print(f"Older events: `offload org audit {log.org} --before {log.next_before}`")
 
