@@ -21,8 +21,8 @@ from offload.server.api.errors import install_error_handlers
 from offload.server.context import CLIENT_ADDRESS, Clock, ServerContext, utc_now
 from offload.server.db.engine import Database
 from offload.server.db.migrate import upgrade_database
-from offload.server.services import background
-from offload.server.services.ca import CertificateAuthority
+from offload.server.services import background, installation
+from offload.server.services.ca import CA_KEY_FILENAME, CertificateAuthority
 from offload.server.services.signals import RunnerSignals
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,17 @@ def open_database(settings: ServerSettings) -> Database:
 
 def build_context(settings: ServerSettings, clock: Clock | None = None) -> ServerContext:
     db = open_database(settings)
+    ca = CertificateAuthority.load_or_create(settings.data_dir)
+    key_path = str(settings.data_dir / CA_KEY_FILENAME)
+    try:
+        db.call(installation.claim_session_ca, ca.public_key_line(), key_path)
+    except BaseException:
+        db.dispose()
+        raise
     return ServerContext(
         settings=settings,
         db=db,
-        ca=CertificateAuthority.load_or_create(settings.data_dir),
+        ca=ca,
         signals=RunnerSignals(),
         clock=clock or utc_now,
     )

@@ -335,3 +335,13 @@ class AuditEvent(Base):
     address: Mapped[str | None] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(255), default="")
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class InstallationFact(Base):
+    """What every replica of one installation must agree on, e.g. the session CA's public key
+    (runners trust one CA: a replica with another key would sign certificates nobody accepts)."""
+
+    __tablename__ = "installation"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
