@@ -1,4 +1,12 @@
-"""Control-plane tests: a real app on a real SQLite file, reached in-process over ASGI.
+"""Control-plane tests: a real app on a real database, reached in-process over ASGI.
+
+Every test that uses the app (or `settings`, `database_url`) runs twice, on SQLite and on
+PostgreSQL: `test_x[sqlite]`, `test_x[postgresql]` (`-k sqlite` runs one side).  SQLite is a file
+in the test's data_dir, as `offload up` has it.  PostgreSQL is one throw-away cluster for the
+whole run (tests/support/postgres.py); each test gets its own database, cloned from a template
+that was migrated once.  A test meant for one of them says which and why:
+`@pytest.mark.databases("sqlite", reason=...)`.  Without PostgreSQL's binaries the postgresql
+half is skipped, except under CI (CI=true), where it fails.
 
 Factories (`make_org`, `make_user`, `make_runner`, `start_active`) give every test its own
 organisation, users, runners and sessions; `clock` drives time (certificate validity, runner
@@ -8,6 +16,7 @@ liveness, the lifecycle) and `tick` runs the lifecycle clock once at the clock's
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +31,10 @@ from offload.core.api_client import RunnerClient, UserClient
 from offload.core.config import ServerSettings
 from offload.server.app import create_app
 from offload.server.context import ServerContext
-from offload.server.services import accounts, lifecycle, tokens
+from offload.server.db.engine import Database
+from offload.server.db.migrate import upgrade_database
+from offload.server.services import accounts, background, tokens
+from tests.support.postgres import INSTALL_HINT, PostgresCluster, find_bin_dir
 
 from .support import (
     PASSWORD,
@@ -38,17 +50,99 @@ BASE_URL = "http://offload.test"
 C = TypeVar("C", UserClient, RunnerClient)
 
 
+DATABASES = ("sqlite", "postgresql")
+TEMPLATE_DATABASE = "offload_template"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "databases(*kinds, reason): run this server test on these databases only, and say why",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database" not in metafunc.fixturenames:
+        return
+    kinds = list(DATABASES)
+    marker = metafunc.definition.get_closest_marker("databases")
+    if marker is not None:
+        kinds = list(marker.args)
+        if not kinds or not set(kinds) <= set(DATABASES) or not marker.kwargs.get("reason"):
+            raise pytest.UsageError(
+                f"{metafunc.definition.nodeid}: use @pytest.mark.databases(KIND, ..., reason=...) "
+                f"with kinds from {DATABASES}"
+            )
+    metafunc.parametrize("database", kinds)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """The run's PostgreSQL, with a template database at the newest schema."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail(INSTALL_HINT)
+        pytest.skip(INSTALL_HINT)
+    cluster = PostgresCluster(bin_dir)
+    cluster.start()
+    try:
+        template = Database(cluster.create_database(TEMPLATE_DATABASE))
+        try:
+            upgrade_database(template)
+        finally:
+            template.dispose()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+_databases = itertools.count(1)
+
+
+def _postgres_database(request: pytest.FixtureRequest, template: str | None) -> Iterator[str]:
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    name = f"test_{next(_databases)}"
+    url = cluster.create_database(name, template=template)
+    yield url
+    cluster.drop_database(name)  # also ends connections a test left open
+
+
+@pytest.fixture
+def database_url(database: str, request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """This test's database, at the newest schema; None: the default SQLite file in data_dir."""
+    if database == "sqlite":
+        yield None
+    else:
+        yield from _postgres_database(request, TEMPLATE_DATABASE)
+
+
+@pytest.fixture
+def empty_database_url(
+    database: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A database of this test's kind with no table at all (for the migrations)."""
+    if database == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+    else:
+        yield from _postgres_database(request, None)
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> ServerSettings:
+def settings(tmp_path: Path, database_url: str | None) -> ServerSettings:
     return ServerSettings(
         data_dir=tmp_path / "server",
+        database_url=database_url,
         cert_validity_s=600,
         runner_timeout_s=30,
+        # Lifecycle tests move the clock by hours without a heartbeat; the runner-liveness
+        # tests (test_runner_fleet.py) set their own.
+        runner_lost_after_s=30 * 24 * 3600,
         heartbeat_interval_s=5,
         default_idle_timeout_s=300,
     )
@@ -210,8 +304,9 @@ def client_key() -> asyncssh.SSHKey:
 
 @pytest.fixture
 def tick(ctx: ServerContext) -> Callable[[], Awaitable[int]]:
-    """`await tick()`: one run of the lifecycle clock at the FakeClock's time."""
-    return lambda: lifecycle.tick(ctx)
+    """`await tick()`: one run of the background clock (lifecycle, lost runners) at the
+    FakeClock's time."""
+    return lambda: background.tick(ctx)
 
 
 @pytest.fixture

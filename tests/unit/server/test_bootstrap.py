@@ -7,15 +7,16 @@ import pytest
 from offload.core import schemas as s
 from offload.core.api_client import RunnerClient
 from offload.core.config import ServerSettings
-from offload.core.errors import Conflict
+from offload.core.errors import Conflict, InvalidInput
 from offload.server.bootstrap import bootstrap, create_runner_token, create_user
 
 from .support import new_host_key_line
 
 
 @pytest.fixture
-def fresh_settings(tmp_path) -> ServerSettings:
-    return ServerSettings(data_dir=tmp_path / "fresh")
+def fresh_settings(tmp_path, empty_database_url: str) -> ServerSettings:
+    """A first run: bootstrap migrates an empty database."""
+    return ServerSettings(data_dir=tmp_path / "fresh", database_url=empty_database_url)
 
 
 async def test_bootstrap_creates_the_admin_and_fresh_tokens(fresh_settings, app_for, client_for):
@@ -54,6 +55,8 @@ async def test_create_user_and_runner_token(fresh_settings, app_for, client_for)
     accounts = await client_for(app, token).accounts()
     assert [(m.name, m.role) for m in accounts.orgs] == [("team", s.Role.MEMBER)]
 
+    with pytest.raises(InvalidInput, match="1-128 characters"):
+        create_runner_token(fresh_settings, "h" * 129)
     runner_token = create_runner_token(fresh_settings, "host-7")
     registered = await client_for(app, runner_token, RunnerClient).register(
         s.RunnerRegister(

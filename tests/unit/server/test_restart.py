@@ -7,7 +7,7 @@ from datetime import timedelta
 import asyncssh
 from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from offload.core import schemas as s
 from offload.core.api_client import UserClient
@@ -17,6 +17,7 @@ from offload.server.app import create_app
 from offload.server.context import ServerContext
 from offload.server.db.engine import Database
 from offload.server.db.migrate import alembic_config, upgrade_database
+from offload.server.db.models import OffloadSession
 from offload.server.services import accounts, ledger, lifecycle, tokens
 
 from .support import BUSY, new_host_key_line, public_line
@@ -64,8 +65,8 @@ async def test_a_restart_mid_session_keeps_state_and_ledger(
     assert usage.total_billed_s == 200
 
 
-def test_the_lifecycle_migration_upgrades_a_database_with_sessions(tmp_path):
-    db = Database(f"sqlite:///{tmp_path / 'old.db'}")
+def test_the_lifecycle_migration_upgrades_a_database_with_sessions(empty_database_url: str):
+    db = Database(empty_database_url)
     try:
         config = alembic_config(db.url)
         with db.engine.connect() as connection:
@@ -82,16 +83,20 @@ def test_the_lifecycle_migration_upgrades_a_database_with_sessions(tmp_path):
                 text(
                     "INSERT INTO sessions (id, user_id, org_id, state, instance_type, gpu, "
                     "idle_timeout_s, client_name, client_public_key, created_at) VALUES "
-                    "('ses_1', 'u1', 'o1', 'active', 'standard', 0, 300, '', 'k', "
+                    "('ses_1', 'u1', 'o1', 'active', 'standard', false, 300, '', 'k', "
                     "'2025-01-01 00:00:00')"
                 )
             )
         upgrade_database(db)
-        with db.engine.connect() as connection:
-            row = connection.execute(
-                text("SELECT images, containers_max, replacement_noticed FROM sessions")
+        with db.transaction(read_only=True) as session:
+            row = session.execute(
+                select(
+                    OffloadSession.images,
+                    OffloadSession.containers_max,
+                    OffloadSession.replacement_noticed,
+                )
             ).one()
-        assert tuple(row) == ("[]", 0, 0)
+        assert tuple(row) == ([], 0, False)
     finally:
         db.dispose()
 

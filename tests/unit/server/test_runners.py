@@ -15,7 +15,7 @@ from offload.server.db.models import Runner, RunnerToken
 from offload.server.services.runners import MAX_WAIT_S, effective_wait
 from offload.server.services.tokens import hash_token
 
-from .support import session_request
+from .support import new_host_key_line, session_request
 
 # A long-poll wait that would fail a test by its length if the wake-up were missing.
 LONG_WAIT_S = 14.0
@@ -53,6 +53,33 @@ async def test_register_rejects_a_bad_host_key(make_runner):
     )
     with pytest.raises(InvalidInput, match="host key"):
         await runner.client.register(request)
+
+
+async def test_over_long_runner_fields_are_refused_not_truncated(
+    make_runner, make_user, client_key, http: httpx.AsyncClient
+):
+    """SQLite would keep them whole, PostgreSQL would fail the request: both refuse them."""
+    runner = await make_runner()
+    as_runner = {"Authorization": f"Bearer {runner.token}"}
+    body = s.RunnerRegister(
+        name=runner.name, ssh_host="h", ssh_port=22, host_key=new_host_key_line(), capacity=1
+    ).model_dump(mode="json")
+    answer = await http.post(
+        "/api/v1/runners/register", json={**body, "ssh_host": "h" * 256}, headers=as_runner
+    )
+    assert (answer.status_code, answer.json()["code"]) == (422, "invalid_input")
+    assert "ssh_host" in answer.json()["message"]
+
+    session = await make_user().client.create_session(session_request(client_key))
+    answer = await http.post(
+        f"/api/v1/runners/{runner.id}/sessions/{session.id}/ready",
+        json={"env_id": "e" * 65},
+        headers=as_runner,
+    )
+    assert (answer.status_code, answer.json()["code"]) == (422, "invalid_input")
+    assert "env_id" in answer.json()["message"]
+    ready = await runner.client.session_ready(runner.id, session.id, "env-1")
+    assert ready.state is s.SessionState.ACTIVE
 
 
 async def test_runner_routes_need_a_runner_token(make_user, http: httpx.AsyncClient):

@@ -4,10 +4,29 @@ Services are plain synchronous functions of an ORM session; `Database.run` runs 
 thread inside one transaction, so the event loop never blocks on the database and no transaction
 is ever held across an `await` (a network call or a long-poll wait).
 
-SQLite (the embedded default) gets WAL (readers never wait for the writer), foreign keys, a busy
-timeout, and `BEGIN IMMEDIATE` for write transactions: a deferred transaction that reads and then
-writes can fail at once with "database is locked" when another writer committed in between, while
-an immediate one waits its turn.  Read-only work uses a plain deferred `BEGIN`.
+Two databases, one meaning of a transaction:
+
+- Write transactions (`run`, `call`, `transaction()`) take their turn: one at a time, each
+  waiting up to `LOCK_TIMEOUT_S` for the one before to end.  Services read, decide and write
+  in one transaction (capacity, limits, "does this name exist yet") and rely on no other writer
+  changing what they read meanwhile.
+- Read-only transactions (`read`, `transaction(read_only=True)`) see one consistent snapshot,
+  never wait for a writer and are refused any write.
+
+SQLite (the embedded default, `offload up`) gets WAL (readers never wait for the writer),
+foreign keys, a busy timeout, and `BEGIN IMMEDIATE` for write transactions: a deferred
+transaction that reads and then writes can fail at once with "database is locked" when another
+writer committed in between, while an immediate one waits its turn.  Read-only work uses a plain
+deferred `BEGIN`.
+
+PostgreSQL (production, `postgresql+psycopg://…`, psycopg 3) runs at READ COMMITTED; a write
+transaction first takes a transaction-scoped advisory lock (`WRITE_LOCK_KEY`), the counterpart of
+`BEGIN IMMEDIATE`, so writers are serialised across every process on the database (the server,
+a second one starting, the operator's commands); it is released at commit or rollback.  Without
+it, READ COMMITTED would let two concurrent starts both see a free slot on a full runner.
+Read-only transactions are `REPEATABLE READ READ ONLY`: one snapshot, no lock, and a write in
+one is an error.  Connections come from a pool, checked before use (a restarted database or a
+proxy that dropped an idle connection costs a reconnect, not a failed request).
 """
 
 from __future__ import annotations
@@ -19,19 +38,42 @@ from contextlib import contextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
+
+from offload.core.errors import InvalidInput
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 _READ_ONLY = "offload_read_only"
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+LOCK_TIMEOUT_S = 30
+SQLITE_BUSY_TIMEOUT_MS = LOCK_TIMEOUT_S * 1000
+
+# PostgreSQL: an arbitrary 64-bit key, the same in every process of one installation.
+WRITE_LOCK_KEY = 0x0FF10AD_0001
+# Pool: `Database.run` and `read` use the default thread pool (at most 32 threads), and a
+# transaction holds its connection only while it runs; past pool + overflow callers queue.
+PG_POOL_SIZE = 10
+PG_MAX_OVERFLOW = 20
+PG_POOL_TIMEOUT_S = 30
+PG_POOL_RECYCLE_S = 1800  # below the idle cut-off of common proxies and load balancers
+PG_CONNECT_TIMEOUT_S = 10
+PG_APPLICATION_NAME = "offload-server"
 
 
 def make_engine(url: str) -> Engine:
-    if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
-    _create_private_file(make_url(url).database)
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        return _make_postgresql_engine(parsed)
+    if backend != "sqlite":
+        raise InvalidInput(
+            f"Databases of kind {backend!r} are not supported.",
+            "Set OFFLOAD_DATABASE_URL to postgresql+psycopg://USER@HOST:PORT/DATABASE, or unset "
+            "it for SQLite in OFFLOAD_DATA_DIR.",
+        )
+    _create_private_file(parsed.database)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
     _configure_sqlite(engine)
     return engine
@@ -66,6 +108,52 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
+def _make_postgresql_engine(url: URL) -> Engine:
+    if url.drivername != "postgresql+psycopg":
+        # psycopg 3 is the one driver installed and tested; `postgresql://` would pick psycopg2.
+        url = url.set(drivername="postgresql+psycopg")
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in url.query:
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+    if "application_name" not in url.query:
+        connect_args["application_name"] = PG_APPLICATION_NAME
+    engine = create_engine(
+        url,
+        connect_args=connect_args,
+        pool_size=PG_POOL_SIZE,
+        max_overflow=PG_MAX_OVERFLOW,
+        pool_timeout=PG_POOL_TIMEOUT_S,
+        pool_recycle=PG_POOL_RECYCLE_S,
+        pool_pre_ping=True,
+    )
+    _configure_postgresql(engine)
+    return engine
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            # Waiting for the write lock (or any row lock) ends like SQLite's busy timeout.
+            cursor.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_S}s'")
+            # Dates the database itself derives (a day's start, psql's display) are UTC days,
+            # like the clock's.
+            cursor.execute("SET TIME ZONE 'UTC'")
+        dbapi_connection.commit()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        if not connection.get_execution_options().get(_READ_ONLY, False):
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+
+
+def _read_only_options(engine: Engine) -> dict[str, Any]:
+    options: dict[str, Any] = {_READ_ONLY: True}
+    if engine.dialect.name == "postgresql":
+        options.update(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+    return options
+
+
 class Database:
     """One engine per process; `run`/`read` for async callers, `transaction` for sync ones."""
 
@@ -75,7 +163,8 @@ class Database:
         # Objects stay readable after commit: services return them only as plain data anyway.
         self._writer = sessionmaker(self.engine, expire_on_commit=False)
         self._reader = sessionmaker(
-            self.engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False
+            self.engine.execution_options(**_read_only_options(self.engine)),
+            expire_on_commit=False,
         )
 
     @contextmanager
@@ -113,7 +202,7 @@ class Database:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """Like `run`, in a read-only transaction (on SQLite: never waits for the writer)."""
+        """Like `run`, in a read-only transaction (never waits for the writer)."""
 
         def _call() -> T:
             with self.transaction(read_only=True) as session:

@@ -47,7 +47,7 @@ def record(
             subject=subject.username if subject else None,
             subject_user_id=subject.id if subject else None,
             org_id=org.id if org else None,
-            address=client_address(),
+            address=(client_address() or "")[:64] or None,
             target=target[:255],
             details=details or {},
         )
