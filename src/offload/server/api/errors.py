@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -15,6 +16,7 @@ from offload.core.schemas import API_PREFIX
 
 log = logging.getLogger(__name__)
 
+DATABASE_RETRY_AFTER_S = 5
 SCHEMA_FIX = f"Correct the fields named above; the request schemas are at {API_PREFIX}/docs."
 IDLE_TIMEOUT_FIX = (
     "Choose an idle timeout from 10 s to 1 h (10-3600 seconds), e.g. `--idle-timeout 5m`."
@@ -86,12 +88,49 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def _allowed_methods(request: Request) -> str:
     """A 405's `Allow` (RFC 9110): every method served at the path.  Starlette names only those
     of the first route matching the path, e.g. GET where PUT is served too."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
+    allowed = []
+    for method in ("DELETE", "GET", "PATCH", "POST", "PUT"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database cannot be reached (restarting, failed over) or is too busy to answer in
+    time: a retry soon will do (the connection pool reconnects), so 503 with Retry-After."""
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    body = ErrorBody(
+        code="unavailable",
+        message="The control plane cannot reach its database right now.",
+        fix="Try again in a few seconds; if it persists, an operator will find the cause in "
+        "the server log.",
+    )
+    return _response(503, body, {"Retry-After": str(DATABASE_RETRY_AFTER_S)})
+
+
+# What the database refused, by SQLSTATE (the driver refuses a NUL character itself: none).
+_REFUSED_VALUES = {
+    "22001": "a text longer than its field holds",
+    "22003": "a number larger than its field holds",
+}
+
+
+async def _value_refused(request: Request, exc: Exception) -> JSONResponse:
+    """The database refused a value of the request (PostgreSQL stores no NUL character in a
+    text, nor a number beyond its column): invalid input, as a schema violation is.  The
+    request's transaction rolled back; the API's bounds keep most such values out before."""
+    assert isinstance(exc, sqlalchemy.exc.DataError)
+    log.warning("database refused a value on %s %s: %s", request.method, request.url.path, exc.orig)
+    what = _REFUSED_VALUES.get(getattr(exc.orig, "sqlstate", None) or "")
+    if what is None:
+        nul = "NUL" in str(exc.orig)  # psycopg: "… cannot contain NUL (0x00) bytes"
+        what = "a text holding a NUL character (\\x00)" if nul else "a value its field cannot hold"
+    error = InvalidInput(
+        f"The request holds a value the database cannot store: {what}.",
+        f"Send texts without NUL characters, within the bounds at {API_PREFIX}/docs.",
+    )
+    return _response(error.http_status, error.body())
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -108,4 +147,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OffloadError, _offload_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for database_error in (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError):
+        app.add_exception_handler(database_error, _database_unavailable)
+    app.add_exception_handler(sqlalchemy.exc.DataError, _value_refused)
     app.add_exception_handler(Exception, _unexpected_error)
