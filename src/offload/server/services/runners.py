@@ -168,7 +168,7 @@ def _desired_tx(db: Db, runner_id: str, ca_public_key: str) -> s.RunnerDesired:
             OffloadSession.runner_id == runner_id,
             OffloadSession.state.in_(lifecycle.LIVE_STATES),
         )
-        .order_by(OffloadSession.created_at)
+        .order_by(OffloadSession.created_at, OffloadSession.id)
     ).all()
     return s.RunnerDesired(
         sessions=[assigned_session_view(row) for row in rows], ca_public_key=ca_public_key

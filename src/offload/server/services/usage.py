@@ -45,7 +45,7 @@ def _recent_sessions(db: Db, user_id: str) -> list[OffloadSession]:
         db.scalars(
             select(OffloadSession)
             .where(OffloadSession.user_id == user_id)
-            .order_by(OffloadSession.created_at.desc())
+            .order_by(OffloadSession.created_at.desc(), OffloadSession.id)
             .limit(RECENT)
         )
     )
@@ -62,7 +62,7 @@ def _recent_activity(db: Db, user_id: str, now: datetime) -> list[s.ActivityEntr
         select(LedgerInterval, OffloadSession.containers_max)
         .join(OffloadSession, OffloadSession.id == LedgerInterval.session_id)
         .where(LedgerInterval.user_id == user_id)
-        .order_by(LedgerInterval.start.desc())
+        .order_by(LedgerInterval.start.desc(), LedgerInterval.id.desc())
         .limit(RECENT)
     ).all()
     return [
@@ -99,12 +99,12 @@ def user_report(db: Db, auth: AuthUser, now: datetime, rules: lifecycle.Rules) -
     live = db.scalars(
         select(OffloadSession)
         .where(OffloadSession.user_id == auth.id, OffloadSession.state.in_(lifecycle.LIVE_STATES))
-        .order_by(OffloadSession.created_at.desc())
+        .order_by(OffloadSession.created_at.desc(), OffloadSession.id)
     ).all()
     image_rows = db.scalars(
         select(OffloadSession)
         .where(OffloadSession.user_id == auth.id)
-        .order_by(OffloadSession.created_at.desc())
+        .order_by(OffloadSession.created_at.desc(), OffloadSession.id)
         .limit(IMAGE_HISTORY)
     ).all()
     today = ledger.user_day_seconds(db, auth.id, now)

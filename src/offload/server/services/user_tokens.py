@@ -29,7 +29,9 @@ class TokenView:
 
 def list_tokens(db: Db, user_id: str) -> list[TokenView]:
     rows = db.scalars(
-        select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.created_at.desc())
+        select(ApiToken)
+        .where(ApiToken.user_id == user_id)
+        .order_by(ApiToken.created_at.desc(), ApiToken.id)
     )
     return [
         TokenView(r.id, r.name, r.prefix, r.created_at, r.last_used_at, r.revoked_at) for r in rows
