@@ -21,6 +21,7 @@ from offload.server.api.errors import install_error_handlers
 from offload.server.context import CLIENT_ADDRESS, Clock, ServerContext, utc_now
 from offload.server.db.engine import Database
 from offload.server.db.migrate import upgrade_database
+from offload.server.db.wakeups import PostgresWakeups
 from offload.server.services import background, installation
 from offload.server.services.ca import CA_KEY_FILENAME, CertificateAuthority
 from offload.server.services.signals import RunnerSignals
@@ -99,16 +100,25 @@ def create_app(settings: ServerSettings, clock: Clock | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        clock_task = None
+        tasks = []
         if settings.tick_interval_s > 0:
-            clock_task = asyncio.create_task(run_lifecycle_clock(context), name="lifecycle")
+            tasks.append(asyncio.create_task(run_lifecycle_clock(context), name="lifecycle"))
+        wakeups = None
+        engine_url = context.db.engine.url
+        if engine_url.get_backend_name() == "postgresql":  # replicas wake each other's polls
+            wakeups = PostgresWakeups(engine_url.render_as_string(False), context.signals)
+            context.signals.publisher = wakeups.publish
+            tasks.append(asyncio.create_task(wakeups.listen(), name="runner-wakeups"))
         try:
             yield
         finally:
-            if clock_task is not None:
-                clock_task.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await clock_task
+                    await task
+            if wakeups is not None:
+                context.signals.publisher = None
+                wakeups.close()
             context.db.dispose()
 
     app = FastAPI(

@@ -264,3 +264,29 @@ async def test_postgresql_killed_and_restarted_loses_nothing(setup: Setup) -> No
     )
     _assert_exact_outcome(db, ids, now)
     await runner.client.aclose()
+
+
+async def test_a_change_on_one_replica_wakes_a_runner_poll_parked_on_another(
+    setup: Setup,
+) -> None:
+    """LISTEN/NOTIFY between replicas: the runner's long poll on replica 2 answers as soon as
+    replica 1 places a session on it, not when its 50 s wait runs out."""
+    fleet, db = setup.fleet, setup.db
+    for replica in fleet.replicas:
+        if not replica.alive():
+            fleet.start_replica(replica)
+    parked_on, placed_on = fleet.replicas[2].url, fleet.replicas[1].url
+    runner = await _runner(db, parked_on, "replica-runner-4")
+    poller = RunnerClient(parked_on, runner.token, timeout=120)
+    report = s.RunnerHeartbeat(capacity=SESSIONS, warm=0)
+    await poller.heartbeat(runner.id, report)  # a fresh registration answers at once
+    parked = asyncio.create_task(poller.heartbeat(runner.id, report, wait_s=50))
+    [token] = _users(db, 1, "wake")
+    async with UserClient(placed_on, token) as user:
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        created = await user.create_session(session_request(key))
+    assert created.runner is not None and created.runner.name == "replica-runner-4"
+    desired = await asyncio.wait_for(parked, timeout=20)  # woken, not timed out at 50 s
+    assert created.id in [item.session_id for item in desired.sessions]
+    await poller.aclose()
+    await runner.client.aclose()

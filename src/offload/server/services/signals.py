@@ -5,27 +5,36 @@ session placed on it, made ready, stopped).  A heartbeat answers at once when th
 yet seen the current generation, else waits for the next change or its `wait`.  Everything runs
 on the event loop, so checking and waiting cannot race.
 
-With several control-plane replicas a change made on one would not wake a poll parked on
-another; the poll still ends after `wait` and the runner catches up (PostgreSQL LISTEN/NOTIFY
-can carry the signal later).
+With several control-plane replicas on PostgreSQL, `db/wakeups.py` carries each change to the
+others over LISTEN/NOTIFY; were a notification lost, the poll still ends after `wait` and the
+runner catches up.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from offload.core.waiting import wait_event
 
 
 class RunnerSignals:
     def __init__(self) -> None:
+        self.publisher: Callable[[str], None] | None = None
         self._generation: dict[str, int] = {}
         self._seen: dict[str, int] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, int] = {}
 
     def notify(self, runner_id: str) -> None:
-        """Something changed for this runner: wake its parked heartbeat, if any."""
+        """Something changed for this runner: wake its parked heartbeat, if any, here and (with
+        a publisher: PostgreSQL's LISTEN/NOTIFY) on the other replicas."""
+        self.wake(runner_id)
+        if self.publisher is not None:
+            self.publisher(runner_id)
+
+    def wake(self, runner_id: str) -> None:
+        """Wake this process's parked heartbeat of the runner (a change seen here)."""
         self._generation[runner_id] = self._generation.get(runner_id, 0) + 1
         event = self._events.pop(runner_id, None)
         if event is not None:
