@@ -51,7 +51,8 @@ async def get_audit(
     user: CurrentUser,
     org: str,
     limit: Annotated[int, Query(ge=1, le=audit.PAGE_MAX)] = 100,
-    before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
+    # An event id: an INTEGER column, 32-bit on PostgreSQL (a larger `before` was a 500 there).
+    before: Annotated[int | None, Query(ge=1, le=s.MAX_INT)] = None,
     action: s.AuditAction | None = None,
 ) -> s.AuditLog:
     """Security-relevant actions in the organisation and of its members, newest first (owners)."""

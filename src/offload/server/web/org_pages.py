@@ -104,6 +104,8 @@ def _cents(text: str, what: str) -> int | None:
         raise InvalidInput(f"{what} must be an amount in dollars, not {text[:20]!r}.") from None
     if value < 0:
         raise InvalidInput(f"{what} cannot be negative.", "Give 0 or more.")
+    if value > s.MAX_INT:
+        raise InvalidInput(f"{what} is too large.", f"Give at most ${s.MAX_INT // 100:,}.")
     return value
 
 
@@ -111,9 +113,9 @@ def _minutes(text: str) -> int | None:
     text = text.strip()
     if not text:
         return None
-    if not text.isdigit():
+    if not text.isdigit() or int(text) > s.MAX_INT:
         raise InvalidInput(
-            f"Committed minutes must be a whole number, not {text[:20]!r}.",
+            f"Committed minutes must be a whole number up to {s.MAX_INT:,}, not {text[:20]!r}.",
             "Leave it empty for an unmetered organisation.",
         )
     return int(text)

@@ -1,0 +1,1 @@
+"""Fuzzing of the control plane's REST API against its own OpenAPI document (schemathesis)."""
