@@ -13,7 +13,6 @@ other host while the drained host's session keeps working.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -29,11 +29,12 @@ import pytest
 from offload.core.config import ServerSettings
 from offload.core.schemas import SessionState
 from offload.core.waiting import wait_until
-from tests.e2e.clocked import Laptop, _laptop_env
+from offload.server.bootstrap import runner_fleet
+from tests.e2e.clocked import CLOCK_BEHIND, Laptop, SteppedClock, _laptop_env
 from tests.e2e.conftest import VENV_BIN
 from tests.support.engines import LABELS_FORMAT, environment_id
 from tests.support.identities import identity_env
-from tests.support.internet import Netns, tcp_answers
+from tests.support.internet import Netns, _ip, tcp_answers
 from tests.support.net import free_port
 from tests.support.runner_hosts import Lan, lan
 
@@ -68,6 +69,7 @@ class Fleet:
     settings: ServerSettings
     server_url: str
     hosts: list[RunnerHost]
+    clock: SteppedClock
 
     def operator(self, *args: str) -> subprocess.CompletedProcess[str]:
         """`offload ARGS` as the operator on the control plane's host."""
@@ -85,17 +87,19 @@ class Fleet:
         return result
 
     def runners(self) -> dict[str, dict[str, object]]:
-        fleet = json.loads(self.operator("admin", "runners", "--json").stdout)
+        """The operator's view (`offload admin runners --json`) at the control plane's clock:
+        the CLI would judge heartbeats by the wall clock, which this control plane is behind."""
+        fleet = runner_fleet(self.settings, self.clock).model_dump(mode="json")
         return {view["name"]: view for view in fleet["runners"]}
 
 
-def _serve(settings: ServerSettings) -> tuple[object, threading.Thread]:
+def _serve(settings: ServerSettings, clock: SteppedClock) -> tuple[object, threading.Thread]:
     import uvicorn
 
     from offload.server.app import create_app
 
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level="warning"
+        create_app(settings, clock), host=settings.host, port=settings.port, log_level="warning"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="runner-hosts-control-plane", daemon=True)
@@ -165,12 +169,17 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             host=network.host_side,
             port=free_port(),
             tick_interval_s=0.2,
-            # Placement must not depend on how late a heartbeat is on a busy machine.
-            runner_timeout_s=600,
+            # The control plane's clock moves only when a test moves it, so placement never
+            # depends on how late a heartbeat is on a busy machine; a host silent while the
+            # clock moves 120 s is lost.
+            runner_timeout_s=30,
+            runner_lost_after_s=120,
+            cert_validity_s=6 * 3600,
             default_idle_timeout_s=3600,
         )
+        clock = SteppedClock(datetime.now(UTC) - CLOCK_BEHIND)
         bootstrap(settings, admin_username="hosts-admin", org_name="hosts")
-        server, thread = _serve(settings)
+        server, thread = _serve(settings, clock)
         server_url = f"http://{network.host_side}:{settings.port}"
         hosts = [
             RunnerHost(
@@ -182,7 +191,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             )
             for letter, ns in zip("ab", network.hosts, strict=True)
         ]
-        deployed = Fleet(network, settings, server_url, hosts)
+        deployed = Fleet(network, settings, server_url, hosts, clock)
         try:
             for host in hosts:
                 token = create_runner_token(settings, host.name)
@@ -290,3 +299,56 @@ def test_sessions_spread_over_hosts_and_drain_sends_new_ones_elsewhere(
     )
     assert _placed_on(alice, fleet, alice_env) is first
     assert fleet.runners()[second.name]["live_sessions"] == 2
+
+
+def _heartbeat_at_clock(fleet: Fleet, host: RunnerHost) -> bool:
+    seen = fleet.runners()[host.name]["last_heartbeat_at"]
+    return seen is not None and datetime.fromisoformat(str(seen)) == fleet.clock()
+
+
+def test_a_host_that_loses_its_network_fails_its_session_and_comes_back_clean(
+    fleet: Fleet, make_laptop, hello_context: Path
+) -> None:
+    first, second = fleet.hosts
+    fleet.operator("runner", "drain", first.name)  # the session goes to `second`
+    dave = make_laptop()
+    dave_env = _start_and_run(dave, hello_context)
+    assert _placed_on(dave, fleet, dave_env) is second
+    fleet.operator("runner", "drain", first.name, "--undo")
+    session = dave.session()
+    assert session.started_at is not None
+
+    fleet.clock.advance(30)  # half a minute of work, then the last heartbeat
+    wait_until(lambda: _heartbeat_at_clock(fleet, second), 30, "a heartbeat at the moved clock")
+    last_heartbeat = fleet.clock()
+    _ip("link", "set", second.ns.host_if, "down")  # the host's network is gone
+    try:
+        fleet.clock.advance(121)
+
+        def failed() -> object:
+            info = dave.session_by_id(session.id)
+            return info if info.state is SessionState.FAILED else None
+
+        ended = wait_until(failed, 30, "the session on the unreachable host to fail")
+        assert ended.end_reason == (  # type: ignore[attr-defined]
+            f"runner {second.name} lost: no heartbeat since "
+            f"{last_heartbeat.isoformat(timespec='seconds')}"
+        )
+        assert ended.ended_at == last_heartbeat  # type: ignore[attr-defined]
+        assert ended.billed_s == 30.0  # type: ignore[attr-defined]
+        assert not fleet.runners()[second.name]["online"]
+
+        # The next docker commands: a new session on the host that is still there.
+        dave.docker("build", "-q", "-t", "hello", str(hello_context), timeout=180)
+        assert dave.docker("run", "--rm", "hello", "echo", "moved").stdout.strip() == "moved"
+        replacement = dave.session()
+        assert replacement.id != session.id
+        assert replacement.runner is not None and replacement.runner.name == first.name
+    finally:
+        _ip("link", "set", second.ns.host_if, "up")
+
+    # Back on the network, the host learns its session ended and wipes its environment.
+    wait_until(
+        lambda: not second.serves(dave_env), 120, "the returning host to wipe the old engine"
+    )
+    wait_until(lambda: fleet.runners()[second.name]["online"], 60, "the host to heartbeat again")
