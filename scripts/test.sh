@@ -17,6 +17,9 @@ bootstrap "[test]"
 # (/usr/lib/postgresql/*/bin), so the package must not create and start a cluster of its own.
 need=()
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# Replica tests and bench/load.py put control-plane processes behind Debian's nginx, each run
+# with a config of its own in a temp dir (never the package's service).
+[ -x /usr/sbin/nginx ] || need+=(nginx)
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
   # shellcheck disable=SC1091
   if (. /etc/os-release && [ "${ID:-}" = debian ] && [ "${VERSION_ID:-}" = 12 ]); then

@@ -338,7 +338,9 @@ def test_a_host_that_loses_its_network_fails_its_session_and_comes_back_clean(
         assert ended.billed_s == 30.0  # type: ignore[attr-defined]
         assert not fleet.runners()[second.name]["online"]
 
-        # The next docker commands: a new session on the host that is still there.
+        # The next docker commands: a new session on the host that is still there (once its
+        # heartbeat caught up with the clock the test moved).
+        wait_until(lambda: _heartbeat_at_clock(fleet, first), 30, "the other host's heartbeat")
         dave.docker("build", "-q", "-t", "hello", str(hello_context), timeout=180)
         assert dave.docker("run", "--rm", "hello", "echo", "moved").stdout.strip() == "moved"
         replacement = dave.session()

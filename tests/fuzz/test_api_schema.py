@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 from offload.core import schemas as s
 from offload.core.errors import ErrorBody
 from offload.core.schemas import API_PREFIX
-from tests.support.postgres import INSTALL_HINT, PostgresCluster, find_bin_dir
+from tests.support.postgres import INSTALL_HINT, PostgresCluster, find_bin_dir, running_cluster
 from tests.web.support import LiveServer
 
 from .harness import (
@@ -62,12 +62,8 @@ def postgres() -> Iterator[PostgresCluster]:
         if os.environ.get("CI"):
             pytest.fail(INSTALL_HINT)
         pytest.skip(INSTALL_HINT)
-    cluster = PostgresCluster(bin_dir)
-    cluster.start()
-    try:
+    with running_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

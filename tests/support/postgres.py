@@ -13,12 +13,14 @@ Databases are cheap to clone: `create_database(name, template=...)` copies a mig
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,3 +226,18 @@ class PostgresCluster:
                 process.wait()
         if hasattr(self, "root"):
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_cluster(crash_safe: bool = False) -> Iterator[PostgresCluster]:
+    """A started cluster for the length of the block (RuntimeError naming the install if the
+    server binaries are missing)."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        raise RuntimeError(INSTALL_HINT)
+    cluster = PostgresCluster(bin_dir, crash_safe=crash_safe)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

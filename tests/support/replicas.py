@@ -29,7 +29,7 @@ daemon off;
 worker_processes 1;
 pid {root}/nginx.pid;
 error_log {root}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections 8192; }}
 http {{
   access_log off;
   client_body_temp_path {root}/body;
@@ -39,6 +39,7 @@ http {{
   scgi_temp_path {root}/scgi;
   upstream offload {{
 {servers}
+    keepalive 128;
   }}
   server {{
     listen 127.0.0.1:{port};
@@ -51,7 +52,8 @@ http {{
       proxy_set_header X-Forwarded-Proto $scheme;
       proxy_next_upstream error timeout non_idempotent;
       proxy_connect_timeout 2s;
-      proxy_read_timeout 90s;
+      proxy_read_timeout 90s;  # runners' long polls are held up to 60 s
+      proxy_buffering off;
     }}
   }}
 }}
