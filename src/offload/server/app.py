@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
@@ -20,6 +21,7 @@ from offload.server.api import device, ops, orgs, runners, sessions, users
 from offload.server.api.errors import install_error_handlers
 from offload.server.context import CLIENT_ADDRESS, Clock, ServerContext, utc_now
 from offload.server.db.engine import Database
+from offload.server.db.leadership import TickLeadership
 from offload.server.db.migrate import upgrade_database
 from offload.server.db.wakeups import PostgresWakeups
 from offload.server.services import background, installation
@@ -27,6 +29,8 @@ from offload.server.services.ca import CA_KEY_FILENAME, CertificateAuthority
 from offload.server.services.signals import RunnerSignals
 
 log = logging.getLogger(__name__)
+
+DB_THREADS = 32
 
 _ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody} for status in (401, 403, 404, 409, 422, 429, 503)
@@ -79,16 +83,26 @@ def build_context(settings: ServerSettings, clock: Clock | None = None) -> Serve
 
 
 async def run_lifecycle_clock(context: ServerContext) -> None:
-    """Apply idle, grace, prompts and limits every `tick_interval_s`, until cancelled.
+    """Apply idle, grace, prompts, limits and lost runners every `tick_interval_s`, until
+    cancelled; on PostgreSQL only on the replica that leads (db/leadership.py).
 
     A failing tick is logged and retried on the next one: the rules are re-derived from the
     database each time, so nothing is lost by a skipped tick."""
-    while True:
-        try:
-            await background.tick(context)
-        except Exception:
-            log.exception("lifecycle tick failed; retrying on the next one")
-        await asyncio.sleep(context.settings.tick_interval_s)
+    url = context.db.engine.url
+    leadership = None
+    if url.get_backend_name() == "postgresql":
+        leadership = TickLeadership(url.render_as_string(False))
+    try:
+        while True:
+            try:
+                if leadership is None or await asyncio.to_thread(leadership.holds):
+                    await background.tick(context)
+            except Exception:
+                log.exception("lifecycle tick failed; retrying on the next one")
+            await asyncio.sleep(context.settings.tick_interval_s)
+    finally:
+        if leadership is not None:
+            leadership.close()
 
 
 def create_app(settings: ServerSettings, clock: Clock | None = None) -> FastAPI:
@@ -100,6 +114,11 @@ def create_app(settings: ServerSettings, clock: Clock | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Database work runs on worker threads (Database.run/read): asyncio's default pool has
+        # cores + 4 of them, 6 on two cores, fewer than the connection pool serves.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=DB_THREADS, thread_name_prefix="offload-db")
+        )
         tasks = []
         if settings.tick_interval_s > 0:
             tasks.append(asyncio.create_task(run_lifecycle_clock(context), name="lifecycle"))

@@ -209,5 +209,20 @@ def user_day_seconds(db: Db, user_id: str, now: datetime) -> float:
     return seconds_within((p.interval for p in pieces), lo, hi, now)
 
 
+def day_seconds_by_user(db: Db, now: datetime) -> dict[str, float]:
+    """Every user's billed seconds in the UTC day of `now` (one query: the lifecycle tick asks
+    for all users at once); users with none are absent."""
+    lo, hi = utc_day(now)
+    by_user: dict[str, list[Interval]] = {}
+    rows = db.execute(
+        select(LedgerInterval.user_id, LedgerInterval.start, LedgerInterval.end)
+        .where(_overlapping(lo, hi))
+        .order_by(LedgerInterval.start)
+    )
+    for user_id, start, end in rows:
+        by_user.setdefault(user_id, []).append(Interval(start, end))
+    return {user: seconds_within(found, lo, hi, now) for user, found in by_user.items()}
+
+
 def session_seconds(db: Db, session_id: str, now: datetime) -> float:
     return total_seconds(session_intervals(db, session_id), now)

@@ -42,6 +42,7 @@ from enum import StrEnum
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session as Db
+from sqlalchemy.orm import selectinload
 
 from offload.core.config import ServerSettings
 from offload.core.errors import Conflict
@@ -417,9 +418,13 @@ def keep(row: OffloadSession, now: datetime) -> None:
 
 def _due_tx(db: Db, now: datetime, rules: Rules) -> list[str]:
     rows = db.scalars(
-        select(OffloadSession).where(OffloadSession.state.in_((S.ACTIVE.value, S.IDLE.value)))
+        select(OffloadSession)
+        .where(OffloadSession.state.in_((S.ACTIVE.value, S.IDLE.value)))
+        .options(selectinload(OffloadSession.org))
     ).all()
-    cache = FactCache()
+    # Every user's day at once: a query per session was most of a tick's cost.
+    used = ledger.day_seconds_by_user(db, now)
+    cache = FactCache(used_today={row.user_id: used.get(row.user_id, 0.0) for row in rows})
     return [row.id for row in rows if evaluate(facts_of(db, row, now, cache), now, rules)]
 
 

@@ -421,7 +421,8 @@ async def renew_certificate(
     """A fresh certificate for the owner's live session (the agent calls it before expiry)."""
     parse_public_key(public_key)
     now = ctx.now()
-    outcome = await ctx.db.run(_renew_tx, auth, session_id, public_key, now, _rules(ctx))
+    # Read only: renewals are frequent and change no row (no wait for the write lock).
+    outcome = await ctx.db.read(_renew_tx, auth, session_id, public_key, now, _rules(ctx))
     return _with_certificate(ctx, _wake(ctx, outcome), public_key, now)
 
 
