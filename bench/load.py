@@ -37,7 +37,7 @@ slow machine.  It then churns `--churn` sessions through the load balancer (stop
 as many for other users) to measure session start across replicas.
 
 After each scenario, with its replicas stopped, one `lifecycle.tick` over its database is timed
-in this process (SQL statements, CPU): the work every replica repeats every second.  Once per
+in this process (SQL statements, CPU): the work the leading replica does every second.  Once per
 run, bench/load_costs.py measures each endpoint alone (statements and CPU per request).
 
 Measured per scenario: requests/s; CPU seconds of every replica, of PostgreSQL, nginx and this
@@ -1012,7 +1012,7 @@ def cost_table(costs: dict[str, Any], results: dict[str, dict[str, Any]]) -> lis
         if tick:
             lines.append(
                 f"| lifecycle tick ({name}, {tick['live_sessions']} live sessions) "
-                f"| {tick['statements']} | {tick['cpu_ms']} | every second, every replica |"
+                f"| {tick['statements']} | {tick['cpu_ms']} | every second, on the leading replica |"
             )
     return lines
 

@@ -18,13 +18,13 @@ from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session as Db
-from sqlalchemy.orm import object_session
+from sqlalchemy.orm import object_session, selectinload
 
 from offload.core import schemas as s
 from offload.core.errors import Conflict, InvalidInput, NotFound
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
-from offload.server.db.models import OffloadSession, OrgSettingsRow, Runner
+from offload.server.db.models import OffloadSession, OrgSettingsRow, Runner, User
 from offload.server.services import audit, lifecycle, runner_liveness
 from offload.server.services.ca import key_fingerprint, parse_public_key
 from offload.server.services.tokens import AuthRunner
@@ -50,7 +50,11 @@ def effective_wait(requested_s: float, runner_timeout_s: float) -> float:
 # ---- views --------------------------------------------------------------------------------------
 
 
-def assigned_session_view(row: OffloadSession) -> s.AssignedSession:
+def assigned_session_view(
+    row: OffloadSession, cache_limits: dict[str, int | None] | None = None
+) -> s.AssignedSession:
+    """What the runner needs of a session; `cache_limits` (org id -> limit) saves a lookup per
+    session when the caller read them all at once."""
     return s.AssignedSession(
         session_id=row.id,
         state=S(row.state),
@@ -63,7 +67,9 @@ def assigned_session_view(row: OffloadSession) -> s.AssignedSession:
             (s.Role(m.role) for m in row.user.memberships if m.org_id == row.org_id),
             s.Role.MEMBER,
         ),
-        builder_keep_storage_bytes=_cache_limit(row),
+        builder_keep_storage_bytes=(
+            cache_limits.get(row.org_id) if cache_limits is not None else _cache_limit(row)
+        ),
     )
 
 
@@ -132,6 +138,9 @@ def _record_heartbeat_tx(
     runner.last_heartbeat_at = now
     runner.warm = report.warm
     runner.capacity = report.capacity
+    reported = [env.session_id for env in report.environments if env.session_id is not None]
+    if reported:  # one query puts them all in the session's identity map for the loop below
+        db.scalars(select(OffloadSession).where(OffloadSession.id.in_(reported))).all()
     for env in report.environments:
         if env.session_id is not None:
             _record_environment(db, runner, env, now)
@@ -162,16 +171,29 @@ def _record_environment(db: Db, runner: Runner, env: s.EnvironmentReport, now: d
 
 
 def _desired_tx(db: Db, runner_id: str, ca_public_key: str) -> s.RunnerDesired:
+    # Users, memberships, organisations and cache limits in a few queries, not a few per
+    # session: every runner asks this on every heartbeat.
     rows = db.scalars(
         select(OffloadSession)
         .where(
             OffloadSession.runner_id == runner_id,
             OffloadSession.state.in_(lifecycle.LIVE_STATES),
         )
+        .options(
+            selectinload(OffloadSession.user).selectinload(User.memberships),
+            selectinload(OffloadSession.org),
+        )
         .order_by(OffloadSession.created_at, OffloadSession.id)
     ).all()
+    org_ids = {row.org_id for row in rows}
+    limits: dict[str, int | None] = dict.fromkeys(org_ids)
+    if org_ids:
+        for settings_row in db.scalars(
+            select(OrgSettingsRow).where(OrgSettingsRow.org_id.in_(org_ids))
+        ):
+            limits[settings_row.org_id] = settings_row.builder_cache_limit_bytes
     return s.RunnerDesired(
-        sessions=[assigned_session_view(row) for row in rows], ca_public_key=ca_public_key
+        sessions=[assigned_session_view(row, limits) for row in rows], ca_public_key=ca_public_key
     )
 
 
