@@ -14,7 +14,7 @@ from offload.core.waiting import wait_until
 from offload.runner import identities
 from offload.runner.environment import EnvPaths, identity_range
 from offload.server.bootstrap import runner_fleet
-from tests.e2e.clocked import _RANGES, ClockedDeployment, environment_of
+from tests.e2e.clocked import _RANGES, ClockedDeployment, Laptop, environment_of
 from tests.integration.runner.conftest import leftovers
 
 # The clocked deployment's runner is online while its heartbeats (stamped at the control
@@ -32,6 +32,11 @@ def _runner_settings(clocked: ClockedDeployment) -> RunnerSettings:
         cgroup_parent=clocked.cgroup_parent,
         **ranges,
     )
+
+
+def _agent_saw(laptop: Laptop, state: str) -> bool:
+    seen = laptop.agent_state
+    return seen is not None and seen.session_state == state
 
 
 def _heartbeat_at_clock(clocked: ClockedDeployment) -> bool:
@@ -74,7 +79,9 @@ def test_a_killed_runner_host_fails_its_session_billed_to_its_last_heartbeat(
     assert ended.billed_s == (last_heartbeat - session.started_at).total_seconds()
     assert ended.billed_s >= timedelta(seconds=60).total_seconds()
 
-    # The next docker command: the old session's end and why no new one can start yet.
+    # The next docker command, once the agent has heard of the end (it polls): the old
+    # session's end and why no new one can start yet.
+    wait_until(lambda: _agent_saw(laptop, "failed"), 30, "the agent to hear the session failed")
     refused = laptop.docker("ps", check=False)
     assert refused.returncode != 0
     assert f"Your session {session.id} ended (runner clocked-runner lost" in refused.stderr

@@ -341,6 +341,11 @@ def test_a_host_that_loses_its_network_fails_its_session_and_comes_back_clean(
         # The next docker commands: a new session on the host that is still there (once its
         # heartbeat caught up with the clock the test moved).
         wait_until(lambda: _heartbeat_at_clock(fleet, first), 30, "the other host's heartbeat")
+        wait_until(
+            lambda: dave.agent_state is not None and dave.agent_state.session_state == "failed",
+            30,
+            "dave's agent to hear the session failed",
+        )
         dave.docker("build", "-q", "-t", "hello", str(hello_context), timeout=180)
         assert dave.docker("run", "--rm", "hello", "echo", "moved").stdout.strip() == "moved"
         replacement = dave.session()
