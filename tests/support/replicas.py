@@ -120,6 +120,12 @@ class ReplicaFleet:
         self._start_nginx()
         return self
 
+    def revive(self) -> None:
+        """Start again every replica a test killed."""
+        for replica in self.replicas:
+            if not replica.alive():
+                self.start_replica(replica)
+
     def start_replica(self, replica: Replica) -> None:
         argv = [str(VENV_BIN / "offload"), "server", "--host", "127.0.0.1"]
         with open(replica.log, "ab") as log:

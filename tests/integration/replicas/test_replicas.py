@@ -24,7 +24,7 @@ from sqlalchemy import func, select, update
 from offload.core import schemas as s
 from offload.core.api_client import RunnerClient, UserClient
 from offload.core.schemas import SessionState as S
-from offload.core.waiting import wait_until
+from offload.core.waiting import async_wait_until, wait_until
 from offload.server.db.engine import Database
 from offload.server.db.models import LedgerInterval, OffloadSession, Runner
 from offload.server.services import accounts, admin, ledger, lifecycle, tokens
@@ -153,6 +153,10 @@ def _states(db: Database, ids: list[str]) -> dict[str, int]:
     return {state: count for state, count in rows}
 
 
+def _wait_all_terminated(db: Database, ids: list[str], what: str) -> None:
+    wait_until(lambda: _states(db, ids) == {S.TERMINATED.value: len(ids)}, 60, what, 0.2)
+
+
 def _assert_exact_outcome(db: Database, ids: list[str], now: datetime) -> None:
     idle_at = now - timedelta(seconds=ACTIVE_AGO_S - IDLE_TIMEOUT_S)
     with db.transaction(read_only=True) as session:
@@ -178,12 +182,7 @@ async def test_a_replica_killed_while_all_tick_loses_no_transition_and_applies_n
     now = datetime.now(UTC)
     _age(db, ids, now)  # from here every replica's next tick finds all of them due
     fleet.replicas[0].kill()
-    wait_until(
-        lambda: _states(db, ids) == {S.TERMINATED.value: SESSIONS},
-        60,
-        "the surviving replicas to idle and wipe every session",
-        interval=0.2,
-    )
+    _wait_all_terminated(db, ids, "the surviving replicas to idle and wipe every session")
     _assert_exact_outcome(db, ids, now)
     await runner.client.aclose()
 
@@ -192,8 +191,7 @@ async def test_clients_keep_working_through_the_load_balancer_when_a_replica_die
     setup: Setup,
 ) -> None:
     fleet, db = setup.fleet, setup.db
-    if not fleet.replicas[0].alive():
-        fleet.start_replica(fleet.replicas[0])
+    fleet.revive()
     runner = await _runner(db, fleet.url, "replica-runner-2")
     user_tokens = _users(db, 20, "traffic")
     ids = await _start_sessions(fleet.url, user_tokens, runner)
@@ -229,9 +227,7 @@ async def test_clients_keep_working_through_the_load_balancer_when_a_replica_die
 
 async def test_postgresql_killed_and_restarted_loses_nothing(setup: Setup) -> None:
     fleet, db, cluster = setup.fleet, setup.db, setup.cluster
-    for replica in fleet.replicas:
-        if not replica.alive():
-            fleet.start_replica(replica)
+    fleet.revive()
     runner = await _runner(db, fleet.url, "replica-runner-3")
     user_tokens = _users(db, 10, "pgkill")
     ids = await _start_sessions(fleet.url, user_tokens, runner)
@@ -250,18 +246,10 @@ async def test_postgresql_killed_and_restarted_loses_nothing(setup: Setup) -> No
             answer = await http.get("/me", headers={"Authorization": f"Bearer {user_tokens[0]}"})
             return answer.status_code == 200
 
-        deadline = asyncio.get_running_loop().time() + 60
-        while not await me_works():
-            assert asyncio.get_running_loop().time() < deadline, "replicas never reconnected"
-            await asyncio.sleep(0.2)
+        await async_wait_until(me_works, 60, "the replicas to reconnect", interval=0.2)
 
     db.engine.dispose()  # the test's own pool holds connections of the killed server
-    wait_until(
-        lambda: _states(db, ids) == {S.TERMINATED.value: len(ids)},
-        60,
-        "the replicas to finish the due work after the restart",
-        interval=0.2,
-    )
+    _wait_all_terminated(db, ids, "the replicas to finish the due work after the restart")
     _assert_exact_outcome(db, ids, now)
     await runner.client.aclose()
 
@@ -272,9 +260,7 @@ async def test_a_change_on_one_replica_wakes_a_runner_poll_parked_on_another(
     """LISTEN/NOTIFY between replicas: the runner's long poll on replica 2 answers as soon as
     replica 1 places a session on it, not when its 50 s wait runs out."""
     fleet, db = setup.fleet, setup.db
-    for replica in fleet.replicas:
-        if not replica.alive():
-            fleet.start_replica(replica)
+    fleet.revive()
     parked_on, placed_on = fleet.replicas[2].url, fleet.replicas[1].url
     runner = await _runner(db, parked_on, "replica-runner-4")
     poller = RunnerClient(parked_on, runner.token, timeout=120)
