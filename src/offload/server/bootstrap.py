@@ -22,8 +22,6 @@ from offload.server.db.engine import Database
 from offload.server.services import accounts, admin, audit, tokens, web_auth
 from offload.server.services.tokens import AuthUser
 
-OPERATOR = "operator"  # the audit log's actor for the server's own commands
-
 
 @dataclass(frozen=True)
 class BootstrapResult:
@@ -79,7 +77,12 @@ def _ensure_admin(
         subject = AuthUser(user.id, user.username)
         details: dict[str, s.AuditDetail] = {"via": "offload up"}
         audit.record(
-            db, now, s.AuditAction.PASSWORD_CHANGED, OPERATOR, subject=subject, details=details
+            db,
+            now,
+            s.AuditAction.PASSWORD_CHANGED,
+            audit.OPERATOR,
+            subject=subject,
+            details=details,
         )
     accounts.add_member(db, user, org, Role.OWNER, now)
     return password
@@ -141,5 +144,5 @@ def drain_runner(
 def _runner_token(db: Db, name: str, now: datetime) -> str:
     token = tokens.issue_runner_token(db, name, now)
     label = audit.token_label(name, token[: tokens.DISPLAY_PREFIX_LEN])
-    audit.record(db, now, s.AuditAction.RUNNER_TOKEN_CREATED, OPERATOR, target=label)
+    audit.record(db, now, s.AuditAction.RUNNER_TOKEN_CREATED, audit.OPERATOR, target=label)
     return token

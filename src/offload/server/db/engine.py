@@ -219,3 +219,11 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def insert_for(db: Session) -> Any:
+    """The dialect's INSERT (SQLite's or PostgreSQL's): both offer `on_conflict_do_nothing`."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert

@@ -17,8 +17,6 @@ from offload.server.db.models import OffloadSession, Runner
 from offload.server.services import audit, placement
 from offload.server.services.lifecycle import LIVE_STATES
 
-OPERATOR = "operator"
-
 
 def _sessions_by_runner(db: Db) -> dict[str, list[str]]:
     rows = db.execute(
@@ -76,6 +74,11 @@ def set_draining(db: Db, name: str, draining: bool, now: datetime) -> bool:
     runner.draining = draining
     action = "drained" if draining else "undrained"
     audit.record(
-        db, now, s.AuditAction.RUNNER_DRAINED, OPERATOR, target=name, details={"state": action}
+        db,
+        now,
+        s.AuditAction.RUNNER_DRAINED,
+        audit.OPERATOR,
+        target=name,
+        details={"state": action},
     )
     return before

@@ -22,6 +22,7 @@ from offload.server.services.tokens import AuthUser
 
 PAGE_MAX = 500
 SOMEONE = "someone"
+OPERATOR = "operator"  # the server's own commands (offload up, runner tokens, drains)
 
 
 def record(

@@ -8,11 +8,10 @@ replica records the CA's public key in the database; every later one compares.
 
 from __future__ import annotations
 
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as Db
 
 from offload.core.errors import OffloadError
+from offload.server.db.engine import insert_for
 from offload.server.db.models import InstallationFact
 from offload.server.services.ca import key_fingerprint
 
@@ -21,9 +20,8 @@ SESSION_CA = "session_ca_public_key"
 
 def claim_session_ca(db: Db, public_key_line: str, key_path: str) -> None:
     """Record the CA key if none is recorded; OffloadError if another one is."""
-    insert = pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
     db.execute(
-        insert(InstallationFact)
+        insert_for(db)(InstallationFact)
         .values(key=SESSION_CA, value=public_key_line)
         .on_conflict_do_nothing(index_elements=["key"])
     )

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as Db
 
 from offload.core.config import ServerSettings
 from offload.core.errors import RateLimited
+from offload.server.db.engine import insert_for
 from offload.server.db.models import AuthThrottle
 
 
@@ -87,13 +86,9 @@ def address_key(address: str | None) -> str:
     return "addr:" + (address or "unknown")[:64]
 
 
-def _insert(db: Db):  # type: ignore[no-untyped-def]
-    return pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
-
-
 def _row(db: Db, limit: Limit, key: str, now: datetime) -> AuthThrottle:
     """The key's counter, created if missing, locked against other replicas' attempts."""
-    statement = _insert(db)(AuthThrottle).values(
+    statement = insert_for(db)(AuthThrottle).values(
         scope=limit.scope, key=key, attempts=0, window_start=now, blocked_until=None
     )
     db.execute(statement.on_conflict_do_nothing(index_elements=["scope", "key"]))
