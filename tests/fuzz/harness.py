@@ -46,7 +46,7 @@ from offload.core.schemas import API_PREFIX
 from offload.server.app import create_app
 from offload.server.context import ServerContext
 from offload.server.services import accounts, tokens
-from tests.unit.server.support import PASSWORD, FakeClock
+from tests.unit.server.support import PASSWORD, FakeClock, stand_in_gpu
 from tests.web.support import LiveServer
 
 SCHEMA_PATH = f"{API_PREFIX}/openapi.json"
@@ -67,6 +67,9 @@ KEY_OPERATIONS = (
     f"POST {API_PREFIX}/sessions/{{session_id}}/certificate",
     f"POST {API_PREFIX}/runners/register",
 )
+# A JSON schema cannot say that the GPUs a runner reports have distinct UUIDs (uniqueItems
+# compares whole objects), so schema-valid duplicates are rightly refused with 422 there.
+GPU_REPORT_OPERATIONS = (f"POST {API_PREFIX}/runners/{{runner_id}}/heartbeat",)
 STATEFUL_MAX_STEPS = 8
 
 
@@ -135,7 +138,8 @@ async def _register_runner(url: str, token: str) -> str:
                 host_key=public_key_line(),
                 capacity=1000,
                 instance_types=[s.InstanceType.STANDARD, s.InstanceType.GPU],
-                gpus=8,  # GPU sessions are placed too, not refused with 503
+                # GPU sessions are placed too, not refused with 503
+                gpu_devices=[stand_in_gpu("fuzz-runner", index) for index in range(8)],
             )
         )
     return registered.id
@@ -163,7 +167,7 @@ def schema_config(
             },
             *(
                 {"include-name": name, "checks": _accepts_positive_data_with(422)}
-                for name in KEY_OPERATIONS
+                for name in KEY_OPERATIONS + GPU_REPORT_OPERATIONS
             ),
         ],
     }

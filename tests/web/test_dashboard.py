@@ -358,6 +358,8 @@ def test_organisation_activity_csv_and_settings(
 
     page.get_by_role("link", name="Settings and members").click()
     page.get_by_label("Disabled: off, unless a member turns it on").check()
+    page.get_by_label("Members may start GPU sessions").select_option("deny")
+    page.get_by_label("GPU sessions at once").fill("2")
     page.get_by_role("button", name="Save settings").click()
     expect(page.get_by_role("status")).to_have_text("Saved.")
 
@@ -365,7 +367,14 @@ def test_organisation_activity_csv_and_settings(
         async with api(server, owner) as client:
             return await client.org_settings(owner.org)
 
-    assert run(org_settings()).offload_access is s.OffloadAccess.DISABLED
+    saved = run(org_settings())
+    assert saved.offload_access is s.OffloadAccess.DISABLED
+    assert (saved.gpu_sessions_allowed, saved.gpu_session_limit) == (False, 2)
+    page.get_by_label("GPU sessions at once").fill("")  # empty: no limit again
+    page.get_by_role("button", name="Save settings").click()
+    expect(page.get_by_role("status")).to_have_text("Saved.")
+    assert run(org_settings()).gpu_session_limit is None
+    expect(page.get_by_label("Members may start GPU sessions")).to_have_value("deny")
     invite = page.locator("#invite-form")
     invite.get_by_label("Username").fill(f"new-{owner.username}")
     invite.get_by_role("button", name="Invite").click()

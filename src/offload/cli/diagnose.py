@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 
 import asyncssh
 import httpx
@@ -17,6 +18,7 @@ from offload import __version__
 from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model
 from offload.cli import dockerctx, processes
 from offload.cli.session_ops import isolation_label, ping_engine
+from offload.core import schemas as s
 from offload.core.api_client import UserClient
 from offload.core.config import ClientPaths
 from offload.core.errors import OffloadError
@@ -59,6 +61,8 @@ async def run_checks(paths: ClientPaths) -> list[Check]:
     session = read_model(paths.session_file, SessionFile)
     checks.append(await _runner_check(session))
     checks.extend(await _local_checks(paths, session))
+    if config is not None:
+        checks.append(await _gpu_check(paths, config, session))
     return checks
 
 
@@ -263,6 +267,62 @@ def _isolation_check(paths: ClientPaths, session: SessionFile | None) -> Check:
             "Run a docker command, then `offload diagnose` again; ask your operator if it stays.",
         )
     return Check("session isolation", "pass", isolation_label(agent.isolation) or "")
+
+
+async def _engine_labels(socket: Path) -> dict[str, str]:
+    transport = httpx.AsyncHTTPTransport(uds=str(socket))
+    async with httpx.AsyncClient(transport=transport, timeout=5) as http:
+        info = (await http.get("http://engine/info")).json()
+    labels = [str(label) for label in info.get("Labels") or []]
+    return dict(label.partition("=")[::2] for label in labels)
+
+
+async def _gpu_check(
+    paths: ClientPaths, config: ClientConfig, session: SessionFile | None
+) -> Check:
+    """A GPU session: the control plane's GPU, the engine seeing it, and `--gpus` served."""
+    name = "GPU"
+    if session is None or not session.session.gpu:
+        return Check(name, "skip", "not a GPU session")
+    try:
+        async with UserClient(config.server_url, config.token) as client:
+            info = await client.get_session(session.session.id)
+    except OffloadError as exc:
+        return Check(name, "skip", f"the control plane did not answer: {exc.message}")
+    if not info.state.live:
+        return Check(name, "skip", f"session {info.id} has ended")
+    runner = info.runner.name if info.runner else "its runner"
+    if not info.gpu_devices:
+        return Check(
+            name,
+            "fail",
+            f"session {info.id} is a GPU session but {runner} no longer reports its GPU",
+            f"Stop it and start again with --gpu; tell your operator that {runner} lost a GPU.",
+        )
+    described = "; ".join(f"{gpu.describe()} ({gpu.uuid})" for gpu in info.gpu_devices)
+    try:
+        labels = await within(_engine_labels(paths.agent_socket), 5)
+    except (OSError, httpx.HTTPError, TimeoutError, ValueError):
+        return Check(
+            name, "warn", f"{described}; the engine did not answer", "See the agent check."
+        )
+    seen = set(filter(None, labels.get(s.ENGINE_GPU_LABEL, "").split(",")))
+    if seen != {gpu.uuid for gpu in info.gpu_devices}:
+        return Check(
+            name,
+            "fail",
+            f"the control plane gave {described}, the engine sees {', '.join(sorted(seen)) or 'none'}",
+            f"Stop and start the session again; if it stays, tell your operator ({runner}).",
+        )
+    if labels.get(s.ENGINE_GPU_RUNTIME_LABEL, s.GPU_RUNTIME_NONE) == s.GPU_RUNTIME_NONE:
+        return Check(
+            name,
+            "warn",
+            f"{described}; {runner} has no NVIDIA Container Toolkit, so `docker run --gpus` fails "
+            "(`--device /dev/nvidia0` works)",
+            f"Ask your operator to install nvidia-container-toolkit on {runner}.",
+        )
+    return Check(name, "pass", f"{described}; `docker run --gpus all` gives it to containers")
 
 
 def as_json(checks: list[Check]) -> dict[str, object]:

@@ -113,7 +113,12 @@ def start(
         str | None,
         typer.Option("--account", "--org", "-a", help="Organisation that pays (see `accounts`)."),
     ] = None,
-    gpu: Annotated[bool, typer.Option("--gpu", "-g", help="Ask for a GPU runner.")] = False,
+    gpu: Annotated[
+        bool,
+        typer.Option(
+            "--gpu", "-g", help="A GPU session: one GPU of a GPU runner, billed at its rate."
+        ),
+    ] = False,
     idle_timeout: Annotated[
         str | None,
         typer.Option(help="Go idle after this long without activity: 10s to 1h, e.g. 5m."),
@@ -158,6 +163,8 @@ def start(
         out.print(f"[bold]Note:[/] {session.replaced_session_notice}", highlight=False)
     runner = session.runner.name if session.runner else "?"
     out.print(f"[green]✓[/] Offload started: session [bold]{session.id}[/] on runner {runner}.")
+    for device in session.gpu_devices:
+        out.print(f"  GPU: {device.describe()} ({device.uuid}); `docker run --gpus all` uses it.")
     if result.context_switched:
         out.print("  docker context [bold]offload[/] is now current: docker commands run remotely.")
     else:
@@ -307,6 +314,11 @@ def _optional_duration(seconds: float | None) -> str | None:
     return format_duration(seconds) if seconds is not None else None
 
 
+def _gpu_label(data: dict[str, Any]) -> str:
+    devices = [sch.GpuDevice.model_validate(item) for item in data.get("gpu_devices") or []]
+    return "; ".join(device.describe() for device in devices)
+
+
 def _status_table(data: dict[str, Any]) -> Table:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
@@ -328,7 +340,7 @@ def _status_table(data: dict[str, Any]) -> Table:
         ),
         ("Fair use left", _optional_duration(data.get("fair_use_remaining_s"))),
         ("Billed", _optional_duration(data.get("billed_s"))),
-        ("GPU", "yes" if data["gpu"] else "no"),
+        ("GPU", _gpu_label(data) or ("yes" if data["gpu"] else "no")),
         ("Control plane", data["server"]),
         ("Runner", data["runner"]),
         ("Engine", data["engine"]),
@@ -464,6 +476,11 @@ def _optional_int(text: str | None, option: str) -> tuple[bool, int | None]:
     return True, value
 
 
+class Allowance(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
 @org_app.command("settings")
 def org_settings(
     org: Annotated[str | None, typer.Argument(help="Organisation (default: yours).")] = None,
@@ -488,6 +505,14 @@ def org_settings(
             "or `default` (the runner's)."
         ),
     ] = None,  # fmt: skip
+    gpu_sessions: Annotated[
+        Allowance | None,
+        typer.Option(help="Whether members may start GPU sessions (`--gpu`): allow or deny."),
+    ] = None,
+    gpu_limit: Annotated[
+        str | None,
+        typer.Option(help="Live GPU sessions the organisation may hold at once, or `none`."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show (members) or change (owners) an organisation's Offload settings."""
@@ -508,6 +533,10 @@ def org_settings(
             update.builder_cache_limit_bytes = (
                 None if default else parse_size(builder_cache_limit, "--builder-cache-limit")
             )
+        if gpu_sessions is not None:
+            update.gpu_sessions_allowed = gpu_sessions is Allowance.ALLOW
+        if gpu_limit is not None:
+            update.gpu_session_limit = _gpu_limit(gpu_limit)
         return session_ops.org_settings(_paths(), org, update)
 
     result = _run(work)
@@ -522,9 +551,26 @@ def org_settings(
         ("Idle timeout locked", "yes" if result.idle_timeout_locked else "no"),
         ("Fair use beyond 8 h/day", result.fair_use_policy.value),
         ("Build cache limit", _size(result.builder_cache_limit_bytes) or "runner default"),
+        ("GPU sessions", "allowed" if result.gpu_sessions_allowed else "not allowed"),
+        ("GPU sessions at once", str(result.gpu_session_limit or "no limit")),
         ("Owners", ", ".join(result.owners) or "-"),
     ]
     _print_rows(rows)
+
+
+def _gpu_limit(text: str) -> int | None:
+    if text.strip().lower() in ("none", "default", "unlimited"):
+        return None
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = -1
+    if not 0 <= limit <= 10_000:
+        raise InvalidInput(
+            f"--gpu-limit {text!r} is not a number of sessions.",
+            "Give a whole number from 0 to 10000, e.g. `--gpu-limit 2`, or `none` for no limit.",
+        )
+    return limit
 
 
 def _size(count: int | None) -> str | None:
@@ -938,7 +984,7 @@ def admin_runners(
             str(view.free),
             str(view.warm),
             ",".join(t.value for t in view.instance_types),
-            str(view.gpus),
+            f"{view.gpus_busy}/{view.gpus} busy" if view.gpu_devices else str(view.gpus),
             view.last_heartbeat_at.strftime("%H:%M:%S") if view.last_heartbeat_at else "never",
         )
     out.print(table if fleet.runners else "No runner has registered yet.")

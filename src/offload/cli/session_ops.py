@@ -138,11 +138,6 @@ async def start(
     takeover: bool = False,
 ) -> StartResult:
     config = load_config(paths)
-    if gpu:
-        raise InvalidInput(
-            "GPU sessions are not yet available on this Offload version.",
-            "Start without --gpu; GPU runners come in a later release.",
-        )
     plugin = _install_plugin_quietly()
     async with user_client(config) as client:
         running = await _reusable_session(paths, client)
@@ -373,6 +368,9 @@ async def status(paths: ClientPaths) -> dict[str, Any]:
         "idle_timeout_s": session.idle_timeout_s if live and session else None,
         **lifecycle,
         "gpu": bool(session.gpu) if live and session else False,
+        "gpu_devices": [
+            gpu.model_dump(mode="json") for gpu in (session.gpu_devices if live and session else [])
+        ],
         "server": config.server_url,
         "runner": _runner_label(session) if live else None,
         "engine": f"unix://{paths.agent_socket}" if agent_alive else None,

@@ -162,6 +162,45 @@ class VersionInfo(BaseModel):
     min_client_version: str
 
 
+# ---- GPUs ------------------------------------------------------------------------------------
+
+MAX_GPUS_PER_RUNNER = 64
+# Labels of a GPU session's engine (`docker info`): the UUIDs of the GPUs it sees, and what
+# serves `docker run --gpus` there ("nvidia-container-toolkit", or "none": the runner has no
+# toolkit, so --gpus fails). `offload diagnose` reads them.
+ENGINE_GPU_LABEL = "offload.gpus"
+ENGINE_GPU_RUNTIME_LABEL = "offload.gpu-runtime"
+GPU_RUNTIME_NONE = "none"
+
+
+class GpuDevice(BaseModel):
+    """One GPU a runner offers, as NVML describes it (`offload.runner.gpus`)."""
+
+    uuid: str = Field(min_length=1, max_length=96, description="NVML's UUID, e.g. GPU-5d1c…")
+    index: JsonInt = Field(ge=0, le=1024, description="NVML index on the runner host")
+    model: str = Field(max_length=128, description="e.g. NVIDIA H200")
+    memory_bytes: JsonInt = Field(ge=0, le=2**53)
+    driver_version: str = Field(default="", max_length=64)
+    # Sampled by the runner at each heartbeat (None: NVML gives no value for this GPU).
+    utilization_percent: (
+        Annotated[int, Field(ge=0, le=100), Strict(), BeforeValidator(_integral)] | None
+    ) = None
+    memory_used_bytes: (
+        Annotated[int, Field(ge=0, le=2**53), Strict(), BeforeValidator(_integral)] | None
+    ) = None
+    # A warm GPU environment holds this GPU, ready for the next session placed on it.
+    warm: StrictBool = False
+
+    def describe(self) -> str:
+        """'NVIDIA H200, 141 GiB, 87% busy, 40 GiB used' (what NVML gave)."""
+        parts = [self.model, f"{self.memory_bytes / 1024**3:.0f} GiB"]
+        if self.utilization_percent is not None:
+            parts.append(f"{self.utilization_percent}% busy")
+        if self.memory_used_bytes is not None:
+            parts.append(f"{self.memory_used_bytes / 1024**3:.1f} GiB used")
+        return ", ".join(parts)
+
+
 # ---- sessions ---------------------------------------------------------------------------------
 
 
@@ -215,6 +254,8 @@ class SessionInfo(BaseModel):
     fair_use_remaining_s: float | None = None  # of the user's 8 compute hours this UTC day
     fair_use_policy: FairUsePolicy | None = None
     billed_s: float | None = None  # this session's billed seconds so far
+    # GPU sessions: the assigned GPU(s), with the utilisation of the runner's last heartbeat.
+    gpu_devices: list[GpuDevice] = []
     warnings: list[str] = []
     end_reason: str | None = None
     # Set once, in the answer that created a session right after the previous one was wiped.
@@ -233,7 +274,10 @@ class RunnerRegister(BaseModel):
         ge=0, le=MAX_INT, description="environments this runner can hold at once"
     )
     instance_types: list[InstanceType] = [InstanceType.STANDARD]
+    # Deprecated: a count without devices, from runners older than GPU discovery; such a
+    # runner takes no GPU session. `gpu_devices` is what placement uses.
     gpus: JsonInt = Field(default=0, ge=0, le=MAX_INT)
+    gpu_devices: list[GpuDevice] = Field(default=[], max_length=MAX_GPUS_PER_RUNNER)
 
 
 class RunnerRegistered(BaseModel):
@@ -261,6 +305,8 @@ class RunnerHeartbeat(BaseModel):
     capacity: JsonInt = Field(ge=0, le=MAX_INT)
     warm: JsonInt = Field(ge=0, le=MAX_INT)
     environments: list[EnvironmentReport] = []
+    # The GPUs offered now, with utilisation (None: unchanged since registration).
+    gpu_devices: list[GpuDevice] | None = Field(default=None, max_length=MAX_GPUS_PER_RUNNER)
 
 
 class AssignedSession(BaseModel):
@@ -278,6 +324,9 @@ class AssignedSession(BaseModel):
     # organisation's limit for that cache (None: the runner's default).
     org_role: Role = Role.MEMBER
     builder_keep_storage_bytes: int | None = None
+    # GPU sessions: the UUIDs of the runner's GPUs assigned to this session, and to no other
+    # live one. The environment's engine sees these and nothing else.
+    gpu_uuids: list[str] = []
 
 
 class RunnerDesired(BaseModel):
@@ -369,6 +418,9 @@ class OrgSettings(BaseModel):
     fair_use_policy: FairUsePolicy = FairUsePolicy.PROMPT
     # The organisation's build cache is garbage-collected to this size (None: the runner's).
     builder_cache_limit_bytes: int | None = None
+    # Owners may turn GPU sessions off, or cap how many run at once (None: no cap).
+    gpu_sessions_allowed: bool = True
+    gpu_session_limit: int | None = None
     owners: list[str] = []
 
 
@@ -387,6 +439,11 @@ class OrgSettingsUpdate(BaseModel):
     builder_cache_limit_bytes: JsonInt | None = Field(
         default=None, json_schema_extra=BUILDER_CACHE_RANGE
     )
+    gpu_sessions_allowed: StrictBool | None = None
+    # Sent as null: no cap.
+    gpu_session_limit: (
+        Annotated[int, Field(ge=0, le=10_000), Strict(), BeforeValidator(_integral)] | None
+    ) = None
 
 
 class TrialCredit(BaseModel):
@@ -456,6 +513,8 @@ class SessionSummary(BaseModel):
     billed_s: float = 0
     containers: int = 0
     end_reason: str | None = None
+    gpu_model: str | None = None  # GPU sessions: the model of the GPU it had
+    gpu_devices: list[GpuDevice] = []  # live GPU sessions: the GPU, with its utilisation
 
 
 class ImageUse(BaseModel):
@@ -588,6 +647,8 @@ class RunnerAdminView(BaseModel):
     warm: int  # environments started ahead of demand
     instance_types: list[InstanceType]
     gpus: int
+    gpu_devices: list[GpuDevice] = []
+    gpus_busy: int = 0  # assigned to live sessions
     sessions: list[str]
 
 

@@ -43,6 +43,7 @@ from .support import (
     UserHandle,
     new_host_key_line,
     session_request,
+    stand_in_gpu,
 )
 
 BASE_URL = "http://offload.test"
@@ -276,8 +277,11 @@ def make_runner(
         gpus: int = 0,
         instance_types: list[s.InstanceType] | None = None,
         token: str | None = None,
+        gpu_devices: list[s.GpuDevice] | None = None,
     ) -> RunnerHandle:
         runner_name = name or unique("runner")
+        if gpu_devices is None:  # `gpus` stand-in GPUs, as a runner's NVML would list them
+            gpu_devices = [stand_in_gpu(runner_name, index) for index in range(gpus)]
         runner_token = token or ctx.db.call(tokens.issue_runner_token, runner_name, ctx.now())
         client = client_for(app, runner_token, RunnerClient)
         registered = await client.register(
@@ -287,7 +291,8 @@ def make_runner(
                 ssh_port=8422,
                 host_key=new_host_key_line(),
                 capacity=capacity,
-                gpus=gpus,
+                gpus=len(gpu_devices),
+                gpu_devices=gpu_devices,
                 instance_types=instance_types or [s.InstanceType.STANDARD],
             )
         )

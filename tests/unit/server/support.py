@@ -126,3 +126,14 @@ async def keep_busy(
             answer = s.PromptAnswer(answer=s.PromptAnswerChoice.KEEP, prompt_id=info.prompt.id)
             info = await user.client.answer_prompt(session_id, answer)
     return info
+
+
+def stand_in_gpu(runner_name: str, index: int) -> s.GpuDevice:
+    """A GPU as a runner reports it (a stand-in: no GPU exists on the machines tests run on)."""
+    return s.GpuDevice(
+        uuid=f"GPU-{runner_name}-{index}",
+        index=index,
+        model="NVIDIA H200 (stand-in)",
+        memory_bytes=141 * 1024**3,
+        driver_version="570.00",
+    )

@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     false,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -135,6 +136,8 @@ class Runner(Base):
     capacity: Mapped[int]
     instance_types: Mapped[list[str]]
     gpus: Mapped[int] = mapped_column(default=0)
+    # core.schemas.GpuDevice dicts, as the runner last reported them (utilisation included).
+    gpu_devices: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     registered_at: Mapped[datetime]
     last_heartbeat_at: Mapped[datetime | None]
     warm: Mapped[int] = mapped_column(default=0)
@@ -166,6 +169,9 @@ class OffloadSession(Base):
     state: Mapped[str] = mapped_column(String(32))  # core.schemas.SessionState
     instance_type: Mapped[str] = mapped_column(String(32))  # core.schemas.InstanceType
     gpu: Mapped[bool] = mapped_column(Boolean, default=False)
+    # GPU sessions: the runner's GPU it was given (kept after the end, for usage).
+    gpu_uuid: Mapped[str | None] = mapped_column(String(96))
+    gpu_model: Mapped[str | None] = mapped_column(String(128))
     idle_timeout_s: Mapped[int]
     client_name: Mapped[str] = mapped_column(String(255), default="")
     client_public_key: Mapped[str] = mapped_column(Text)
@@ -208,6 +214,24 @@ class OrgSettingsRow(Base):
     idle_timeout_locked: Mapped[bool] = mapped_column(Boolean, default=False)
     fair_use_policy: Mapped[str] = mapped_column(String(16), default="prompt")
     builder_cache_limit_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_sessions_allowed: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    gpu_session_limit: Mapped[int | None]  # live GPU sessions at once; None: no cap
+
+
+class GpuClaim(Base):
+    """A runner's GPU held by a live session: the primary key makes it one session's at a time.
+
+    Written with the session at placement, deleted when the session ends (`lifecycle.move`)."""
+
+    __tablename__ = "gpu_claims"
+
+    runner_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("runners.id", ondelete="CASCADE"), primary_key=True
+    )
+    gpu_uuid: Mapped[str] = mapped_column(String(96), primary_key=True)
+    session_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("sessions.id", ondelete="CASCADE"), unique=True
+    )
 
 
 class OrgBillingRow(Base):

@@ -34,8 +34,10 @@ def _sessions_by_runner(db: Db) -> dict[str, list[str]]:
 def runners_view(db: Db, now: datetime, runner_timeout_s: float) -> s.RunnerFleet:
     since = placement.online_since(now, runner_timeout_s)
     sessions = _sessions_by_runner(db)
+    runners = db.scalars(select(Runner).order_by(Runner.name)).all()
+    claimed = placement.claimed_gpus(db, [runner.id for runner in runners if runner.gpu_devices])
     views = []
-    for runner in db.scalars(select(Runner).order_by(Runner.name)):
+    for runner in runners:
         held = sessions.get(runner.id, [])
         online = runner.last_heartbeat_at is not None and runner.last_heartbeat_at >= since
         views.append(
@@ -52,6 +54,8 @@ def runners_view(db: Db, now: datetime, runner_timeout_s: float) -> s.RunnerFlee
                 warm=runner.warm,
                 instance_types=[s.InstanceType(t) for t in runner.instance_types],
                 gpus=runner.gpus,
+                gpu_devices=placement.runner_gpus(runner),
+                gpus_busy=len(claimed[runner.id]),
                 sessions=held,
             )
         )

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session as Db
 from sqlalchemy.orm import selectinload
 
@@ -49,7 +49,7 @@ from offload.core.errors import Conflict
 from offload.core.schemas import FairUsePolicy, PromptReason
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
-from offload.server.db.models import OffloadSession
+from offload.server.db.models import GpuClaim, OffloadSession
 from offload.server.services import billing, ledger, org_settings
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,8 @@ def move(db: Db, row: OffloadSession, target: S, at: datetime, reason: str | Non
     elif target in _ENDED:
         ledger.stop_billing(db, row, at)
         _clear_prompt(row)
+        if row.gpu_uuid is not None:  # the GPU is free for the next session
+            db.execute(delete(GpuClaim).where(GpuClaim.session_id == row.id))
     log.info("session %s: %s -> %s (%s)", row.id, current.value, target.value, reason or "")
 
 

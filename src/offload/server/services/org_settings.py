@@ -39,6 +39,8 @@ class OrgPolicy:
     fair_use_policy: s.FairUsePolicy = s.FairUsePolicy.PROMPT
     offload_access: s.OffloadAccess = s.OffloadAccess.ENABLED
     builder_cache_limit_bytes: int | None = None
+    gpu_sessions_allowed: bool = True
+    gpu_session_limit: int | None = None  # live GPU sessions at once
 
     def allows(self, personal: bool | None) -> bool:
         """Whether a member whose personal switch is `personal` (None: unset) may use Offload."""
@@ -144,6 +146,8 @@ def policy_of(db: Db, org: Organization) -> OrgPolicy:
         idle_timeout_locked=row.idle_timeout_locked,
         fair_use_policy=s.FairUsePolicy(row.fair_use_policy),
         builder_cache_limit_bytes=row.builder_cache_limit_bytes,
+        gpu_sessions_allowed=row.gpu_sessions_allowed,
+        gpu_session_limit=row.gpu_session_limit,
     )
 
 
@@ -178,6 +182,8 @@ def settings_view(db: Db, org: Organization) -> s.OrgSettings:
         idle_timeout_locked=policy.idle_timeout_locked,
         fair_use_policy=policy.fair_use_policy,
         builder_cache_limit_bytes=policy.builder_cache_limit_bytes,
+        gpu_sessions_allowed=policy.gpu_sessions_allowed,
+        gpu_session_limit=policy.gpu_session_limit,
         owners=owner_names(db, org),
     )
 
@@ -191,6 +197,7 @@ def update_settings(db: Db, org: Organization, update: s.OrgSettingsUpdate) -> N
             offload_enabled=defaults.offload_enabled,
             idle_timeout_locked=defaults.idle_timeout_locked,
             fair_use_policy=defaults.fair_use_policy.value,
+            gpu_sessions_allowed=defaults.gpu_sessions_allowed,
         )
         db.add(row)
     sent = update.model_fields_set
@@ -205,10 +212,46 @@ def update_settings(db: Db, org: Organization, update: s.OrgSettingsUpdate) -> N
     if "builder_cache_limit_bytes" in sent:
         limit = update.builder_cache_limit_bytes
         row.builder_cache_limit_bytes = None if limit is None else check_cache_limit(limit)
+    if update.gpu_sessions_allowed is not None:
+        row.gpu_sessions_allowed = update.gpu_sessions_allowed
+    if "gpu_session_limit" in sent:
+        row.gpu_session_limit = update.gpu_session_limit
     db.flush()
 
 
 # ---- what a new session gets --------------------------------------------------------------------
+
+
+def check_gpu_allowed(db: Db, policy: OrgPolicy, org: Organization) -> None:
+    """Refuse a GPU session the owners have turned off or capped, naming who and what to do."""
+    owners = ", ".join(owner_names(db, org)) or "none"
+    if not policy.gpu_sessions_allowed:
+        raise PermissionDenied(
+            f"Organisation {org.name} does not allow GPU sessions.",
+            f"Run `docker offload start` without --gpu, or ask an owner ({owners}) to allow "
+            "them: `offload org settings --gpu-sessions allow`.",
+        )
+    limit = policy.gpu_session_limit
+    if limit is None:
+        return
+    live = db.execute(
+        select(OffloadSession.id, User.username)
+        .join(User, User.id == OffloadSession.user_id)
+        .where(
+            OffloadSession.org_id == org.id,
+            OffloadSession.gpu.is_(True),
+            OffloadSession.state.in_([st.value for st in s.SessionState if st.live]),
+        )
+        .order_by(OffloadSession.created_at)
+    ).all()
+    if len(live) >= limit:
+        held = ", ".join(f"{session_id} ({username})" for session_id, username in live)
+        raise PermissionDenied(
+            f"Organisation {org.name} allows {limit} GPU session(s) at once, and "
+            f"{len(live)} are live" + (f": {held}." if held else "."),
+            f"Try again when one of them stops (`docker offload stop`), or ask an owner "
+            f"({owners}) to raise the cap: `offload org settings --gpu-limit N`.",
+        )
 
 
 def idle_timeout_for(

@@ -70,6 +70,7 @@ def assigned_session_view(
         builder_keep_storage_bytes=(
             cache_limits.get(row.org_id) if cache_limits is not None else _cache_limit(row)
         ),
+        gpu_uuids=[row.gpu_uuid] if row.gpu_uuid else [],
     )
 
 
@@ -123,7 +124,8 @@ def _register_tx(db: Db, auth: AuthRunner, request: s.RunnerRegister, now: datet
     runner.host_key = request.host_key.strip()
     runner.capacity = request.capacity
     runner.instance_types = [t.value for t in request.instance_types]
-    runner.gpus = request.gpus
+    runner.gpu_devices = _gpu_devices(request.gpu_devices)
+    runner.gpus = len(request.gpu_devices) or request.gpus
     runner.warm = 0
     runner.token_id = auth.token_id
     runner.last_heartbeat_at = now
@@ -138,12 +140,25 @@ def _record_heartbeat_tx(
     runner.last_heartbeat_at = now
     runner.warm = report.warm
     runner.capacity = report.capacity
+    if report.gpu_devices is not None:
+        runner.gpu_devices = _gpu_devices(report.gpu_devices)
+        runner.gpus = len(report.gpu_devices)
     reported = [env.session_id for env in report.environments if env.session_id is not None]
     if reported:  # one query puts them all in the session's identity map for the loop below
         db.scalars(select(OffloadSession).where(OffloadSession.id.in_(reported))).all()
     for env in report.environments:
         if env.session_id is not None:
             _record_environment(db, runner, env, now)
+
+
+def _gpu_devices(devices: list[s.GpuDevice]) -> list[dict[str, object]]:
+    uuids = [device.uuid for device in devices]
+    if len(set(uuids)) != len(uuids):
+        raise InvalidInput(
+            "The runner reported the same GPU UUID twice.",
+            "Report each GPU once, as NVML lists it (`offload runner gpus`).",
+        )
+    return [device.model_dump() for device in devices]
 
 
 def _record_environment(db: Db, runner: Runner, env: s.EnvironmentReport, now: datetime) -> None:

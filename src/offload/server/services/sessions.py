@@ -19,7 +19,7 @@ from offload.core.config import ServerSettings
 from offload.core.errors import Conflict, NotFound, PermissionDenied
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
-from offload.server.db.models import OffloadSession, Organization, Runner, User
+from offload.server.db.models import GpuClaim, OffloadSession, Organization, Runner, User
 from offload.server.services import (
     accounts,
     audit,
@@ -109,6 +109,7 @@ def session_info(
         fair_use_remaining_s=max(0.0, rules.fair_use_day_s - facts.used_today_s),
         fair_use_policy=facts.fair_use_policy,
         billed_s=ledger.session_seconds(db, row.id, now),
+        gpu_devices=placement.session_gpus(row),
         warnings=lifecycle.warnings(facts, now, rules),
         end_reason=row.end_reason,
         replaced_session_notice=notice,
@@ -242,7 +243,10 @@ def _create_tx(
         policy, org, user, request.idle_timeout_s, settings.default_idle_timeout_s
     )
     _check_limits(db, user, org, policy, instance_type.value, now, rules)
-    runner = placement.choose_runner(db, instance_type, now, settings.runner_timeout_s)
+    if request.gpu:
+        org_settings.check_gpu_allowed(db, policy, org)
+    placed = placement.place(db, instance_type, now, settings.runner_timeout_s)
+    runner = placed.runner
     row = OffloadSession(
         id=_unused_session_id(db),
         user=user,
@@ -251,6 +255,8 @@ def _create_tx(
         state=S.STARTING.value,
         instance_type=instance_type.value,
         gpu=request.gpu,
+        gpu_uuid=placed.gpu.uuid if placed.gpu else None,
+        gpu_model=placed.gpu.model if placed.gpu else None,
         idle_timeout_s=idle_timeout,
         client_name=request.client_name,
         client_public_key=request.client_public_key,
@@ -258,6 +264,9 @@ def _create_tx(
     )
     db.add(row)
     db.flush()
+    if placed.gpu is not None:  # the primary key refuses a GPU another live session holds
+        db.add(GpuClaim(runner_id=runner.id, gpu_uuid=placed.gpu.uuid, session_id=row.id))
+        db.flush()
     notice = _replacement_notice(db, user)
     return _Outcome(session_info(db, row, now, rules, notice), runner.id, changed=True)
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session as Db
 
 from offload.core import schemas as s
 from offload.server.db.models import LedgerInterval, Membership, OffloadSession, Organization
-from offload.server.services import billing, ledger, lifecycle
+from offload.server.services import billing, ledger, lifecycle, placement
 from offload.server.services.tokens import AuthUser
 
 RECENT = 20
@@ -37,6 +37,8 @@ def _summary(db: Db, row: OffloadSession, now: datetime) -> s.SessionSummary:
         billed_s=round(ledger.session_seconds(db, row.id, now), 1),
         containers=row.containers_max,
         end_reason=row.end_reason,
+        gpu_model=row.gpu_model,
+        gpu_devices=placement.session_gpus(row),
     )
 
 

@@ -6,7 +6,7 @@ Members reach none of them: each answers 403 with a page naming the owners to as
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
@@ -200,6 +200,11 @@ async def save_settings(
     fair_use_policy: Annotated[s.FairUsePolicy, Form()],
     idle_timeout_default_s: Annotated[str, Form(max_length=10)] = "",
     idle_timeout_locked: Annotated[str, Form(max_length=3)] = "",
+    # `gpu_fields` marks a form with the GPU fields (one from before them changes nothing
+    # there); an empty limit is no cap.
+    gpu_fields: Annotated[str, Form(max_length=1)] = "",
+    gpu_sessions: Annotated[Literal["allow", "deny"], Form()] = "allow",
+    gpu_session_limit: Annotated[str, Form(max_length=6)] = "",
 ) -> Response:
     text = idle_timeout_default_s.strip()
     if text and not text.isdigit():
@@ -213,8 +218,23 @@ async def save_settings(
         idle_timeout_locked=idle_timeout_locked == "on",
         fair_use_policy=fair_use_policy,
     )
+    if gpu_fields:
+        update.gpu_sessions_allowed = gpu_sessions == "allow"
+        update.gpu_session_limit = _gpu_limit(gpu_session_limit)
     await ctx.db.run(orgs.put_settings, viewer.user, org, update, ctx.now())
     return redirect(f"/orgs/{org}/settings?notice=saved")
+
+
+def _gpu_limit(text: str) -> int | None:
+    text = text.strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) > 10_000:
+        raise InvalidInput(
+            f"GPU sessions at once must be a whole number up to 10,000, not {text[:20]!r}.",
+            "Leave it empty for no limit, or give 0 to hold every new GPU session back.",
+        )
+    return int(text)
 
 
 @router.post("/members")
