@@ -140,6 +140,43 @@ class RunnerSettings(BaseSettings):
     # The control plane caps this at half its runner timeout (15 s by default).
     heartbeat_wait_s: float = Field(default=15.0, ge=0, le=60)
 
+    # GPUs (offload.runner.gpus): which of the host's NVIDIA GPUs this runner offers: `all`
+    # (what NVML finds; none without a driver), `none`, or a comma-separated list of NVML
+    # indexes or UUIDs (a name that matches no GPU stops the runner at start).
+    gpus: str = "all"
+    # GPU environments kept warm, each holding one GPU of its own (bounded by the GPUs free and
+    # by `capacity`); 0: a GPU session's environment is created when it is placed.
+    warm_gpu: int = Field(default=0, ge=0, le=64)
+    # A directory holding `nvidia-container-runtime-hook` (the NVIDIA Container Toolkit's, or
+    # another that does its job), bound into GPU sandboxes and first on their engine's PATH;
+    # unset: the toolkit's hook under /usr, if installed.
+    gpu_hook_dir: Path | None = None
+    # TEST STAND-IN for hosts without a GPU: a JSON file of fake GPUs and device nodes read in
+    # place of NVML (offload.runner.gpu_standin). Never set it in production.
+    gpu_standin: Path | None = None
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus_is_a_choice(cls, value: str) -> str:
+        parse_gpu_choice(value)  # ValueError names the accepted forms
+        return value.strip()
+
+
+def parse_gpu_choice(offered: str) -> list[str] | None:
+    """`OFFLOAD_RUNNER_GPUS`: None for all, [] for none, else the names (indexes or UUIDs)."""
+    text = offered.strip()
+    if text.lower() == "all":
+        return None
+    if text.lower() == "none":
+        return []
+    names = [part.strip() for part in text.split(",")]
+    if not text or not all(names):
+        raise ValueError(
+            f"OFFLOAD_RUNNER_GPUS={offered!r}: use all, none, or a comma-separated list of "
+            "GPU indexes or UUIDs (e.g. 0,1 or GPU-5d1c…)"
+        )
+    return names
+
 
 class ClientPaths:
     """Files of the CLI and agent. `OFFLOAD_HOME` overrides `~/.offload` (tests use it)."""

@@ -60,6 +60,7 @@ from offload.core.errors import (
 )
 from offload.core.schemas import (
     AssignedSession,
+    GpuDevice,
     InstanceType,
     Role,
     RunnerDesired,
@@ -72,6 +73,7 @@ from offload.runner.builders import BuilderPool
 from offload.runner.driver import Environment
 from offload.runner.egress import EgressFirewall
 from offload.runner.environment import RootlessDriver, cleanup_orphans, identity_range
+from offload.runner.gpus import GpuInventory, Toolkit, find_toolkit, load_gpus
 from offload.runner.image_transfer import move_image, prune_replaced, sync_tags
 from offload.runner.pool import EnvironmentPool
 from offload.runner.pull_cache import PullCache
@@ -217,8 +219,10 @@ class Runner:
         backoff: Backoff | None = None,
         active_wait_s: float = ACTIVE_WAIT_S,
         builders: BuilderPool | None = None,
+        gpus: GpuInventory | None = None,
     ) -> None:
         self.settings = settings
+        self.gpus = gpus or GpuInventory.empty()
         self.active_wait_s = active_wait_s
         self.client = client
         self.pool = pool
@@ -236,23 +240,35 @@ class Runner:
 
     # ---- registration ----------------------------------------------------------------------
 
-    def registration(self) -> RunnerRegister:
+    def registration(self, gpu_devices: list[GpuDevice] | None = None) -> RunnerRegister:
+        """What the runner tells the control plane of itself; `gpu_devices`: its GPUs as
+        `gpu_devices()` samples them (none given: none offered)."""
+        devices = gpu_devices or []
+        types = [InstanceType.STANDARD] + ([InstanceType.GPU] if devices else [])
         return RunnerRegister(
             name=self.settings.name,
             ssh_host=self.settings.ssh_host,
             ssh_port=self.endpoint.port if self.endpoint else self.settings.ssh_port,
             host_key=self.host_key.export_public_key().decode().strip(),
             capacity=self.settings.capacity,
-            instance_types=[InstanceType.STANDARD],
-            gpus=self.pool.driver.capabilities.gpus,
+            instance_types=types,
+            gpus=len(devices),
+            gpu_devices=devices,
         )
+
+    async def gpu_devices(self) -> list[GpuDevice]:
+        """The GPUs offered, utilisation sampled now (NVML calls: in a thread)."""
+        if not len(self.gpus):
+            return []
+        return await asyncio.to_thread(self.gpus.devices, self.pool.warm_gpus())
 
     async def register(self, stop: asyncio.Event) -> bool:
         """Register, retrying while the control plane is unreachable; False if stopped first."""
         backoff = Backoff(self.backoff.initial_s, self.backoff.max_s)
         while not stop.is_set():
             try:
-                registered = await until_stop(stop, self.client.register(self.registration()))
+                registration = self.registration(await self.gpu_devices())
+                registered = await until_stop(stop, self.client.register(registration))
             except FATAL_AT_REGISTRATION:
                 raise
             except OffloadError as exc:
@@ -382,6 +398,8 @@ class Runner:
         assert self.runner_id is not None
         wait = self.poll_wait()  # decided before the survey: the survey may take a moment
         report = await self.pool.survey()
+        if len(self.gpus):
+            report = report.model_copy(update={"gpu_devices": await self.gpu_devices()})
         desired = await self.client.heartbeat(self.runner_id, report, wait_s=wait)
         self.pool.acknowledge(report)  # recorded: what it carried need not be sent again
         return desired
@@ -450,15 +468,29 @@ async def run_runner(settings: RunnerSettings, stop: asyncio.Event | None = None
     """Run the runner until `stop` is set; every environment is wiped on the way out."""
     stop = stop or asyncio.Event()
     await asyncio.to_thread(check_prerequisites, settings)
-    await cleanup_orphans(settings)
-    ca_bundle = await asyncio.to_thread(engine_bundle, settings.registry_ca)  # checked first
-    cache = await start_pull_cache(settings, ca_bundle)
-    mirrors = (cache.mirror_url,) if cache is not None else ()
+    gpus = await asyncio.to_thread(load_gpus, settings)
     try:
-        await _serve(settings, stop, cache, EngineRegistries(mirrors, ca_bundle))
+        toolkit = await asyncio.to_thread(find_toolkit, settings.gpu_hook_dir)
+        if len(gpus):
+            log.info("GPU containers (`docker run --gpus`): %s", toolkit.describe())
+            if not toolkit.available:
+                log.warning(
+                    "GPUs are offered but nvidia-container-runtime-hook is not found under "
+                    "/usr: GPU sessions get their device nodes, and `docker run --gpus` in them "
+                    "fails. Install nvidia-container-toolkit or set OFFLOAD_RUNNER_GPU_HOOK_DIR."
+                )
+        await cleanup_orphans(settings, gpus=gpus)
+        ca_bundle = await asyncio.to_thread(engine_bundle, settings.registry_ca)  # checked first
+        cache = await start_pull_cache(settings, ca_bundle)
+        mirrors = (cache.mirror_url,) if cache is not None else ()
+        try:
+            registries = EngineRegistries(mirrors, ca_bundle)
+            await _serve(settings, stop, cache, registries, gpus, toolkit)
+        finally:
+            if cache is not None:
+                await cache.stop()
     finally:
-        if cache is not None:
-            await cache.stop()
+        await asyncio.to_thread(gpus.close)
 
 
 async def _serve(
@@ -466,24 +498,28 @@ async def _serve(
     stop: asyncio.Event,
     cache: PullCache | None,
     registries: EngineRegistries,
+    gpus: GpuInventory,
+    toolkit: Toolkit,
 ) -> None:
     egress = egress_firewall(settings, [(cache.address, cache.port)] if cache else [])
     await egress.install()
     host_key = await asyncio.to_thread(load_or_create_host_key, settings.data_dir / HOST_KEY_FILE)
-    driver = RootlessDriver(settings, registries=registries)
-    pool = EnvironmentPool(driver, settings.pool_size, settings.capacity)
+    driver = RootlessDriver(settings, registries=registries, gpus=gpus, toolkit=toolkit)
+    pool = EnvironmentPool(
+        driver, settings.pool_size, settings.capacity, gpus=gpus.uuids, warm_gpu=settings.warm_gpu
+    )
     builders = BuilderPool(settings, driver)
     client = RunnerClient(settings.server_url, settings.token)
-    runner = Runner(settings, client, pool, host_key, builders=builders)
+    runner = Runner(settings, client, pool, host_key, builders=builders, gpus=gpus)
     try:
         await pool.start()  # warming overlaps with registration
         if not await runner.register(stop):
             return
         runner.endpoint = await _start_endpoint(settings, runner, host_key)
         log.info(
-            "runner %s serving SSH on %s:%s (capacity %d, warm pool %d)",
+            "runner %s serving SSH on %s:%s (capacity %d, warm pool %d, GPUs %d, warm GPU %d)",
             settings.name, settings.ssh_listen_host, runner.endpoint.port,
-            settings.capacity, settings.pool_size,
+            settings.capacity, settings.pool_size, len(gpus), settings.warm_gpu,
         )  # fmt: skip
         await runner.heartbeat_loop(stop)
     finally:

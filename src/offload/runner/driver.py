@@ -8,6 +8,7 @@ same five verbs.  Optional abilities are declared in `DriverCapabilities`, not d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -36,6 +37,7 @@ class Environment:
     # the owner of files it writes into the mount area, so that containers can change them.
     area_owner: tuple[int, int] | None = None
     isolation: str = "rootless"  # said by status and diagnose
+    gpu_uuids: tuple[str, ...] = ()  # the runner's GPUs its engine sees (and no others)
 
 
 @dataclass
@@ -50,14 +52,16 @@ class EnvironmentDescription:
 
 @dataclass(frozen=True)
 class DriverCapabilities:
-    gpus: int = 0
+    gpus: int = 0  # GPUs this driver can hand to environments (`create(..., gpu_uuids)`)
     pause: bool = True
 
 
 class EnvironmentDriver(Protocol):
     capabilities: DriverCapabilities
 
-    async def create(self, spec: InstanceSpec) -> Environment: ...
+    async def create(self, spec: InstanceSpec, gpu_uuids: Sequence[str] = ()) -> Environment:
+        """A new environment; with `gpu_uuids`, its engine sees those GPUs and no others."""
+        ...
 
     async def pause(self, env: Environment) -> None: ...
 

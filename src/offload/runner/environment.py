@@ -8,6 +8,9 @@ host namespaces, swarm): it all stays in the sandbox.  Containers reach the outs
 through slirp4netns, confined by the runner's egress rules.  The runner keeps from outside what
 the tenant must not change: the cgroups with the instance type's limits (the sandbox manages
 its own children below them), the authorization plugin (a second wall), the egress rules.
+A GPU environment is made for the GPUs it is given (`create(spec, gpu_uuids)`): their device
+nodes are the only NVIDIA ones in its sandbox, and its teardown kills whatever NVML still sees
+running on them (`offload.runner.gpus`).
 
 Layout on the host (short paths: unix sockets are limited to 108 bytes):
 
@@ -16,9 +19,13 @@ Layout on the host (short paths: unix sockets are limited to 108 bytes):
     data_dir/envs/<id>/daemon.json dockerd's configuration (copied in)
     data_dir/envs/<id>/dockerd.log output of rootlesskit, the init and dockerd
     data_dir/envs/<id>/identity    the identity slot this environment holds
+    data_dir/envs/<id>/gpus        GPU environments: the UUIDs of the GPUs it holds
     run_dir/<id>/sock/docker.sock  the engine API
     run_dir/<id>/plugins/          this environment's policy plugin socket (nobody else's)
     run_dir/<id>/rk/               rootlesskit's state (child_pid)
+    run_dir/<id>/dev/              GPU environments: bind mounts of its GPUs' device nodes and
+                                   the control nodes, which the sandbox binds into its /dev
+    run_dir/<id>/gpu-hooks/        a bind mount of OFFLOAD_RUNNER_GPU_HOOK_DIR (GPU environments)
     run_dir/<id>/root/             mount point of the private root (mounted inside only)
     run_dir/<id>/home/             a bind mount of data_dir/envs/<id>: the sandbox reaches its
                                    directories through run_dir, whatever data_dir's parents allow
@@ -38,7 +45,7 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,7 +55,13 @@ import httpx
 from offload.core.config import RunnerSettings
 from offload.core.engine_http import engine_client
 from offload.core.errors import EnvironmentError_, OffloadError
-from offload.core.schemas import ENGINE_SOCKET_IN_MOUNT_AREA, InstanceSpec
+from offload.core.schemas import (
+    ENGINE_GPU_LABEL,
+    ENGINE_GPU_RUNTIME_LABEL,
+    ENGINE_SOCKET_IN_MOUNT_AREA,
+    GPU_RUNTIME_NONE,
+    InstanceSpec,
+)
 from offload.core.waiting import WaitTimeout, async_wait_until, within
 from offload.runner import cgroups, identities, mounts, netns
 from offload.runner.driver import (
@@ -57,9 +70,10 @@ from offload.runner.driver import (
     EnvironmentDescription,
     EnvState,
 )
+from offload.runner.gpus import GpuInventory, SandboxGpu, Toolkit
 from offload.runner.identities import Identity, IdentityRange
 from offload.runner.registry_trust import EngineRegistries
-from offload.runner.sandbox import SLIRP_MTU, SandboxSpec
+from offload.runner.sandbox import SLIRP_MTU, SandboxGpus, SandboxSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +106,16 @@ class PolicyLike(Protocol):
     async def stop(self) -> None: ...
 
 
-PolicyFactory = Callable[[str, Path, Path], PolicyLike]
+# (name, mount area, plugin dir, the environment's GPUs as its engine numbers them)
+PolicyFactory = Callable[[str, Path, Path, Sequence[SandboxGpu]], PolicyLike]
 
 
-def default_policy_factory(name: str, mount_area: Path, plugin_dir: Path) -> PolicyLike:
+def default_policy_factory(
+    name: str, mount_area: Path, plugin_dir: Path, gpus: Sequence[SandboxGpu] = ()
+) -> PolicyLike:
     from offload.runner.policy import PolicyPlugin  # lazy: keeps the driver importable alone
 
-    return PolicyPlugin(name, mount_area, plugin_dir)
+    return PolicyPlugin(name, mount_area, plugin_dir, gpus=gpus)
 
 
 def identity_range(settings: RunnerSettings) -> IdentityRange:
@@ -149,6 +166,24 @@ class EnvPaths:
     @property
     def identity_file(self) -> Path:
         return self.home / "identity"
+
+    @property
+    def gpus_file(self) -> Path:
+        """The UUIDs of the GPUs it holds, one a line (wiped of processes at teardown)."""
+        return self.home / "gpus"
+
+    @property
+    def nvidia_config(self) -> Path:
+        return self.home / "nvidia-container-runtime.toml"
+
+    @property
+    def devices(self) -> Path:
+        """Its GPUs' device nodes and the control nodes (bind mounts), bound into its /dev."""
+        return self.run / "dev"
+
+    @property
+    def gpu_hooks(self) -> Path:
+        return self.run / "gpu-hooks"
 
     @property
     def sockets(self) -> Path:
@@ -207,21 +242,25 @@ class _Runtime:
     process: asyncio.subprocess.Process | None = None
     # Containers that pause() froze: resume() thaws these and no others.
     paused: list[str] = field(default_factory=list)
+    gpu_uuids: tuple[str, ...] = ()  # the GPUs it holds
 
 
 class RootlessDriver:
     """EnvironmentDriver with a sandboxed, rootless dockerd per environment (module docstring)."""
-
-    capabilities = DriverCapabilities(gpus=0, pause=True)
 
     def __init__(
         self,
         settings: RunnerSettings,
         policy_factory: PolicyFactory | None = None,
         registries: EngineRegistries | None = None,
+        gpus: GpuInventory | None = None,
+        toolkit: Toolkit | None = None,
     ) -> None:
         self.settings = settings
         self.registries = registries or EngineRegistries()
+        self.gpus = gpus or GpuInventory.empty()
+        self.toolkit = toolkit or Toolkit(False)
+        self.capabilities = DriverCapabilities(gpus=len(self.gpus), pause=True)
         self.identities = identity_range(settings)
         self._policy_factory = policy_factory or default_policy_factory
         self._runtimes: dict[str, _Runtime] = {}
@@ -232,8 +271,10 @@ class RootlessDriver:
 
     # ---- create ------------------------------------------------------------------------------
 
-    async def create(self, spec: InstanceSpec) -> Environment:
-        return await self._create(ENV_PREFIX + secrets.token_hex(5), spec)
+    async def create(self, spec: InstanceSpec, gpu_uuids: Sequence[str] = ()) -> Environment:
+        """A new environment; with `gpu_uuids`, its engine has those GPUs and no others."""
+        held = tuple(gpu.uuid for gpu in self.gpus.of(gpu_uuids))  # raises for one not offered
+        return await self._create(ENV_PREFIX + secrets.token_hex(5), spec, gpu_uuids=held)
 
     async def start_builder(
         self, env_id: str, spec: InstanceSpec, slot: int, config: dict[str, Any]
@@ -250,10 +291,11 @@ class RootlessDriver:
         spec: InstanceSpec,
         slot: int | None = None,
         extra_config: dict[str, Any] | None = None,
+        gpu_uuids: tuple[str, ...] = (),
     ) -> Environment:
         paths = EnvPaths.of(self.settings, env_id)
         _check_socket_paths(paths)
-        rt = _Runtime(paths, env_cgroups(self.settings, env_id))
+        rt = _Runtime(paths, env_cgroups(self.settings, env_id), gpu_uuids=gpu_uuids)
         self._runtimes[env_id] = rt
         started = time.monotonic()
         start = asyncio.create_task(self._start(rt, spec, slot, extra_config or {}))
@@ -280,6 +322,7 @@ class RootlessDriver:
             spec=spec,
             area_owner=(rt.identity.uid, rt.identity.gid),
             isolation=ISOLATION,
+            gpu_uuids=gpu_uuids,
         )
 
     async def _start(
@@ -288,10 +331,18 @@ class RootlessDriver:
         paths = rt.paths
         rt.identity = identity = await self._take_identity(paths.env_id, slot)
         config = engine_config(paths.env_id, self.settings.dockerd_config, self.registries.mirrors)
+        config["labels"] += gpu_labels(rt.gpu_uuids, self.toolkit)
         config.update(extra)
         await asyncio.to_thread(_make_dirs, paths, identity, config, self.registries.ca_bundle)
         await asyncio.to_thread(mounts.bind, paths.home, paths.staged_home)
-        rt.policy = self._policy_factory(paths.policy_name, paths.mount_area, paths.plugins)
+        if rt.gpu_uuids:
+            await asyncio.to_thread(self._stage_gpus, rt)
+        rt.policy = self._policy_factory(
+            paths.policy_name,
+            paths.mount_area,
+            paths.plugins,
+            self.gpus.sandbox_view(rt.gpu_uuids),
+        )
         # dockerd checks its authorization plugin at start-up: the plugin must answer first.
         await rt.policy.start()
         os.chown(rt.policy.socket_path, identity.uid, identity.gid)
@@ -308,8 +359,40 @@ class RootlessDriver:
         await self._wait_for_engine(rt)
         await netns.attach(paths.netns, await asyncio.to_thread(_sandbox_pid, paths))
 
+    def _stage_gpus(self, rt: _Runtime) -> None:
+        """Record the GPUs (teardown wipes them), bind their device nodes, the control nodes
+        and the hook directory under run_dir, where the sandbox's start reaches them whatever
+        the host paths' parents allow."""
+        paths = rt.paths
+        paths.gpus_file.write_text("".join(f"{uuid}\n" for uuid in rt.gpu_uuids))
+        paths.devices.mkdir(mode=0o755)
+        for host, inside in self.gpus.sandbox_devices(rt.gpu_uuids):
+            target = paths.devices / Path(inside).name
+            target.touch(mode=0o600)
+            mounts.bind(host, target)
+        if self.toolkit.hooks is not None:
+            paths.gpu_hooks.mkdir(mode=0o755)
+            mounts.bind(self.toolkit.hooks, paths.gpu_hooks)
+        if self.toolkit.config is not None:
+            paths.nvidia_config.write_text(self.toolkit.config)
+            paths.nvidia_config.chmod(0o644)
+
+    def _sandbox_gpus(self, rt: _Runtime) -> SandboxGpus | None:
+        if not rt.gpu_uuids:
+            return None
+        paths = rt.paths
+        return SandboxGpus(
+            devices=paths.devices,
+            uuids=tuple((g.uuid, g.inside_node) for g in self.gpus.sandbox_view(rt.gpu_uuids)),
+            hooks=paths.gpu_hooks if self.toolkit.hooks is not None else None,
+            nvidia_config=(
+                paths.staged(paths.nvidia_config) if self.toolkit.config is not None else None
+            ),
+        )
+
     def _sandbox(self, rt: _Runtime, identity: Identity, procs: list[Path]) -> SandboxSpec:
         paths = rt.paths
+        pci = tuple(g.pci_bus for g in self.gpus.of(rt.gpu_uuids) if g.pci_bus)
         return SandboxSpec(
             env_id=paths.env_id,
             identity=identity,
@@ -329,6 +412,8 @@ class RootlessDriver:
             area_socket=_area_listener(paths),
             rootlesskit=self.settings.rootlesskit,
             dockerd=self.settings.dockerd,
+            gpu=self._sandbox_gpus(rt),
+            gpu_pci=pci,
         )
 
     async def _take_identity(self, env_id: str, wanted: int | None = None) -> Identity:
@@ -480,7 +565,7 @@ class RootlessDriver:
 
     async def _teardown_and_forget(self, env_id: str) -> None:
         try:
-            await teardown(self.settings, env_id, self._runtimes.get(env_id))
+            await teardown(self.settings, env_id, self._runtimes.get(env_id), self.gpus)
         finally:
             self._runtimes.pop(env_id, None)
             self._destroying.pop(env_id, None)
@@ -511,17 +596,28 @@ def env_cgroups(settings: RunnerSettings, env_id: str) -> cgroups.EnvCgroups:
 # ---- teardown (shared by destroy and cleanup_orphans) -----------------------------------------
 
 
-async def teardown(settings: RunnerSettings, env_id: str, rt: _Runtime | None = None) -> None:
+async def teardown(
+    settings: RunnerSettings,
+    env_id: str,
+    rt: _Runtime | None = None,
+    gpus: GpuInventory | None = None,
+) -> None:
     """Wipe one environment from whatever state it is in; raise if something stays behind.
 
     Nothing needs a graceful stop: every mount the engine made lives in the sandbox's own mount
-    namespace, which goes with its last process."""
+    namespace, which goes with its last process.  Its GPUs are then wiped of any compute process
+    NVML still sees on them (`gpus`: the runner's inventory)."""
     paths = EnvPaths.of(settings, env_id)
     started = time.monotonic()
     problems: list[str] = []
+    held = rt.gpu_uuids if rt is not None else await asyncio.to_thread(_recorded_gpus, paths)
     left = await _kill_everything(settings, paths, rt)
     if left:
         problems.append(f"processes still alive: {left}")
+    if held and gpus is not None:
+        on_gpu = await asyncio.to_thread(gpus.wipe, held, f"environment {env_id}")
+        if on_gpu:
+            problems.append(f"processes still on its GPUs: {on_gpu}")
     stuck = await asyncio.to_thread(mounts.unmount_under, [paths.home, paths.run])
     if stuck:
         problems.append(f"mounts left: {stuck}")
@@ -574,6 +670,13 @@ def _kill_identities(owners: list[Identity]) -> list[int]:
         time.sleep(0.02)  # the kernel reaps asynchronously; re-read
 
 
+def _recorded_gpus(paths: EnvPaths) -> tuple[str, ...]:
+    try:
+        return tuple(line for line in paths.gpus_file.read_text().split() if line)
+    except OSError:
+        return ()
+
+
 def _recorded_identity(settings: RunnerSettings, paths: EnvPaths) -> Identity | None:
     try:
         return identity_range(settings).identity(int(paths.identity_file.read_text()))
@@ -592,7 +695,9 @@ async def _stop_policy(policy: PolicyLike | None) -> None:
 # ---- orphans ----------------------------------------------------------------------------------
 
 
-async def cleanup_orphans(settings: RunnerSettings, netns_min_age_s: float = 60.0) -> list[str]:
+async def cleanup_orphans(
+    settings: RunnerSettings, netns_min_age_s: float = 60.0, gpus: GpuInventory | None = None
+) -> list[str]:
     """Wipe what a previous runner process left: envs, their processes, netns, cgroups.
 
     Environments are found by their directories and cgroups; then any process still running
@@ -605,7 +710,7 @@ async def cleanup_orphans(settings: RunnerSettings, netns_min_age_s: float = 60.
     for env_id in sorted(env_ids):
         log.warning("wiping environment %s left by a previous runner", env_id)
         try:
-            await teardown(settings, env_id)
+            await teardown(settings, env_id, gpus=gpus)
         except EnvironmentError_ as exc:
             log.error("%s", exc)
     every = identity_range(settings)
@@ -819,6 +924,14 @@ def engine_config(
     labels = [str(label) for label in config.get("labels", [])]
     config["labels"] = [*labels, f"{ENV_LABEL}={env_id}", f"{ISOLATION_LABEL}={ISOLATION}"]
     return config
+
+
+def gpu_labels(gpu_uuids: Sequence[str], toolkit: Toolkit) -> list[str]:
+    """A GPU environment's labels: its GPUs and what serves `--gpus` (`offload diagnose`)."""
+    if not gpu_uuids:
+        return []
+    runtime = "nvidia-container-toolkit" if toolkit.available else GPU_RUNTIME_NONE
+    return [f"{ENGINE_GPU_LABEL}={','.join(gpu_uuids)}", f"{ENGINE_GPU_RUNTIME_LABEL}={runtime}"]
 
 
 def _remove_dirs(paths: EnvPaths) -> None:

@@ -15,8 +15,10 @@ Anything other than a 200 answer makes dockerd refuse the request, so the policy
 a plugin that is down, slow to come back or confused never lets a request through.
 
 The rules themselves live in `policy_rules.py` (`evaluate`); this module only serves them.  Since
-session engines run in their own sandboxes, the rules are a second wall that refuses only legacy
-API versions; the plugin still fails closed on anything it cannot read.
+session engines run in their own sandboxes, the rules are a second wall that refuses legacy API
+versions and GPU requests the session cannot have; the plugin still fails closed on anything it
+cannot read.  Each plugin serves one environment and knows its GPUs from the start (a GPU
+environment is created for its GPUs, warm or not, and keeps them to the end).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import h11
 
 from offload.core.errors import EnvironmentError_
+from offload.runner.gpus import SandboxGpu
 from offload.runner.policy_rules import (
     AuthzRequest,
     Decision,
@@ -73,13 +77,21 @@ class PolicyPlugin:
     """Serves the policy for one environment's engine on `socket_path`.
 
     Many instances can run in one event loop (one per environment).  `mount_area` is kept for the
-    callers' sake: the rules no longer look at bind sources (the sandbox confines them).
+    callers' sake: the rules no longer look at bind sources (the sandbox confines them).  `gpus`:
+    the environment's GPUs as its engine numbers them (none: a session without a GPU).
     """
 
-    def __init__(self, name: str, mount_area: Path, plugin_dir: Path = DEFAULT_PLUGIN_DIR) -> None:
+    def __init__(
+        self,
+        name: str,
+        mount_area: Path,
+        plugin_dir: Path = DEFAULT_PLUGIN_DIR,
+        gpus: Sequence[SandboxGpu] = (),
+    ) -> None:
         self.name = name
         self.mount_area = Path(mount_area)
         self.plugin_dir = Path(plugin_dir)
+        self.gpus = tuple(gpus)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -193,7 +205,7 @@ class PolicyPlugin:
         except ValueError as exc:
             raise _CallError(400, str(exc)) from None
         try:
-            decision = evaluate(request, self.mount_area)
+            decision = evaluate(request, self.mount_area, self.gpus)
         except Exception:
             log.exception("policy %s: evaluating a request failed; denying it", self.name)
             decision = _INTERNAL_ERROR

@@ -5,6 +5,13 @@ under a second.  Binding is idempotent per session: the SSH endpoint (first conn
 heartbeat (control plane's desired list) may both ask, concurrently, and get the same environment.
 `capacity` bounds everything the runner holds: warm + bound + being created.
 
+GPU sessions: the control plane assigns each one specific GPUs (`AssignedSession.gpu_uuids`),
+and the environment is made for them: its engine sees those and no others.  Up to `warm_gpu`
+GPU environments are kept warm, each holding one free GPU; a GPU session takes the warm one that
+holds its GPU, else gets a new one.  A GPU is held by one environment at most, ever: every
+environment holding a GPU is created under that GPU's lock, and one still bound to another
+session keeps a new session off it (refused until that environment is wiped).
+
 The pool also says what each bound environment's engine holds (`survey`, for the heartbeat):
 running containers are activity on the control plane, so a slow engine must not hold the
 heartbeat back, and a timeout must not make running containers look stopped.  Beside that
@@ -16,12 +23,13 @@ still reaches the usage insights.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
-from offload.core.errors import NoCapacity, OffloadError
+from offload.core.errors import Conflict, EnvironmentError_, NoCapacity, OffloadError
 from offload.core.schemas import (
     INSTANCE_SPECS,
     AssignedSession,
@@ -62,8 +70,14 @@ class EnvironmentPool:
         warm_type: InstanceType = InstanceType.STANDARD,
         read_contents: ReadContents = read_contents,
         events_for: EventsFor = _default_events_for,
+        gpus: Sequence[str] = (),
+        warm_gpu: int = 0,
     ) -> None:
         self.driver = driver
+        self.gpus = list(gpus)  # UUIDs of the GPUs the runner offers
+        self.warm_gpu = warm_gpu
+        self._warm_gpu: dict[str, Environment] = {}  # GPU uuid -> the warm environment holding it
+        self._gpu_locks = {uuid: asyncio.Lock() for uuid in self.gpus}
         self._read_contents = read_contents
         self._events_for = events_for
         self.size = size
@@ -95,8 +109,9 @@ class EnvironmentPool:
         if self._fill_task is not None:
             self._fill_task.cancel()
             await asyncio.gather(self._fill_task, return_exceptions=True)
-        envs = self._warm + list(self._bound.values())
+        envs = self._warm + list(self._warm_gpu.values()) + list(self._bound.values())
         self._warm.clear()
+        self._warm_gpu.clear()
         self._bound.clear()
         await self._stop_events(list(self._events))
         await asyncio.gather(*(self._destroy(env) for env in envs))
@@ -109,15 +124,22 @@ class EnvironmentPool:
     def bound(self) -> list[Environment]:
         return list(self._bound.values())
 
+    def warm_gpus(self) -> set[str]:
+        """UUIDs of the GPUs that warm environments hold."""
+        return set(self._warm_gpu)
+
     async def bind(self, session: AssignedSession) -> Environment:
         """The session's environment: the one it has, else a warm one, else a new one."""
         async with self._lock(session.session_id):
             env = self._bound.get(session.session_id)
             if env is not None:
                 return env
-            env = self._take_warm(session.instance_type) or await self._create(
-                session.instance_type
-            )
+            if session.gpu_uuids or session.instance_type is InstanceType.GPU:
+                env = await self._gpu_environment(session)
+            else:
+                env = self._take_warm(session.instance_type) or await self._create(
+                    session.instance_type
+                )
             if self._closed:  # close() ran while we were creating: it cannot see this one
                 await self._destroy(env)
                 raise NoCapacity("The runner is shutting down.", "Start the session again.")
@@ -129,6 +151,45 @@ class EnvironmentPool:
         log.info("session %s bound to environment %s", session.session_id, env.id)
         self._schedule_fill()
         return env
+
+    async def _gpu_environment(self, session: AssignedSession) -> Environment:
+        """An environment holding exactly the session's GPUs: the warm one, else a new one."""
+        uuids = list(dict.fromkeys(session.gpu_uuids))
+        if not uuids:
+            raise EnvironmentError_(
+                f"Session {session.session_id} is a GPU session but has no GPU assigned.",
+                "The control plane assigns one when it places the session: end the session "
+                "(`offload stop`) and start again.",
+            )
+        foreign = [uuid for uuid in uuids if uuid not in self._gpu_locks]
+        if foreign:
+            raise EnvironmentError_(
+                f"Session {session.session_id} was assigned GPU(s) {', '.join(foreign)}, which "
+                f"this runner does not offer (it offers: {', '.join(self.gpus) or 'none'}).",
+                "End the session and start again; restart the runner if it persists (its "
+                "registration tells the control plane its GPUs).",
+            )
+        async with contextlib.AsyncExitStack() as held:
+            for uuid in sorted(uuids):  # one order: two binds never wait on each other
+                await held.enter_async_context(self._gpu_locks[uuid])
+            for env in self._bound.values():
+                taken = sorted(set(env.gpu_uuids) & set(uuids))
+                if taken:
+                    raise Conflict(
+                        f"GPU {taken[0]} is still held by the environment of session "
+                        f"{env.session_id}.",
+                        "It is free once that session's environment is wiped; try again in a "
+                        "moment.",
+                    )
+            if len(uuids) == 1 and session.instance_type is InstanceType.GPU:
+                warm = self._warm_gpu.pop(uuids[0], None)
+                if warm is not None:
+                    return warm
+            for uuid in uuids:  # a warm environment holding one of them gives way
+                stale = self._warm_gpu.pop(uuid, None)
+                if stale is not None:
+                    await self._destroy(stale)
+            return await self._create(session.instance_type, uuids)
 
     async def release(self, session_id: str) -> None:
         """Destroy the session's environment (nothing of it survives)."""
@@ -203,7 +264,8 @@ class EnvironmentPool:
     def report(self, contents: Mapping[str, EngineContents] | None = None) -> RunnerHeartbeat:
         """The heartbeat body: warm and bound environments, with `contents` per bound env id."""
         contents = contents or {}
-        envs = [EnvironmentReport(env_id=e.id, session_id=None, state=e.state) for e in self._warm]
+        warm = self._warm + list(self._warm_gpu.values())
+        envs = [EnvironmentReport(env_id=e.id, session_id=None, state=e.state) for e in warm]
         for sid, env in self._bound.items():
             held = contents.get(env.id)
             events = self._events.get(env.id)
@@ -219,7 +281,7 @@ class EnvironmentPool:
                     containers_created=tally.created,
                 )
             )
-        return RunnerHeartbeat(capacity=self.capacity, warm=len(self._warm), environments=envs)
+        return RunnerHeartbeat(capacity=self.capacity, warm=len(warm), environments=envs)
 
     def acknowledge(self, sent: RunnerHeartbeat) -> None:
         """The control plane answered the heartbeat `sent`: the images it carried were recorded
@@ -266,29 +328,46 @@ class EnvironmentPool:
 
     @property
     def _held(self) -> int:
-        return len(self._warm) + len(self._bound) + self._creating
+        return len(self._warm) + len(self._warm_gpu) + len(self._bound) + self._creating
+
+    def _gpus_held(self) -> set[str]:
+        held = set(self._warm_gpu)
+        for env in self._bound.values():
+            held.update(env.gpu_uuids)
+        return held
 
     def _take_warm(self, instance_type: InstanceType) -> Environment | None:
         if instance_type != self.warm_type or not self._warm:
             return None
         return self._warm.pop(0)
 
-    async def _create(self, instance_type: InstanceType) -> Environment:
+    async def _create(
+        self, instance_type: InstanceType, gpu_uuids: Sequence[str] = ()
+    ) -> Environment:
+        """A new environment (with `gpu_uuids`: the caller holds those GPUs' locks)."""
         if self._held >= self.capacity:
             await self._make_room()
         if self._closed:
             raise NoCapacity("The runner is shutting down.", "Start the session again.")
         self._creating += 1
         try:
-            return await self.driver.create(self.spec_for(instance_type))
+            spec = self.spec_for(instance_type)
+            if gpu_uuids:
+                return await self.driver.create(spec, gpu_uuids)
+            return await self.driver.create(spec)
         finally:
             self._creating -= 1
 
     async def _make_room(self) -> None:
-        """At capacity: a warm environment of another type gives way, else refuse."""
+        """At capacity: a warm environment gives way (a standard one first), else refuse."""
         if self._warm:
             await self._destroy(self._warm.pop())
             return
+        for uuid, env in list(self._warm_gpu.items()):
+            if not self._gpu_locks[uuid].locked():  # not one a bind is about to take
+                del self._warm_gpu[uuid]
+                await self._destroy(env)
+                return
         raise NoCapacity(
             f"This runner holds its capacity of {self.capacity} environments.",
             "Try again when a session ends, or add runners with `offload runner`.",
@@ -306,7 +385,8 @@ class EnvironmentPool:
         self._fill_task = asyncio.create_task(self._fill(), name="warm-pool-fill")
 
     async def _fill(self) -> None:
-        """Create warm environments until the pool is full or capacity is reached."""
+        """Create warm environments until the pool is full or capacity is reached: standard
+        ones first, then GPU ones (one per free GPU, up to `warm_gpu`)."""
         while not self._closed and len(self._warm) < self.size and self._held < self.capacity:
             try:
                 env = await self._create(self.warm_type)
@@ -319,6 +399,26 @@ class EnvironmentPool:
                 return
             self._warm.append(env)
             log.info("warm pool: %d/%d", len(self._warm), self.size)
+        while (
+            not self._closed and len(self._warm_gpu) < self.warm_gpu and self._held < self.capacity
+        ):
+            held = self._gpus_held()
+            free = [u for u in self.gpus if u not in held and not self._gpu_locks[u].locked()]
+            if not free:
+                return
+            async with self._gpu_locks[free[0]]:
+                if free[0] in self._gpus_held():  # bound meanwhile
+                    continue
+                try:
+                    env = await self._create(InstanceType.GPU, [free[0]])
+                except OffloadError as exc:
+                    log.error("could not warm a GPU environment: %s", exc)
+                    return
+                if self._closed:
+                    await self._destroy(env)
+                    return
+                self._warm_gpu[free[0]] = env
+            log.info("warm GPU pool: %d/%d (GPU %s)", len(self._warm_gpu), self.warm_gpu, free[0])
 
 
 def _images_to_report(held: list[str], seen: frozenset[str]) -> list[str]:

@@ -15,6 +15,8 @@ rules (`offload.runner.egress`) confine.  No port is published on the runner hos
 
 What rootlesskit does not do is written in `sandbox_init.sh`: a private root filesystem in place
 of `--copy-up`, which leaves the whole host visible (merely unreadable where permissions say so).
+A GPU environment's sandbox also gets its GPUs' device nodes in its /dev and the NVIDIA hook
+that `docker run --gpus` needs (`SandboxGpus`, see `offload.runner.gpus.Toolkit`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def init_script() -> Path:
 
 
 @dataclass(frozen=True)
+class SandboxGpus:
+    """What a GPU environment's sandbox gets (host paths as the sandbox's start reaches them)."""
+
+    devices: Path  # directory of device nodes, each bound at /dev/<name>
+    uuids: tuple[tuple[str, str], ...]  # (uuid, node inside), in the order NVML numbers them
+    hooks: Path | None = None  # directory with nvidia-container-runtime-hook, first on PATH
+    nvidia_config: Path | None = None  # /etc/nvidia-container-runtime/config.toml inside
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     """Everything one environment's start needs; host paths unless said otherwise."""
 
@@ -65,6 +77,8 @@ class SandboxSpec:
     area_socket: str | None  # a second engine listener in the mount area, if the path fits
     rootlesskit: str = "rootlesskit"
     dockerd: str = "dockerd"
+    gpu: SandboxGpus | None = None  # a GPU environment's devices and hook
+    gpu_pci: tuple[str, ...] = ()  # /proc/driver/nvidia/gpus entries left in view
 
     @property
     def hostname(self) -> str:
@@ -126,4 +140,18 @@ class SandboxSpec:
             "OFFLOAD_SB_CGROUPS": self.inner_cgroups,
             "OFFLOAD_SB_HOSTNAME": self.hostname,
             "OFFLOAD_SB_CA_BUNDLE": str(self.ca_bundle or ""),
+            "OFFLOAD_SB_GPU_PCI": " ".join(self.gpu_pci),
+            **_gpu_environment(self.gpu),
         }
+
+
+def _gpu_environment(gpu: SandboxGpus | None) -> dict[str, str]:
+    if gpu is None:
+        names = ("DEVICES", "GPUS", "GPU_HOOKS", "NVIDIA_CONFIG")
+        return {f"OFFLOAD_SB_{name}": "" for name in names}
+    return {
+        "OFFLOAD_SB_DEVICES": str(gpu.devices),
+        "OFFLOAD_SB_GPUS": ",".join(f"{uuid}={node}" for uuid, node in gpu.uuids),
+        "OFFLOAD_SB_GPU_HOOKS": str(gpu.hooks or ""),
+        "OFFLOAD_SB_NVIDIA_CONFIG": str(gpu.nvidia_config or ""),
+    }

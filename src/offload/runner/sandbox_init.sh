@@ -16,6 +16,16 @@
 #   OFFLOAD_SB_CGROUPS   what to mount at /sys/fs/cgroup: "name=options ..." (v1), "=cgroup2" (v2)
 #   OFFLOAD_SB_HOSTNAME  the environment's host name
 #   OFFLOAD_SB_CA_BUNDLE host file that replaces /etc/ssl/certs/ca-certificates.crt ("": the host's)
+# GPU environments (offload.runner.gpus; all "" otherwise):
+#   OFFLOAD_SB_DEVICES   host directory of device nodes (bind mounts the runner made), each bound
+#                        at /dev/<its name>: the environment's GPUs and the control nodes, no others
+#   OFFLOAD_SB_GPUS      uuid=/dev/nvidiaN,... in the order NVML inside numbers them: dockerd's
+#                        OFFLOAD_GPUS (prestart hooks inherit dockerd's environment)
+#   OFFLOAD_SB_GPU_PCI   the GPUs' entries of /proc/driver/nvidia/gpus (0000:3b:00.0 ...): the
+#                        others are hidden there (in every environment of a GPU host)
+#   OFFLOAD_SB_GPU_HOOKS host directory bound read-only at /opt/offload-gpu-hooks, first on
+#                        dockerd's PATH (its nvidia-container-runtime-hook enables `--gpus`)
+#   OFFLOAD_SB_NVIDIA_CONFIG  host file copied to /etc/nvidia-container-runtime/config.toml
 set -eu
 step() { STEP="$1"; }
 trap 'rc=$?; [ "$rc" = 0 ] || echo "offload sandbox: failed while: $STEP (exit $rc)" >&2' EXIT
@@ -58,11 +68,28 @@ echo "$OFFLOAD_SB_HOSTNAME" >"$R/etc/hostname"
 echo "nameserver 10.0.2.3" >"$R/etc/resolv.conf"  # slirp4netns's DNS forwarder
 ln -s /proc/self/mounts "$R/etc/mtab"
 cp "$OFFLOAD_SB_CONFIG" "$R/etc/docker/daemon.json"
+if [ -n "$OFFLOAD_SB_NVIDIA_CONFIG" ]; then
+  mkdir -p "$R/etc/nvidia-container-runtime"
+  cp "$OFFLOAD_SB_NVIDIA_CONFIG" "$R/etc/nvidia-container-runtime/config.toml"
+fi
 hostname "$OFFLOAD_SB_HOSTNAME"
 
 step "mounting /proc and /sys"
 mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
 mount -t sysfs -o nosuid,nodev,noexec sysfs "$R/sys"
+
+NV_GPUS="$R/proc/driver/nvidia/gpus"
+if [ -d "$NV_GPUS" ]; then
+  step "hiding other environments' GPUs in /proc/driver/nvidia/gpus"
+  mount -t tmpfs -o mode=755,nosuid,nodev,noexec nvidia-gpus "$NV_GPUS"
+  for bus in $OFFLOAD_SB_GPU_PCI; do
+    if [ -d "/proc/driver/nvidia/gpus/$bus" ]; then
+      mkdir "$NV_GPUS/$bus"
+      mount --rbind "/proc/driver/nvidia/gpus/$bus" "$NV_GPUS/$bus"
+    fi
+  done
+  mount -o remount,ro,nosuid,nodev,noexec "$NV_GPUS"
+fi
 
 step "mounting cgroups ($OFFLOAD_SB_CGROUPS)"
 case "$OFFLOAD_SB_CGROUPS" in
@@ -91,10 +118,25 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts "$R/dev/pts"
 ln -s pts/ptmx "$R/dev/ptmx"
 mount -t tmpfs -o mode=1777,nosuid,nodev shm "$R/dev/shm"
 mount -t mqueue mqueue "$R/dev/mqueue"
+if [ -n "$OFFLOAD_SB_DEVICES" ]; then
+  step "binding the environment's GPU device nodes"
+  for node in "$OFFLOAD_SB_DEVICES"/*; do
+    [ -c "$node" ] || { echo "offload sandbox: $node is not a device node" >&2; exit 96; }
+    touch "$R/dev/${node##*/}"
+    mount --bind "$node" "$R/dev/${node##*/}"
+  done
+fi
 ln -s /proc/self/fd "$R/dev/fd"
 ln -s /proc/self/fd/0 "$R/dev/stdin"
 ln -s /proc/self/fd/1 "$R/dev/stdout"
 ln -s /proc/self/fd/2 "$R/dev/stderr"
+
+if [ -n "$OFFLOAD_SB_GPU_HOOKS" ]; then
+  step "binding the GPU hook directory"
+  mkdir -p "$R/opt/offload-gpu-hooks"
+  mount --bind "$OFFLOAD_SB_GPU_HOOKS" "$R/opt/offload-gpu-hooks"
+  mount -o remount,bind,ro "$R/opt/offload-gpu-hooks"
+fi
 
 step "mounting the environment's own directories"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmp "$R/tmp"
@@ -114,4 +156,9 @@ rmdir /.old-root
 
 step "starting dockerd"
 trap - EXIT
-exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@"
+P=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+if [ -n "$OFFLOAD_SB_GPU_HOOKS" ]; then P="/opt/offload-gpu-hooks:$P"; fi
+if [ -n "$OFFLOAD_SB_GPUS" ]; then
+  exec env -i PATH="$P" HOME=/root OFFLOAD_GPUS="$OFFLOAD_SB_GPUS" "$@"
+fi
+exec env -i PATH="$P" HOME=/root "$@"

@@ -1,7 +1,8 @@
 """The policy in front of a real dockerd, driven with raw HTTP and the real docker CLI.
 
-The policy is a second wall now: it refuses API versions below 1.24 and nothing else.  What it lets
-through gets dockerd's own answer, compared byte for byte with a plain engine's (`plain_engine`).
+The policy is a second wall now: it refuses API versions below 1.24, and GPU requests in a session
+without a GPU (this engine's).  What it lets through gets dockerd's own answer, compared byte for
+byte with a plain engine's (`plain_engine`).
 Privileged and other sandbox-confined containers are only created here, never started: this test
 engine is a root dockerd on the test machine, not a session sandbox.
 """
@@ -251,6 +252,40 @@ def test_a_bind_mount_from_the_mount_area_works(
 def test_the_host_network_is_the_sessions_own(engine: Engine, image: str) -> None:
     result = engine.docker("run", "--rm", "--network", "host", image, "true")
     assert result.returncode == 0, result.stderr
+
+
+# ---- GPUs: this engine's session has none ------------------------------------------------------
+
+
+def test_gpus_all_in_a_session_without_a_gpu_says_how_to_get_one(
+    engine: Engine, plain_engine: Engine, plugin: PolicyPlugin, image: str, plain_image: str
+) -> None:
+    result = engine.docker("run", "--rm", "--gpus", "all", image, "true")
+    assert result.returncode != 0
+    assert (
+        f"authorization denied by plugin {plugin.name}: Offload policy: this session has no "
+        "GPU; start one with `docker offload start --gpu`." in result.stderr
+    ), result.stderr
+    # The plain engine fails less clearly (no NVIDIA hook on this host).
+    plain = plain_engine.docker("run", "--rm", "--gpus", "all", plain_image, "true")
+    assert plain.returncode != 0
+    assert "could not select device driver" in plain.stderr, plain.stderr
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"hostconfig": {"devicerequests": [{"count": -1, "capabilities": [["gpu"]]}]}},
+        {"DeviceRequests": [{"Driver": "nvidia", "Count": 1}]},  # the flat legacy shape
+        {"HostConfig": {"DeviceRequests": [None]}},
+    ],
+)
+def test_raw_gpu_requests_in_odd_shapes_are_refused(
+    engine: Engine, image: str, body: dict[str, Any]
+) -> None:
+    answer = post(engine, "/v1.41/containers/create", {"Image": image, **body})
+    assert answer.status_code == 403, answer.text
+    assert "this session has no GPU" in answer.json()["message"]
 
 
 # ---- failing closed ------------------------------------------------------------------------------

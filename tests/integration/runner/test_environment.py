@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from offload.runner.environment import (
     image_name,
     read_contents,
 )
+from offload.runner.gpus import SandboxGpu
 from tests.integration.runner.conftest import SMALL, MakeSettings, docker, leftovers
 from tests.support.images import TEST_IMAGE, build_test_image
 
@@ -261,8 +262,10 @@ async def test_cleanup_orphans_wipes_what_a_dead_runner_left(make_settings: Make
     settings = make_settings()
     policies: list[PolicyLike] = []
 
-    def factory(name: str, mount_area: Path, plugin_dir: Path) -> PolicyLike:
-        policies.append(default_policy_factory(name, mount_area, plugin_dir))
+    def factory(
+        name: str, mount_area: Path, plugin_dir: Path, gpus: Sequence[SandboxGpu]
+    ) -> PolicyLike:
+        policies.append(default_policy_factory(name, mount_area, plugin_dir, gpus))
         return policies[-1]
 
     orphan = await RootlessDriver(settings, policy_factory=factory).create(SMALL)

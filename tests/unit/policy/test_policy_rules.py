@@ -155,7 +155,8 @@ def test_every_version_from_1_24_is_allowed(version: str, route: str) -> None:
 
 
 # Bodies dockerd serves on a local engine, which the old deny-list refused: the sandbox confines
-# them now.  The rules never read a body, so whatever it holds, the decision is the version's.
+# them now.  Only a create's GPU request is read (test_policy_gpus.py): without a body, the
+# decision is the version's.
 @pytest.mark.parametrize(
     ("method", "route"),
     [
@@ -191,8 +192,14 @@ def test_plugin_calls_are_read_whatever_body_they_carry() -> None:
         "RequestHeaders": {"Content-Type": "application/json"},
     }
     assert evaluate(request_from_plugin_call(privileged), AREA).allow
+    # A call whose body is not base64 (dockerd always sends base64) is read; a create that
+    # carries one fails closed (its GPU request cannot be checked), anything else passes.
     not_json = {**privileged, "RequestBody": "not base64 at all!"}
-    assert evaluate(request_from_plugin_call(not_json), AREA).allow
+    refused = evaluate(request_from_plugin_call(not_json), AREA)
+    assert (refused.allow, refused.rule) == (False, "malformed-call")
+    assert "is not base64 text" in refused.msg
+    volume = {**not_json, "RequestUri": "/v1.41/volumes/create"}
+    assert evaluate(request_from_plugin_call(volume), AREA).allow
     old = {**privileged, "RequestUri": "/v1.12/containers/abc/start"}
     assert_too_old(evaluate(request_from_plugin_call(old), AREA), "1.12")
     legacy_key = {"RequestMethod": "GET", "RequestURI": "/v1.0/info"}
