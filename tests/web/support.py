@@ -83,11 +83,13 @@ async def report_session(
     runner_token: str,
     images: tuple[str, ...] = ("busybox:latest",),
     containers: int = 1,
+    gpu: s.GpuDevice | None = None,
 ) -> s.SessionInfo:
     """A session of the token's user, made active and reported the way a runner does it:
     start (`POST /sessions`), the runner binds an environment (`…/ready`), then its heartbeat
     reports the environment's containers and images.  Talks only HTTP, so it works against any
-    control plane (the embedded one of the e2e suite too)."""
+    control plane (the embedded one of the e2e suite too).  With `gpu`, the runner reports that
+    (stand-in) GPU and the session is a GPU session on it."""
     key = asyncssh.generate_private_key("ssh-ed25519")
     async with (
         RunnerClient(server_url, runner_token) as runner,
@@ -101,12 +103,15 @@ async def report_session(
                 ssh_port=8422,
                 host_key=host_key.strip(),
                 capacity=4,
+                instance_types=[s.InstanceType.STANDARD, s.InstanceType.GPU],
+                gpu_devices=[gpu] if gpu else [],
             )
         )
         created = await user.create_session(
             s.SessionCreate(
                 client_public_key=key.export_public_key().decode().strip(),
                 client_name="web-test-laptop",
+                gpu=gpu is not None,
             )
         )
         runner_id = created.runner.id if created.runner else registered.id

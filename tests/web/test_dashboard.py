@@ -20,6 +20,7 @@ from offload.core.waiting import wait_until
 from offload.server.context import ServerContext
 from offload.server.services import device_codes, lifecycle
 from offload.server.services.org_activity import CSV_COLUMNS
+from tests.unit.server.support import stand_in_gpu
 
 from .conftest import TIMEOUT_MS, WebUser, sign_in, submit_sign_in
 from .support import LiveClock, LiveServer, report_session, run
@@ -211,6 +212,7 @@ def test_a_reported_session_appears_with_a_live_duration(
     )
     expect(page.locator("#top-images")).to_contain_text("busybox:latest")
     expect(page.locator("#recent-sessions")).to_contain_text(info.id)
+    expect(row.locator('[data-label="GPU"]')).to_have_text("-")
     shot(page, "overview")
 
     page.get_by_role("link", name="Activity", exact=True).click()
@@ -218,6 +220,19 @@ def test_a_reported_session_appears_with_a_live_duration(
     expect(activity_row.locator("td").nth(2)).to_have_text("3")  # containers
     expect(page.get_by_text("Page 1 of 1")).to_be_visible()
     shot(page, "activity")
+
+
+def test_a_gpu_session_shows_its_gpu(
+    page: Page, server: LiveServer, make_user: Callable[..., WebUser], runner_token: str
+) -> None:
+    user = make_user()
+    busy = stand_in_gpu("web-gpu", 0).model_copy(update={"utilization_percent": 41})
+    info = run(report_session(server.url, user.token, runner_token, gpu=busy))
+    sign_in(page, server.url, user)
+    row = page.locator("#active-sessions tbody tr", has_text=info.id)
+    expect(row.locator('[data-label="GPU"]')).to_have_text(
+        "NVIDIA H200 (stand-in), 141 GiB, 41% busy"
+    )
 
 
 def test_the_still_active_prompt_is_a_banner_that_keeps_the_session(
