@@ -24,11 +24,14 @@ def _table(title: str, *columns: str) -> Table:
 
 
 def _sessions(title: str, rows: list[s.SessionSummary]) -> Table:
-    table = _table(title, "Session", "Org", "State", "Started", "Billed", "Containers", "Ended")
+    table = _table(
+        title, "Session", "Org", "Type", "State", "Started", "Billed", "Containers", "Ended"
+    )
     for row in rows:
         table.add_row(
             row.id,
             row.org,
+            row.gpu_model or row.instance_type.value,
             row.state.value,
             _when(row.started_at or row.created_at),
             format_duration(row.billed_s),
