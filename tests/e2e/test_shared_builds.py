@@ -83,6 +83,14 @@ def test_a_teammates_fresh_session_reuses_the_cache_and_another_org_does_not(
     other = _build(eve, context, "app")
     assert not _deps_step_cached(other, marker), other  # another organisation: its own cache
 
+    # The builder's time reaches the usage of the session whose build kept it busy (billed to
+    # the organisation beside the session's own time).
+    def build_seconds(user: User) -> float:
+        report = json.loads(user.offload("usage", "--json").stdout)
+        return float(sum(item["build_s"] for item in report["active_sessions"]))
+
+    wait_until(lambda: build_seconds(eve) > 0, WAIT, "eve's builder time in her usage")
+
 
 def _moved(output: str) -> tuple[int, int]:
     found = re.search(r"Offload: moved (\d+) of (\d+) layers", output)

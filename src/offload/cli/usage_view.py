@@ -25,8 +25,9 @@ def _table(title: str, *columns: str) -> Table:
 
 def _sessions(title: str, rows: list[s.SessionSummary]) -> Table:
     table = _table(
-        title, "Session", "Org", "Type", "State", "Started", "Billed", "Containers", "Ended"
-    )
+        title, "Session", "Org", "Type", "State", "Started", "Billed", "Builds", "Containers",
+        "Ended",
+    )  # fmt: skip
     for row in rows:
         table.add_row(
             row.id,
@@ -35,6 +36,7 @@ def _sessions(title: str, rows: list[s.SessionSummary]) -> Table:
             row.state.value,
             _when(row.started_at or row.created_at),
             format_duration(row.billed_s),
+            format_duration(row.build_s) if row.build_s else "-",
             str(row.containers),
             row.end_reason or "",
         )

@@ -299,6 +299,9 @@ class EnvironmentReport(BaseModel):
     # Containers created since the environment was bound, `docker run --rm` ones included: a
     # running total, so the control plane keeps the highest it saw (a retry counts nothing twice).
     containers_created: JsonInt = Field(default=0, ge=0, le=MAX_INT)
+    # Seconds its organisation's builder was busy with builds this session began (concurrent
+    # builds count once): a running total since bind, billed by the control plane as it grows.
+    build_seconds: float = Field(default=0, ge=0, le=MAX_INT, allow_inf_nan=False)
 
 
 class RunnerHeartbeat(BaseModel):
@@ -515,6 +518,9 @@ class SessionSummary(BaseModel):
     end_reason: str | None = None
     gpu_model: str | None = None  # GPU sessions: the model of the GPU it had
     gpu_devices: list[GpuDevice] = []  # live GPU sessions: the GPU, with its utilisation
+    # Its organisation's builder busy with its builds: billed to the organisation beside
+    # `billed_s` (at the builder's instance rate), not counted in fair use.
+    build_s: float = 0
 
 
 class ImageUse(BaseModel):

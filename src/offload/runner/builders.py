@@ -61,6 +61,10 @@ class _Live:
     keep_storage: str
     last_used: float
     users: int = 0  # open build channels
+    # The builder's current busy stretch (a channel open): when it began, and the session whose
+    # build began it, which is billed for the whole stretch (concurrent builds: once).
+    busy_since: float | None = None
+    busy_session: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,9 @@ class BuilderPool:
         self._live: dict[str, _Live] = {}
         self._lock = asyncio.Lock()
         self._transfers: dict[str, asyncio.Lock] = {}
+        # Busy seconds of finished stretches per session (a running total: the heartbeat
+        # reports it, and the control plane bills what it had not seen yet).
+        self._busy_s: dict[str, float] = {}
 
     def transfer_lock(self, env_id: str) -> asyncio.Lock:
         """One image move into or out of a builder at a time."""
@@ -115,15 +122,35 @@ class BuilderPool:
             live.last_used = self.clock()
             return live.env
 
-    def acquire(self, env_id: str) -> None:
-        """A build channel uses the builder: it is not evicted meanwhile."""
+    def acquire(self, env_id: str, session_id: str) -> None:
+        """A build channel of `session_id` uses the builder: it is not evicted meanwhile, and
+        its time is billed (`build_seconds`)."""
         if (live := self._live.get(env_id)) is not None:
+            if live.users == 0:
+                live.busy_since, live.busy_session = self.clock(), session_id
             live.users += 1
 
     def release(self, env_id: str) -> None:
         if (live := self._live.get(env_id)) is not None:
             live.users = max(0, live.users - 1)
             live.last_used = self.clock()
+            if live.users == 0 and live.busy_since is not None and live.busy_session:
+                spent = live.last_used - live.busy_since
+                self._busy_s[live.busy_session] = self._busy_s.get(live.busy_session, 0) + spent
+                live.busy_since = live.busy_session = None
+
+    def build_seconds(self, session_id: str) -> float:
+        """The builder time `session_id` is billed for so far, the stretch under way included."""
+        total = self._busy_s.get(session_id, 0.0)
+        now = self.clock()
+        for live in self._live.values():
+            if live.busy_session == session_id and live.busy_since is not None:
+                total += now - live.busy_since
+        return total
+
+    def forget(self, session_id: str) -> None:
+        """The session is gone from this runner: its total is not asked for again."""
+        self._busy_s.pop(session_id, None)
 
     async def _slot_for(self, env_id: str) -> int:
         first = self.settings.capacity

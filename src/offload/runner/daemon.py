@@ -64,6 +64,7 @@ from offload.core.schemas import (
     InstanceType,
     Role,
     RunnerDesired,
+    RunnerHeartbeat,
     RunnerRegister,
 )
 from offload.core.waiting import wait_event
@@ -315,7 +316,7 @@ class Runner:
         if self.builders is not None:
             try:
                 builder = await self.builders.for_org(assigned.org, limit)
-                self.builders.acquire(builder.id)
+                self.builders.acquire(builder.id, session_id)
             except OffloadError as exc:
                 log.warning("builds of %s run on its session's engine: %s", assigned.org, exc)
         pool = self.builders
@@ -398,11 +399,26 @@ class Runner:
         assert self.runner_id is not None
         wait = self.poll_wait()  # decided before the survey: the survey may take a moment
         report = await self.pool.survey()
+        if self.builders is not None:
+            report = self._with_build_seconds(report, self.builders)
         if len(self.gpus):
             report = report.model_copy(update={"gpu_devices": await self.gpu_devices()})
         desired = await self.client.heartbeat(self.runner_id, report, wait_s=wait)
         self.pool.acknowledge(report)  # recorded: what it carried need not be sent again
         return desired
+
+    @staticmethod
+    def _with_build_seconds(report: RunnerHeartbeat, builders: BuilderPool) -> RunnerHeartbeat:
+        """Each bound environment's report with its session's builder time so far."""
+        environments = [
+            env.model_copy(
+                update={"build_seconds": round(builders.build_seconds(env.session_id), 3)}
+            )
+            if env.session_id
+            else env
+            for env in report.environments
+        ]
+        return report.model_copy(update={"environments": environments})
 
     async def receive(self, desired: RunnerDesired) -> None:
         """Take a desired list: client keys at once (a takeover drops the old machine's
@@ -437,6 +453,8 @@ class Runner:
         await self.pool.reconcile(desired.sessions)
         after = {env.session_id: env for env in self.pool.bound() if env.session_id}
         for session_id in before - after.keys():
+            if session_id and self.builders is not None:
+                self.builders.forget(session_id)
             if session_id and self.endpoint is not None:
                 await self.endpoint.disconnect(session_id)
         self._reported &= after.keys()

@@ -120,7 +120,7 @@ async def test_an_idle_builder_stops_and_its_cache_stays(
         env = await pool.for_org("idle-org")
         await _buildkit(env.engine_socket, _context(tmp_path / "ctx", uuid.uuid4().hex, "x\n"), "x")
         records = await _cache_records(env.engine_socket)
-        pool.acquire(env.id)  # a build channel is open
+        pool.acquire(env.id, "ses_idle")  # a build channel is open
         now[0] += 601
         assert await pool.stop_idle() == []  # never while a build uses it
         pool.release(env.id)  # the channel ends: last use is now
@@ -131,5 +131,33 @@ async def test_an_idle_builder_stops_and_its_cache_stays(
         assert pool.running() == [] and not env.engine_socket.exists()
         again = await pool.for_org("idle-org")
         assert again.id == env.id and await _cache_records(again.engine_socket) >= records
+    finally:
+        await pool.close()
+
+
+async def test_builder_time_is_counted_once_for_the_session_that_began_the_stretch(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings()
+    now = [1000.0]
+    pool = BuilderPool(settings, RootlessDriver(settings), clock=lambda: now[0])
+    try:
+        env = await pool.for_org("billing-org")
+        pool.acquire(env.id, "ses_a")  # a's build begins the busy stretch
+        now[0] += 30
+        pool.acquire(env.id, "ses_b")  # b's build runs beside it: the builder is busy once
+        assert pool.build_seconds("ses_a") == 30  # under way: counted as it grows
+        now[0] += 20
+        pool.release(env.id)
+        now[0] += 10
+        pool.release(env.id)  # the stretch ends: 60 s, a's
+        now[0] += 100  # idle: nobody's
+        assert (pool.build_seconds("ses_a"), pool.build_seconds("ses_b")) == (60, 0)
+        pool.acquire(env.id, "ses_b")
+        now[0] += 5
+        pool.release(env.id)
+        assert (pool.build_seconds("ses_a"), pool.build_seconds("ses_b")) == (60, 5)
+        pool.forget("ses_a")  # its session is gone from this runner
+        assert pool.build_seconds("ses_a") == 0
     finally:
         await pool.close()

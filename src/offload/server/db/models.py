@@ -18,6 +18,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -191,6 +192,8 @@ class OffloadSession(Base):
     # Insights fed by the runner's reports.
     images: Mapped[list[str]] = mapped_column(default=list)
     containers_max: Mapped[int] = mapped_column(default=0)
+    # The runner's running total of builder seconds for this session that is billed already.
+    build_seconds_billed: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     # The "previous session was wiped after idling" notice was shown (once) to its user.
     replacement_noticed: Mapped[bool] = mapped_column(Boolean, default=False)
 
@@ -369,3 +372,24 @@ class InstallationFact(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class BuilderInterval(Base):
+    """A stretch of the organisation's builder busy with a session's builds: billed to the
+    organisation at the builder's instance rate, beside (not inside) the session's own time.
+
+    Written when a heartbeat's running total grows: [report time - growth, report time]."""
+
+    __tablename__ = "builder_intervals"
+    __table_args__ = (Index("ix_builder_intervals_org_start", "org_id", "start"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("sessions.id", ondelete="CASCADE"), index=True
+    )
+    org_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("organizations.id", ondelete="CASCADE")
+    )
+    instance_type: Mapped[str] = mapped_column(String(32))
+    start: Mapped[datetime]
+    end: Mapped[datetime]

@@ -12,6 +12,11 @@ Two layers:
   always inside the caller's transaction, so state and ledger change together or not at all.
 
 Days and months are UTC: the fair-use counter resets at 00:00 UTC.
+
+An organisation's builder is billed beside its sessions (`BuilderInterval`): the runner reports
+each session's builder time as a running total, and the growth is billed as a stretch ending at
+the report, at the builder's instance rate.  It counts in the organisation's minutes and spend,
+not in the session's billed time or the user's fair-use hours (those measure the session).
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session as Db
 
-from offload.server.db.models import LedgerInterval, OffloadSession
+from offload.core.schemas import InstanceType
+from offload.server.db.models import BuilderInterval, LedgerInterval, OffloadSession
+
+# A builder is an ordinary standard environment (offload.runner.builders.BUILDER_SPEC).
+BUILDER_INSTANCE_TYPE = InstanceType.STANDARD.value
+# Growth below this is left for the next report (no row per heartbeat of a ping).
+MIN_BILLED_BUILD_S = 0.5
 
 # ---- pure ---------------------------------------------------------------------------------------
 
@@ -194,12 +205,43 @@ def user_pieces(db: Db, user_id: str, lo: datetime, hi: datetime) -> list[Piece]
 
 
 def org_pieces(db: Db, org_id: str, lo: datetime, hi: datetime) -> list[Piece]:
+    """What the organisation is billed for: its sessions' time and its builder's time."""
     rows = db.scalars(
         select(LedgerInterval)
         .where(LedgerInterval.org_id == org_id, _overlapping(lo, hi))
         .order_by(LedgerInterval.start)
     )
-    return [Piece(r.session_id, r.instance_type, Interval(r.start, r.end)) for r in rows]
+    pieces = [Piece(r.session_id, r.instance_type, Interval(r.start, r.end)) for r in rows]
+    builds = db.scalars(
+        select(BuilderInterval).where(
+            BuilderInterval.org_id == org_id, BuilderInterval.start < hi, BuilderInterval.end > lo
+        )
+    )
+    pieces += [Piece(r.session_id, r.instance_type, Interval(r.start, r.end)) for r in builds]
+    return sorted(pieces, key=lambda piece: piece.interval.start)
+
+
+def bill_builder_time(db: Db, session: OffloadSession, total_s: float, now: datetime) -> None:
+    """The runner's running total of the session's builder time grew: bill the growth, as a
+    stretch ending now (a retried report, or a smaller total after a runner restart: nothing)."""
+    growth = total_s - session.build_seconds_billed
+    if growth < MIN_BILLED_BUILD_S:
+        return
+    db.add(
+        BuilderInterval(
+            session_id=session.id,
+            org_id=session.org_id,
+            instance_type=BUILDER_INSTANCE_TYPE,
+            start=now - timedelta(seconds=growth),
+            end=now,
+        )
+    )
+    session.build_seconds_billed = total_s
+
+
+def session_build_seconds(db: Db, session_id: str) -> float:
+    rows = db.scalars(select(BuilderInterval).where(BuilderInterval.session_id == session_id))
+    return sum((r.end - r.start).total_seconds() for r in rows)
 
 
 def user_day_seconds(db: Db, user_id: str, now: datetime) -> float:

@@ -25,7 +25,7 @@ from offload.core.errors import Conflict, InvalidInput, NotFound
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
 from offload.server.db.models import OffloadSession, OrgSettingsRow, Runner, User
-from offload.server.services import audit, lifecycle, runner_liveness
+from offload.server.services import audit, ledger, lifecycle, runner_liveness
 from offload.server.services.ca import key_fingerprint, parse_public_key
 from offload.server.services.tokens import AuthRunner
 
@@ -183,6 +183,7 @@ def _record_environment(db: Db, runner: Runner, env: s.EnvironmentReport, now: d
     )
     if env.running_containers > 0 and S(row.state) in (S.ACTIVE, S.STARTING):
         lifecycle.note_activity(db, row, now)
+    ledger.bill_builder_time(db, row, env.build_seconds, now)
 
 
 def _desired_tx(db: Db, runner_id: str, ca_public_key: str) -> s.RunnerDesired:

@@ -39,6 +39,7 @@ def _summary(db: Db, row: OffloadSession, now: datetime) -> s.SessionSummary:
         end_reason=row.end_reason,
         gpu_model=row.gpu_model,
         gpu_devices=placement.session_gpus(row),
+        build_s=round(ledger.session_build_seconds(db, row.id), 1),
     )
 
 
