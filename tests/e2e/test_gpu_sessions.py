@@ -135,9 +135,7 @@ def test_gpu_sessions_get_one_gpu_each_and_release_it_at_stop(
 
 def test_owners_turn_gpu_sessions_off_and_members_are_told(people: dict[str, User]) -> None:
     owner, member = people["owner"], people["bo"]
-    denied = member.offload(
-        "org", "settings", "vision", "--gpu-sessions", "deny", check=False
-    )
+    denied = member.offload("org", "settings", "vision", "--gpu-sessions", "deny", check=False)
     assert denied.returncode != 0 and owner.name in denied.stderr  # members cannot change it
 
     owner.offload("org", "settings", "vision", "--gpu-sessions", "deny")

@@ -125,3 +125,64 @@ def test_a_missing_interpreter_stops_bootstrap_saying_what_to_do(tmp_path: Path)
     assert result.returncode != 0
     assert f"PYTHON={missing} is not an executable" in result.stderr
     assert "Install python3 (3.11 or newer) from your distribution" in result.stderr
+
+
+# ---- scripts/device/gpu_check.sh: its early stops (no GPU, no wheelhouse), each its own status --
+
+GPU_CHECK = ROOT / "scripts" / "device" / "gpu_check.sh"
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def gpu_check(tmp_path: Path, bin_dir: Path | None = None, **extra: str) -> tuple[int, str]:
+    env = script_env(tmp_path, OUT=str(tmp_path / "out"), **extra)
+    env["PATH"] = f"{bin_dir}:{SYSTEM_PATH}" if bin_dir else SYSTEM_PATH
+    result = run_bash([str(GPU_CHECK)], env)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert (tmp_path / "out" / "gpu_check.log").read_text().strip()  # the log is kept
+    return result.returncode, result.stdout + result.stderr
+
+
+def fake_tool(bin_dir: Path, name: str, body: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    path = bin_dir / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.mark.skipif(
+    any(Path(d, "nvidia-smi").exists() for d in SYSTEM_PATH.split(":")), reason="a GPU host"
+)
+def test_gpu_check_without_nvidia_smi_says_there_is_no_gpu(tmp_path: Path) -> None:
+    status, output = gpu_check(tmp_path)
+
+    assert status == 3, output
+    assert "== step machine" in output and "nvidia-smi                         MISSING" in output
+    assert "FAILED at step machine: no NVIDIA GPU here: nvidia-smi is not installed" in output
+    assert "== step python" not in output
+
+
+def test_gpu_check_stops_when_nvidia_smi_lists_no_gpu(tmp_path: Path) -> None:
+    fake_tool(tmp_path / "bin", "nvidia-smi", 'echo "NVIDIA-SMI has failed: no driver"; exit 9\n')
+
+    status, output = gpu_check(tmp_path, tmp_path / "bin")
+
+    assert status == 3, output
+    assert "`nvidia-smi -L` fails: NVIDIA-SMI has failed: no driver" in output
+
+
+def test_gpu_check_without_the_wheelhouse_says_how_to_make_it(tmp_path: Path) -> None:
+    fake_tool(
+        tmp_path / "bin",
+        "nvidia-smi",
+        '[ "$1" = -L ] && { echo "GPU 0: Fake (UUID: GPU-1)"; exit 0; }\n'
+        'echo "0, GPU-1, Fake, 1024, 550.1"\n',
+    )
+
+    status, output = gpu_check(
+        tmp_path, tmp_path / "bin", GPU_CHECK_WHEELS=str(tmp_path / "no-wheels")
+    )
+
+    assert status == 4, output
+    assert "driver: 550.1" in output
+    assert "FAILED at step python: no wheelhouse" in output
+    assert "scripts/device/build_wheels.sh" in output

@@ -909,7 +909,8 @@ def server(
 
 runner_app = typer.Typer(
     help="Run a runner host in the foreground (settings from OFFLOAD_RUNNER_* variables); "
-    "`offload runner drain NAME` stops new placements on one.",
+    "`offload runner drain NAME` stops new placements on one; `offload runner gpus` lists the "
+    "GPUs this host's runner would offer.",
 )
 app.add_typer(runner_app, name="runner")
 
@@ -941,6 +942,21 @@ def runner_drain(
     held = next(view for view in fleet.runners if view.name == name)
     state = "takes new sessions again" if undo else "is draining: no new sessions"
     out.print(f"[green]✓[/] Runner {name} {state} ({held.live_sessions} live session(s)).")
+
+
+@runner_app.command("gpus")
+def runner_list_gpus(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The GPUs this host's runner would offer (OFFLOAD_RUNNER_GPUS), found through NVML as the
+    runner finds them at start, and what serves `docker run --gpus` in GPU sessions."""
+    from offload.cli import runner_gpus
+
+    found = _run(lambda: runner_gpus.survey(RunnerSettings()))
+    if as_json:
+        _print_json(found.model_dump(mode="json"))
+        return
+    runner_gpus.show(found, out)
 
 
 admin_app = typer.Typer(
