@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from offload.core.waiting import wait_until
-from tests.e2e.conftest import User
+from tests.e2e.conftest import Deployment, User
 from tests.support.images import BUSYBOX
 
 pytestmark = pytest.mark.slow
@@ -192,3 +192,46 @@ def test_a_prune_in_the_middle_of_a_build_leaves_it_and_the_builder_working(
     assert member.docker("run", "--rm", "slow", "cat", "/result").stdout == "finished\n"
     _build(member, _context(tmp_path / "after", uuid.uuid4().hex), "after")
     assert member.docker("run", "--rm", "after").stdout == "v1\n"
+
+
+def test_a_full_builder_disk_fails_the_build_clearly_and_a_prune_makes_it_build_again(
+    make_user, deployment: Deployment, tmp_path: Path
+) -> None:
+    """The organisation's builder on a disk of its own, 96 MB (a real ext4 on a loop device, holding its home):
+    a build that writes more ends with BuildKit's error and Offload's fix, and after the owner's
+    prune the same builder builds again."""
+    import subprocess
+
+    from offload.core.schemas import Role
+    from offload.runner.builders import builder_id
+
+    org = f"full-{uuid.uuid4().hex[:6]}"
+    # The builder's whole home (the sandbox reaches it through one bind mount, without submounts).
+    data_root = deployment.data_dir / "runner" / "builders" / builder_id(org)
+    data_root.mkdir(parents=True)
+    image = tmp_path / "builder-disk.img"
+    subprocess.run(["truncate", "-s", "96M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(data_root)], check=True)
+    try:
+        owner = _started(make_user(org, Role.OWNER))
+        member = _started(make_user(org))
+        big = tmp_path / "big"
+        big.mkdir()
+        shutil.copy(BUSYBOX, big / "busybox")
+        (big / "Dockerfile").write_text(BASE + "RUN head -c 150000000 /dev/zero > /big\n")
+        failed = member.run(
+            str(DEBIAN_DOCKER), "build", "--progress=plain", "-t", "big", str(big),
+            timeout=300, check=False, env_extra={"DOCKER_BUILDKIT": "1"},
+        )  # fmt: skip
+        said = failed.stdout + failed.stderr
+        assert failed.returncode != 0, said
+        # busybox's head says only "I/O error" (exit code 1); the full disk says the rest.
+        assert "build cache filled its builder's disk" in said, said
+        assert "offload builder prune" in said, said
+
+        owner.offload("builder", "prune", "--json")
+        _build(member, _context(tmp_path / "after", uuid.uuid4().hex), "after")
+        assert member.docker("run", "--rm", "after").stdout == "v1\n"
+    finally:
+        subprocess.run(["umount", "-l", str(data_root)], check=False)

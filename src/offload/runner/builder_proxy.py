@@ -13,8 +13,8 @@ the user's, so this side decides what passes, reading each request with h11:
   `/grpc` (buildx's gRPC API to BuildKit itself, which includes pruning) is refused too.
 
 A `POST /build` ends with the built image in the session's engine: the builder's answer (a
-stream of JSON messages) is passed on as it comes, the image id is read from its `aux`
-messages, and before the answer's last chunk the image is moved (`image_transfer.move_image`,
+stream of JSON messages) is passed on line by line as it comes, the image id is read from its
+`aux` messages (an error about a full disk gets the fix added), and before the answer's last chunk the image is moved (`image_transfer.move_image`,
 tagged as `t=` asked), with one more message saying what moved, or an error message the docker
 CLI prints. So `docker build -t app . && docker run app` works at once.
 """
@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class BuildRoute:
     move: Callable[[str, list[str]], Awaitable[str]] | None  # image id, tags -> what moved
     status: Callable[[], Awaitable[dict[str, Any]]]
     release: Callable[[], None] = lambda: None  # the channel ended
+    disk_full: Callable[[], bool] = lambda: False  # the builder's disk (`disk_nearly_full`)
     # Before a build: the builder gets the session's images a FROM may name.
     prepare: Callable[[], Awaitable[None]] | None = None
 
@@ -240,7 +242,7 @@ class BuilderConnection:
         out = h11.Connection(h11.SERVER)
         out.receive_data(method + b" / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         out.next_event(), out.next_event()
-        image = _ImageId()
+        stream = BuildStream(self.route.disk_full)
         ok = False
         while True:
             event = client.next_event()
@@ -256,12 +258,14 @@ class BuilderConnection:
                     continue
                 ok = event.status_code < 300
             elif isinstance(event, h11.Data):
-                if wants_image:
-                    image.feed(event.data)
-                self.writer.write(out.send(event) or b"")
+                data = stream.feed(event.data) if wants_image else event.data
+                if data:
+                    self.writer.write(out.send(h11.Data(data=data)) or b"")
             elif isinstance(event, h11.EndOfMessage):
-                if wants_image and ok and image.id:
-                    message = await self._moved(image.id, tags)
+                if rest := stream.flush():
+                    self.writer.write(out.send(h11.Data(data=rest)) or b"")
+                if wants_image and ok and stream.id:
+                    message = await self._moved(stream.id, tags)
                     if message:
                         self.writer.write(out.send(h11.Data(data=message)) or b"")
                 self.writer.write(out.send(event) or b"")
@@ -297,32 +301,67 @@ class BuilderConnection:
 
 
 _QUIET_ID = re.compile(r"sha256:[0-9a-f]{64}\n?")
+DISK_FULL = "no space left on device"
+DISK_FULL_FIX = (
+    "Offload: the organisation's build cache filled its builder's disk. The builder still "
+    "works: an owner frees the cache with `offload builder prune` (or lowers its limit with "
+    "`offload org settings --builder-cache-limit`), then build again."
+)
 
 
-class _ImageId:
-    """Finds the built image's id in a build's JSON message stream (legacy and BuildKit both
-    send `{"aux": {"ID": "sha256:…"}}`, BuildKit's with `"id": "moby.image.id"`; a quiet legacy
-    build (`-q`) sends only `{"stream": "sha256:…\n"}`)."""
+def disk_nearly_full(path: Path) -> bool:
+    """The builder's disk has under 5% (or 64 MiB) free: a build that failed there most likely
+    failed for space, whatever its own error says (a RUN step's tool writes its own message)."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return False
+    return usage.free < max(64 * 1024**2, usage.total // 20)
 
-    def __init__(self) -> None:
+
+class BuildStream:
+    """A build's answer (JSON messages, one a line) on its way to the client: finds the built
+    image's id (legacy and BuildKit both send `{"aux": {"ID": "sha256:…"}}`, BuildKit's with
+    `"id": "moby.image.id"`; a quiet legacy build (`-q`) sends only `{"stream": "sha256:…\n"}`),
+    and says what to do in an error about a full disk (the client stops at the first error, so
+    the advice goes into that error's own text).  Whole lines are passed on as they come."""
+
+    def __init__(self, disk_full: Callable[[], bool] = lambda: False) -> None:
         self.id: str | None = None
         self._partial = b""
+        self._disk_full = disk_full
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> bytes:
+        """What to send on now: the complete lines of what came so far."""
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
-        for line in lines:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(message, dict):
-                continue
-            aux, stream = message.get("aux"), message.get("stream")
-            if isinstance(aux, dict) and str(aux.get("ID", "")).startswith("sha256:"):
-                self.id = str(aux["ID"])
-            elif isinstance(stream, str) and _QUIET_ID.fullmatch(stream):
-                self.id = stream.strip()
+        return b"".join(self._line(line) + b"\n" for line in lines)
+
+    def flush(self) -> bytes:
+        rest, self._partial = self._partial, b""
+        return self._line(rest) if rest else b""
+
+    def _line(self, line: bytes) -> bytes:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return line
+        if not isinstance(message, dict):
+            return line
+        aux, stream, error = message.get("aux"), message.get("stream"), message.get("error")
+        if isinstance(aux, dict) and str(aux.get("ID", "")).startswith("sha256:"):
+            self.id = str(aux["ID"])
+        elif isinstance(stream, str) and _QUIET_ID.fullmatch(stream):
+            self.id = stream.strip()
+        elif isinstance(error, str) and (DISK_FULL in error.lower() or self._disk_full()):
+            log.warning("a build failed on a full builder disk: %s", error[:200])
+            message["error"] = f"{error}\n{DISK_FULL_FIX}"
+            detail = message.get("errorDetail")
+            if isinstance(detail, dict):
+                detail["message"] = message["error"]
+            ending = b"\r" if line.endswith(b"\r") else b""
+            return json.dumps(message).encode() + ending
+        return line
 
 
 def _as_response(

@@ -69,11 +69,11 @@ from offload.core.schemas import (
 )
 from offload.core.waiting import wait_event
 from offload.runner import cgroups, host_checks
-from offload.runner.builder_proxy import BuildRoute
+from offload.runner.builder_proxy import BuildRoute, disk_nearly_full
 from offload.runner.builders import BuilderPool
 from offload.runner.driver import Environment
 from offload.runner.egress import EgressFirewall
-from offload.runner.environment import RootlessDriver, cleanup_orphans, identity_range
+from offload.runner.environment import EnvPaths, RootlessDriver, cleanup_orphans, identity_range
 from offload.runner.gpus import GpuInventory, Toolkit, find_toolkit, load_gpus
 from offload.runner.image_transfer import move_image, prune_replaced, sync_tags
 from offload.runner.pool import EnvironmentPool
@@ -351,6 +351,11 @@ class Runner:
             status=status,
             prepare=prepare if builder is not None else None,
             release=partial(pool.release, builder.id) if pool and builder else lambda: None,
+            disk_full=(
+                partial(disk_nearly_full, EnvPaths.of(self.settings, builder.id).data_root)
+                if builder
+                else lambda: False
+            ),
         )
 
     # ---- heartbeat -------------------------------------------------------------------------

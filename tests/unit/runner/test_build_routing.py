@@ -8,7 +8,7 @@ import hashlib
 import json
 
 from offload.agent.intercept import RequestScanner, Route
-from offload.runner.builder_proxy import _ImageId, buildkit_step
+from offload.runner.builder_proxy import DISK_FULL_FIX, BuildStream, buildkit_step
 from offload.runner.image_transfer import chain_ids, split_tag
 
 ID = "sha256:" + "ab" * 32
@@ -28,13 +28,31 @@ def test_image_id_from_legacy_buildkit_and_quiet_answers_split_anywhere() -> Non
     ]
     for answer in answers:
         for cut in range(1, len(answer)):
-            found = _ImageId()
-            found.feed(answer[:cut])
-            found.feed(answer[cut:])
+            found = BuildStream()
+            sent = found.feed(answer[:cut]) + found.feed(answer[cut:]) + found.flush()
             assert found.id == ID, (answer, cut)
-    nothing = _ImageId()
+            assert sent == answer  # passed on unchanged, whatever the cut
+    nothing = BuildStream()
     nothing.feed(_stream({"stream": "sha256:short\n"}, {"aux": {"ID": "not-an-id"}}))
     assert nothing.id is None
+
+
+def test_a_full_disk_error_says_what_to_do_and_other_errors_pass_unchanged() -> None:
+    full = "failed to copy files: write /var/lib/docker/x: no space left on device"
+    answer = _stream({"stream": "step\n"}, {"errorDetail": {"message": full}, "error": full})
+    stream = BuildStream()
+    sent = stream.feed(answer[:7]) + stream.feed(answer[7:]) + stream.flush()
+    messages = [json.loads(line) for line in sent.splitlines() if line.strip()]
+    assert messages[0] == {"stream": "step\n"}
+    assert messages[1]["error"] == messages[1]["errorDetail"]["message"]
+    assert messages[1]["error"] == f"{full}\n{DISK_FULL_FIX}"
+    other = _stream({"errorDetail": {"message": "exit code 1"}, "error": "exit code 1"})
+    plain = BuildStream()
+    assert plain.feed(other) + plain.flush() == other
+    # A RUN step's own tool says something else ("exit code 1"): the full disk tells.
+    on_full_disk = BuildStream(disk_full=lambda: True)
+    said = json.loads(on_full_disk.feed(other) + on_full_disk.flush())
+    assert said["error"] == f"exit code 1\n{DISK_FULL_FIX}"
 
 
 def _fields(data: bytes) -> list[tuple[int, int, bytes | int]]:
