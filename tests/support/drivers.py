@@ -29,6 +29,10 @@ class FakeDriver:
         # While cleared, creates wait on it: lets a test hold creations half-way.
         self.go = asyncio.Event()
         self.go.set()
+        # While cleared, destroys wait on it (`destroying` is set when one has begun).
+        self.destroy_go = asyncio.Event()
+        self.destroy_go.set()
+        self.destroying = asyncio.Event()
 
     async def create(self, spec: InstanceSpec, gpu_uuids: Sequence[str] = ()) -> Environment:
         await self.go.wait()
@@ -56,6 +60,8 @@ class FakeDriver:
         pass
 
     async def destroy(self, env: Environment) -> None:
+        self.destroying.set()
+        await self.destroy_go.wait()
         if self.live.pop(env.id, None) is not None:
             self.destroyed.append(env.id)
 

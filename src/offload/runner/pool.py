@@ -193,7 +193,13 @@ class EnvironmentPool:
 
     async def release(self, session_id: str) -> None:
         """Destroy the session's environment (nothing of it survives)."""
-        async with self._lock(session_id):
+        async with self._lock(session_id), contextlib.AsyncExitStack() as gpus:
+            env = self._bound.get(session_id)
+            # Its GPUs stay locked until it is gone: a bind of the next session on one of them
+            # waits for the wipe (which kills what still runs on the GPU) instead of racing it.
+            for uuid in sorted(env.gpu_uuids if env is not None else ()):
+                if uuid in self._gpu_locks:
+                    await gpus.enter_async_context(self._gpu_locks[uuid])
             env = self._bound.pop(session_id, None)
             if env is not None:
                 self._contents.pop(env.id, None)

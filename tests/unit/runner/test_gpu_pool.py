@@ -124,6 +124,31 @@ async def test_a_gpu_bound_to_a_session_is_refused_to_another_until_released() -
         await pool.close()
 
 
+async def test_the_next_session_on_a_gpu_waits_for_the_last_ones_wipe() -> None:
+    """The wipe kills what still runs on the GPU: a new session's environment on that GPU must
+    not exist before it ends (the fake driver asserts no GPU is in two live environments)."""
+    driver = FakeDriver()
+    pool = make_pool(driver, warm_gpu=0)
+    old, new = gpu_session(GPUS[0]), gpu_session(GPUS[0])
+    try:
+        await pool.bind(old)
+        driver.destroy_go.clear()
+        release = asyncio.create_task(pool.release(old.session_id))
+        await driver.destroying.wait()  # the old environment's wipe has begun and is held
+        created = len(driver.created)
+        bind = asyncio.create_task(pool.bind(new))
+        for _ in range(20):  # every step the bind can take without the wipe ending
+            await asyncio.sleep(0)
+        assert not bind.done() and len(driver.created) == created
+        driver.destroy_go.set()
+        await release
+        env = await bind
+        assert env.gpu_uuids == (GPUS[0],) and env.session_id == new.session_id
+    finally:
+        driver.destroy_go.set()
+        await pool.close()
+
+
 async def test_a_reassigned_gpu_moves_when_the_old_session_leaves_the_list() -> None:
     driver = FakeDriver()
     pool = make_pool(driver, warm_gpu=0)
