@@ -23,7 +23,7 @@ from offload.core.config import RunnerSettings
 from offload.core.schemas import InstanceSpec
 from offload.runner import cgroups, identities, mounts, netns
 from offload.runner.driver import Environment
-from offload.runner.environment import EnvPaths, cleanup_orphans, identity_range
+from offload.runner.environment import EnvPaths, cleanup_orphans, engine_pid, identity_range
 from tests.support.identities import runner_overrides
 
 # Small enough for a 2-core test host, large enough for dockerd + containerd + a few containers.
@@ -54,6 +54,12 @@ async def docker(env: Environment, *args: str, check: bool = True) -> Result:
     if check and result.rc != 0:
         raise AssertionError(f"docker {' '.join(args)} exited {result.rc}: {result.err}")
     return result
+
+
+def dockerd_pid(settings: RunnerSettings, env: Environment) -> int:
+    pid = engine_pid(EnvPaths.of(settings, env.id))
+    assert pid is not None, "the environment's dockerd is not running"
+    return pid
 
 
 def _alive(pid: int) -> bool:

@@ -19,19 +19,17 @@ from offload.core.waiting import async_wait_until
 from offload.runner import cgroups, identities, netns
 from offload.runner.driver import Environment, EnvState
 from offload.runner.environment import (
-    EnvPaths,
     PolicyLike,
     RootlessDriver,
     cleanup_orphans,
     contents_of,
     default_policy_factory,
-    engine_pid,
     identity_range,
     image_name,
     read_contents,
 )
 from offload.runner.gpus import SandboxGpu
-from tests.integration.runner.conftest import SMALL, MakeSettings, docker, leftovers
+from tests.integration.runner.conftest import SMALL, MakeSettings, docker, dockerd_pid, leftovers
 from tests.support.images import TEST_IMAGE, build_test_image
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -50,12 +48,6 @@ async def env(driver: RootlessDriver) -> AsyncIterator[Environment]:
         yield env
     finally:
         await driver.destroy(env)
-
-
-def dockerd_pid(settings: RunnerSettings, env: Environment) -> int:
-    pid = engine_pid(EnvPaths.of(settings, env.id))
-    assert pid is not None, "the environment's dockerd is not running"
-    return pid
 
 
 def host_ids(pid: int) -> tuple[int, int]:

@@ -24,16 +24,14 @@ from offload.core.config import RunnerSettings
 from offload.core.engine_http import engine_client
 from offload.runner.driver import Environment
 from offload.runner.environment import (
-    EnvPaths,
     PolicyLike,
     RootlessDriver,
     cleanup_orphans,
     default_policy_factory,
-    engine_pid,
 )
 from offload.runner.gpu_standin import StandinNvml, holders
 from offload.runner.gpus import GpuInventory, SandboxGpu, discover, find_toolkit
-from tests.integration.runner.conftest import SMALL, MakeSettings, docker, leftovers
+from tests.integration.runner.conftest import SMALL, MakeSettings, docker, dockerd_pid, leftovers
 from tests.support.gpus import STANDIN_HOOKS, STANDIN_MODEL, StandinGpus, make_standin_gpus
 from tests.support.images import TEST_IMAGE, build_test_image
 
@@ -70,9 +68,7 @@ async def env(driver: RootlessDriver, standin: StandinGpus) -> AsyncIterator[Env
 
 
 def sandbox_dev(settings: RunnerSettings, env: Environment) -> Path:
-    pid = engine_pid(EnvPaths.of(settings, env.id))
-    assert pid is not None, "the environment's dockerd is not running"
-    return Path(f"/proc/{pid}/root/dev")
+    return Path(f"/proc/{dockerd_pid(settings, env)}/root/dev")
 
 
 async def test_the_sandbox_has_its_gpu_node_and_no_other(
