@@ -118,6 +118,12 @@ def test_gpu_sessions_get_one_gpu_each_and_release_it_at_stop(
     assert "Every GPU is in use" in refused.stderr and "2 of 2" in refused.stderr, refused.stderr
     assert "without --gpu" in refused.stderr
 
+    # Without the embedded control plane's data dir the operator is told where it is (no empty
+    # database is made at the default path).
+    lost = deployment.admin.offload(
+        "admin", "runners", "--json", check=False, env_extra={"COLUMNS": "400"}
+    )
+    assert lost.returncode != 0 and str(deployment.server_settings.data_dir) in lost.stderr
     server_env = {"OFFLOAD_DATA_DIR": str(deployment.server_settings.data_dir)}
     fleet = json.loads(
         deployment.admin.offload("admin", "runners", "--json", env_extra=server_env).stdout

@@ -31,7 +31,7 @@ from offload.core.config import (
     RunnerSettings,
     ServerSettings,
 )
-from offload.core.errors import InvalidInput, OffloadError
+from offload.core.errors import InvalidInput, NotFound, OffloadError
 
 T = TypeVar("T")
 
@@ -915,6 +915,23 @@ runner_app = typer.Typer(
 app.add_typer(runner_app, name="runner")
 
 
+def _operator_settings() -> ServerSettings:
+    """The control plane's settings for operator commands run on its host; its SQLite database
+    must exist (opening a missing one would make an empty one and list nothing)."""
+    settings = ServerSettings()
+    database = settings.data_dir / "offload.db"
+    if settings.database_url is None and not database.exists():
+        fix = "Set OFFLOAD_DATA_DIR (or OFFLOAD_DATABASE_URL) as the control plane has it."
+        embedded = _paths().embedded_dir / "server"
+        if (embedded / "offload.db").exists():
+            fix = (
+                f"The embedded control plane (`offload up`) keeps its data in {embedded}: "
+                f"run with OFFLOAD_DATA_DIR={embedded}."
+            )
+        raise NotFound(f"No control-plane database at {database}.", fix)
+    return settings
+
+
 @runner_app.callback(invoke_without_command=True)
 def runner(ctx: typer.Context) -> None:
     """Run a runner host in the foreground (settings from OFFLOAD_RUNNER_* variables)."""
@@ -935,7 +952,7 @@ def runner_drain(
     control plane's host: reads OFFLOAD_DATA_DIR / OFFLOAD_DATABASE_URL)."""
     from offload.server.bootstrap import drain_runner
 
-    fleet = _run(lambda: drain_runner(ServerSettings(), name, not undo))
+    fleet = _run(lambda: drain_runner(_operator_settings(), name, not undo))
     if as_json:
         _print_json(fleet.model_dump(mode="json"))
         return
@@ -973,7 +990,7 @@ def admin_runners(
     """Runner hosts: online, draining, capacity, free slots, live sessions."""
     from offload.server.bootstrap import runner_fleet
 
-    fleet = _run(lambda: runner_fleet(ServerSettings()))
+    fleet = _run(lambda: runner_fleet(_operator_settings()))
     if as_json:
         _print_json(fleet.model_dump(mode="json"))
         return
