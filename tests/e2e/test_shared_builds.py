@@ -78,6 +78,8 @@ def test_a_teammates_fresh_session_reuses_the_cache_and_another_org_does_not(
 
     second = _build(bob, context, "app")
     assert _deps_step_cached(second, marker), second  # the builder outlived alice's session
+    # The same image into bob's fresh engine: loaded from the archive kept at alice's move.
+    assert "from the runner's copy of the build" in second, second
     assert bob.docker("run", "--rm", "app").stdout == "v1\n"
 
     other = _build(eve, context, "app")
@@ -113,8 +115,11 @@ def test_only_the_changed_layer_moves_into_the_session(make_user, tmp_path: Path
     assert "the session's engine has this image already" in _build(user, context, "app:again")
 
 
-def test_status_for_members_prune_for_owners_and_gc_to_the_limit(make_user, tmp_path: Path) -> None:
+def test_status_for_members_prune_for_owners_and_gc_to_the_limit(
+    make_user, deployment: Deployment, tmp_path: Path
+) -> None:
     from offload.core.schemas import Role
+    from offload.runner.builders import builder_id
 
     org = f"gc-{uuid.uuid4().hex[:6]}"
     owner = _started(make_user(org, Role.OWNER))
@@ -141,8 +146,11 @@ def test_status_for_members_prune_for_owners_and_gc_to_the_limit(make_user, tmp_
 
     wait_until(under_limit, WAIT, "the build cache under its 10 MB limit", 1.0)
 
+    exports = deployment.data_dir / "runner" / "exports" / builder_id(org)
+    assert any(exports.glob("*.tar"))  # the archives of the images moved
     pruned = json.loads(owner.offload("builder", "prune", "--json").stdout)
     assert pruned["SpaceReclaimed"] > 0, pruned
+    assert not exports.exists()  # the prune frees them too
     after = json.loads(owner.offload("builder", "status", "--json").stdout)
     assert after["size_bytes"] < status["size_bytes"], after
     # The builder still builds after the prune.

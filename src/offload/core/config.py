@@ -78,6 +78,9 @@ class RunnerSettings(BaseSettings):
     # the organisation's owners set their own limit.
     builder_slots: int = Field(default=4, ge=0, le=256)
     builder_keep_storage: str = "20GB"
+    # Per builder, the runner keeps the `docker save` archives of the images it moved into
+    # sessions lately (`runner/export_cache.py`), so the next move of one skips the save; 0 off.
+    builder_export_cache_mb: int = Field(default=4096, ge=0)
     # A builder no build has used for this long is stopped (its cache stays on disk; the next
     # build starts it again in about a second); 0 keeps builders running.
     builder_idle_stop_s: float = Field(default=1800.0, ge=0)

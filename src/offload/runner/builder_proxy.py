@@ -54,6 +54,10 @@ _SESSION = re.compile(_VERSIONED + r"/session")
 STATUS_PATH = "/offload/builder"
 
 
+async def _nothing() -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class BuildRoute:
     """Where one session's builds go, and what it may do there."""
@@ -69,6 +73,8 @@ class BuildRoute:
     disk_full: Callable[[], bool] = lambda: False  # the builder's disk (`disk_nearly_full`)
     # Before a build: the builder gets the session's images a FROM may name.
     prepare: Callable[[], Awaitable[None]] | None = None
+    # An owner's prune: remove the runner's kept archives of the builder's images.
+    prune_exports: Callable[[], Awaitable[None]] = _nothing
 
 
 Reader = Any  # asyncio's StreamReader, or asyncssh's SSHReader (the same read())
@@ -142,6 +148,8 @@ class BuilderConnection:
             except OffloadError as exc:
                 log.warning("builds of %s: session images not all on the builder: %s",
                             self.route.org, exc)  # fmt: skip
+        if _PRUNE.fullmatch(path):  # an owner frees the builder's disk: the kept archives too
+            await self.route.prune_exports()
         client = h11.Connection(h11.CLIENT)
         up_writer.write(client.send(request) or b"")
         await self._relay_body(server, client, up_writer)

@@ -74,6 +74,7 @@ from offload.runner.builders import BuilderPool
 from offload.runner.driver import Environment
 from offload.runner.egress import EgressFirewall
 from offload.runner.environment import EnvPaths, RootlessDriver, cleanup_orphans, identity_range
+from offload.runner.export_cache import ExportCache
 from offload.runner.gpus import GpuInventory, Toolkit, find_toolkit, load_gpus
 from offload.runner.image_transfer import move_image, prune_replaced, sync_tags
 from offload.runner.pool import EnvironmentPool
@@ -320,15 +321,24 @@ class Runner:
             except OffloadError as exc:
                 log.warning("builds of %s run on its session's engine: %s", assigned.org, exc)
         pool = self.builders
+        exports = ExportCache(
+            EnvPaths.of(self.settings, (builder or env).id).exports,
+            self.settings.builder_export_cache_mb * 1024**2 if builder else 0,
+        )
 
         async def move(image_id: str, tags: list[str]) -> str:
             assert builder is not None and pool is not None
             async with pool.transfer_lock(builder.id):
                 moved = await move_image(
-                    builder.engine_socket, env.engine_socket, image_id, tags, work_dir
+                    builder.engine_socket, env.engine_socket, image_id, tags, work_dir, exports
                 )
                 await prune_replaced(builder.engine_socket)
             return moved.describe()
+
+        async def prune_exports() -> None:
+            if pool is not None and builder is not None:
+                async with pool.transfer_lock(builder.id):
+                    await asyncio.to_thread(exports.clear)
 
         async def prepare() -> None:
             assert builder is not None and pool is not None
@@ -350,6 +360,7 @@ class Runner:
             move=move if builder is not None else None,
             status=status,
             prepare=prepare if builder is not None else None,
+            prune_exports=prune_exports,
             release=partial(pool.release, builder.id) if pool and builder else lambda: None,
             disk_full=(
                 partial(disk_nearly_full, EnvPaths.of(self.settings, builder.id).data_root)

@@ -148,6 +148,12 @@ class EnvPaths:
         return self.home / "data"
 
     @property
+    def exports(self) -> Path:
+        """A builder's kept image archives (`export_cache`): beside the homes, so out of the
+        sandbox's view."""
+        return self.home.parents[1] / "exports" / self.env_id
+
+    @property
     def mount_area(self) -> Path:
         return self.home / "mounts"
 
@@ -945,6 +951,7 @@ async def wipe_builder(settings: RunnerSettings, env_id: str) -> None:
     paths = EnvPaths.of(settings, env_id)
     if paths.persistent and not await asyncio.to_thread(mounts.unmount_under, [paths.home]):
         await asyncio.to_thread(shutil.rmtree, paths.home, True)
+        await asyncio.to_thread(shutil.rmtree, paths.exports, True)
 
 
 def log_tail(log_file: Path, lines: int = 20) -> str:

@@ -8,6 +8,9 @@ the image to its own disk, learns which layers the session's engine has (the lay
 its images), and loads into the session a copy of the archive without those layers' tarballs:
 a one-line source change moves one layer.
 
+The archive of each image moved is kept (`export_cache`): the next move of the same image (a
+teammate's fresh session that built what the builder built before) loads it without a new save.
+
 The other way, before each build, the builder gets the session's local-only tagged images it
 lacks (`sync_tags`: no RepoDigests, so never pulled; a pulled base the builder pulls itself):
 a Dockerfile may say `FROM` an image the session built, loaded, imported or committed, as with
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -37,6 +41,7 @@ import httpx
 
 from offload.core.engine_http import engine_client
 from offload.core.errors import EnvironmentError_
+from offload.runner.export_cache import ExportCache
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +56,16 @@ class Transfer:
     layers_sent: int
     bytes_sent: int  # the archive loaded into the session's engine
     image_bytes: int  # the whole image as `docker save` writes it
+    from_cache: bool = False  # loaded from the kept archive: the builder saved nothing
 
     def describe(self) -> str:
         if not self.image_bytes:
             return "Offload: the session's engine has this image already; nothing moved"
+        source = "; from the runner's copy of the build" if self.from_cache else ""
         return (
             f"Offload: moved {self.layers_sent} of {self.layers} layers into the session's "
-            f"engine ({_size(self.bytes_sent)} sent; the whole image is {_size(self.image_bytes)})"
+            f"engine ({_size(self.bytes_sent)} sent; the whole image is "
+            f"{_size(self.image_bytes)}{source})"
         )
 
 
@@ -74,7 +82,12 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 
 
 async def move_image(
-    builder: Path, session: Path, image_id: str, tags: Iterable[str], work_dir: Path
+    builder: Path,
+    session: Path,
+    image_id: str,
+    tags: Iterable[str],
+    work_dir: Path,
+    cache: ExportCache | None = None,
 ) -> Transfer:
     """Make `image_id` (tagged `tags`) exist in the session's engine; see the module doc."""
     started = time.monotonic()
@@ -87,7 +100,7 @@ async def move_image(
             present = await _chains_present(target)
             wanted = chain_ids(diff_ids)
             keep = [chain not in present for chain in wanted]
-            transfer = await _save_and_load(source, target, image_id, keep, work_dir)
+            transfer = await _deliver(source, target, image_id, keep, work_dir, cache)
         for tag in tags:
             await _tag(target, image_id, tag)
     log.info("%s (image %s, %.2fs)", transfer.describe(), image_id[:19], time.monotonic() - started)
@@ -109,7 +122,7 @@ async def sync_tags(session: Path, builder: Path, work_dir: Path) -> list[str]:
             async with engine_client(builder, TIMEOUT) as target:
                 await _tag(target, image_id, tag)
         else:
-            await move_image(session, builder, image_id, [tag], work_dir)
+            await move_image(session, builder, image_id, [tag], work_dir)  # nothing kept
         changed.append(tag)
     return changed
 
@@ -144,66 +157,163 @@ async def _chains_present(target: httpx.AsyncClient) -> set[str]:
     return present
 
 
-async def _save_and_load(
+async def _deliver(
     source: httpx.AsyncClient,
     target: httpx.AsyncClient,
     image_id: str,
     keep: list[bool],
     work_dir: Path,
+    cache: ExportCache | None,
 ) -> Transfer:
-    """Save to the runner's disk (the manifest comes last in the archive), then stream the
-    archive without the present layers straight into the load. With every layer missing
-    (a fresh engine), the save streams into the load as it comes."""
-    if all(keep):
-        return await _stream_whole(source, target, image_id, len(keep))
-    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    saved = Path(tempfile.mkstemp(prefix="save-", suffix=".tar", dir=work_dir)[1])
-    try:
-        async with source.stream("GET", "/images/get", params={"names": image_id}) as answer:
-            if answer.status_code != 200:
-                raise _refused("save the built image on the builder", await answer.aread())
-            with saved.open("wb") as out:
-                async for chunk in answer.aiter_raw(CHUNK):
-                    out.write(chunk)
-        layers_sent = 0
-        read_end, write_end = os.pipe()
-        sink = _Counting(os.fdopen(write_end, "wb"))
-        writing = asyncio.create_task(asyncio.to_thread(_without_present_layers, saved, sink, keep))
+    """Load the image into `target` from its kept archive, or else from a new save of it."""
+    kept = cache.lookup(image_id) if cache is not None else None
+    if cache is not None and kept is not None:
         try:
-            answer = await target.post(
-                "/images/load", params={"quiet": "1"}, content=_read_fd(read_end),
-                headers={"Content-Type": "application/x-tar"},
-            )  # fmt: skip
-        finally:
-            os.close(read_end)  # a writer still going gets EPIPE and ends
-            with contextlib.suppress(BrokenPipeError):
-                layers_sent = await writing
-        _check_stream(answer)
-        return Transfer(image_id, len(keep), layers_sent, sink.count, saved.stat().st_size)
-    finally:
+            transfer = await _load_archive(target, image_id, kept, keep)
+            if await _has_image(target, image_id):
+                return dataclasses.replace(transfer, from_cache=True)
+            log.warning("the kept archive of %s did not load that image: dropped", image_id)
+        except EnvironmentError_ as exc:
+            log.warning("the kept archive of %s did not load (%s): dropped", image_id, exc)
+        cache.drop(image_id)
+    keeping = cache is not None and cache.enabled
+    if all(keep):
+        return await _stream_whole(source, target, image_id, len(keep), cache if keeping else None)
+    saved = cache.staging() if cache is not None and keeping else _staging(work_dir)
+    try:
+        await _save(source, image_id, saved)
+        transfer = await _load_archive(target, image_id, saved, keep)
+    except BaseException:
         saved.unlink(missing_ok=True)
+        raise
+    if cache is not None and keeping:
+        cache.keep(image_id, saved)
+    else:
+        saved.unlink(missing_ok=True)
+    return transfer
+
+
+def _staging(work_dir: Path) -> Path:
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, name = tempfile.mkstemp(prefix="save-", suffix=".tar", dir=work_dir)
+    os.close(fd)
+    return Path(name)
+
+
+async def _save(source: httpx.AsyncClient, image_id: str, saved: Path) -> None:
+    async with source.stream("GET", "/images/get", params={"names": image_id}) as answer:
+        if answer.status_code != 200:
+            raise _refused("save the built image on the builder", await answer.aread())
+        with saved.open("wb") as out:
+            async for chunk in answer.aiter_raw(CHUNK):
+                out.write(chunk)
+
+
+async def _load_archive(
+    target: httpx.AsyncClient, image_id: str, saved: Path, keep: list[bool]
+) -> Transfer:
+    """Stream the saved archive into the load, without the tarballs of the layers present
+    (the manifest comes last in a `docker save` archive, so the archive is read from disk)."""
+    size = saved.stat().st_size
+    if all(keep):
+        await _load(target, _read_file(saved))
+        return Transfer(image_id, len(keep), len(keep), size, size)
+    layers_sent = 0
+    read_end, write_end = os.pipe()
+    sink = _Counting(os.fdopen(write_end, "wb"))
+    writing = asyncio.create_task(asyncio.to_thread(_without_present_layers, saved, sink, keep))
+    try:
+        await _load(target, _read_fd(read_end))
+    finally:
+        os.close(read_end)  # a writer still going gets EPIPE and ends
+        with contextlib.suppress(BrokenPipeError):
+            layers_sent = await writing
+    return Transfer(image_id, len(keep), layers_sent, sink.count, size)
 
 
 async def _stream_whole(
-    source: httpx.AsyncClient, target: httpx.AsyncClient, image_id: str, layers: int
+    source: httpx.AsyncClient,
+    target: httpx.AsyncClient,
+    image_id: str,
+    layers: int,
+    cache: ExportCache | None,
 ) -> Transfer:
+    """Every layer is missing (a fresh engine): the save streams into the load as it comes,
+    and into the cache on the way."""
     sent = 0
+    copy = _Tee(cache.staging()) if cache is not None else None
 
     async def archive(answer: httpx.Response) -> AsyncIterator[bytes]:
         nonlocal sent
         async for chunk in answer.aiter_raw(CHUNK):
             sent += len(chunk)
+            if copy is not None:
+                copy.write(chunk)
             yield chunk
 
-    async with source.stream("GET", "/images/get", params={"names": image_id}) as saved:
-        if saved.status_code != 200:
-            raise _refused("save the built image on the builder", await saved.aread())
-        answer = await target.post(
-            "/images/load", params={"quiet": "1"}, content=archive(saved),
-            headers={"Content-Type": "application/x-tar"},
-        )  # fmt: skip
-    _check_stream(answer)
+    try:
+        async with source.stream("GET", "/images/get", params={"names": image_id}) as saved:
+            if saved.status_code != 200:
+                raise _refused("save the built image on the builder", await saved.aread())
+            await _load(target, archive(saved))
+    except BaseException:
+        if copy is not None:
+            copy.discard()
+        raise
+    if cache is not None and copy is not None and copy.close():
+        cache.keep(image_id, copy.path)
     return Transfer(image_id, layers, layers, sent, sent)
+
+
+async def _load(target: httpx.AsyncClient, archive: AsyncIterator[bytes]) -> httpx.Response:
+    answer = await target.post(
+        "/images/load", params={"quiet": "1"}, content=archive,
+        headers={"Content-Type": "application/x-tar"},
+    )  # fmt: skip
+    _check_stream(answer)
+    return answer
+
+
+async def _has_image(target: httpx.AsyncClient, image_id: str) -> bool:
+    return (await target.get(f"/images/{image_id}/json")).status_code == 200
+
+
+class _Tee:
+    """The copy of a streamed archive on its way into the cache; a failed write (a full disk)
+    gives up the copy, never the move."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.out: BinaryIO | None = path.open("wb")
+
+    def write(self, chunk: bytes) -> None:
+        if self.out is None:
+            return
+        try:
+            self.out.write(chunk)
+        except OSError as exc:
+            log.warning("not keeping the archive (%s): %s", self.path.name, exc)
+            self.discard()
+
+    def close(self) -> bool:
+        """True when the whole copy is on disk."""
+        if self.out is None:
+            return False
+        try:
+            self.out.close()
+        except OSError as exc:
+            log.warning("not keeping the archive (%s): %s", self.path.name, exc)
+            self.discard()
+            return False
+        self.out = None
+        return True
+
+    def discard(self) -> None:
+        if self.out is not None:
+            with contextlib.suppress(OSError):
+                self.out.close()
+            self.out = None
+        self.path.unlink(missing_ok=True)
 
 
 class _Counting(io.RawIOBase):
@@ -252,6 +362,12 @@ def _member(archive: tarfile.TarFile, name: str) -> Any:
     if handle is None:
         raise EnvironmentError_(f"The saved image has no {name}.", "Build again.")
     return handle
+
+
+async def _read_file(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as archive:
+        while chunk := await asyncio.to_thread(archive.read, CHUNK):
+            yield chunk
 
 
 async def _read_fd(fd: int) -> AsyncIterator[bytes]:

@@ -15,8 +15,9 @@ from offload.core.engine_http import engine_client
 from offload.core.schemas import InstanceSpec
 from offload.runner.builders import BuilderPool, builder_id
 from offload.runner.environment import EnvPaths, RootlessDriver, cleanup_orphans
+from offload.runner.export_cache import ExportCache
 from offload.runner.image_transfer import move_image
-from tests.integration.runner.conftest import MakeSettings
+from tests.integration.runner.conftest import SMALL, MakeSettings
 from tests.support.images import BUSYBOX
 
 DEBIAN_DOCKER = Path("/usr/bin/docker")  # BuildKit built in
@@ -107,6 +108,90 @@ async def test_cache_survives_a_runner_restart_and_only_missing_layers_move(
     finally:
         await pool.close()
     assert list((settings.data_dir / "transfers").iterdir()) == []  # nothing staged is left
+
+
+async def _image_id(socket: Path, reference: str) -> str:
+    async with engine_client(socket, 30) as client:
+        return str((await client.get(f"/images/{reference}/json")).json()["Id"])
+
+
+async def _has(socket: Path, image_id: str) -> bool:
+    async with engine_client(socket, 30) as client:
+        return (await client.get(f"/images/{image_id}/json")).status_code == 200
+
+
+@pytest.mark.skipif(not DEBIAN_DOCKER.exists(), reason="needs Debian's docker.io CLI")
+async def test_the_next_fresh_engine_gets_the_kept_archive_and_a_false_one_is_dropped(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    """A teammate's fresh engine loads the kept archive (the builder saves nothing); an archive
+    that does not give the image it is kept for (another image's, a truncated one) is dropped and
+    the image saved again."""
+    settings = make_settings()
+    pool = BuilderPool(settings, RootlessDriver(settings))
+    driver = RootlessDriver(settings)
+    work = settings.data_dir / "transfers"
+    try:
+        builder = await pool.for_org("acme")
+        exports = ExportCache(EnvPaths.of(settings, builder.id).exports, 64 * 1024**2)
+        await _buildkit(builder.engine_socket, _context(tmp_path / "a", "a", "a\n"), "app:a")
+        await _buildkit(builder.engine_socket, _context(tmp_path / "b", "a", "b\n"), "app:b")
+        app_a = await _image_id(builder.engine_socket, "app:a")
+        app_b = await _image_id(builder.engine_socket, "app:b")
+
+        first = await driver.create(SMALL)  # alice's fresh engine: saved, streamed, kept
+        try:
+            moved = await move_image(builder.engine_socket, first.engine_socket, app_a,
+                                     ["app:a"], work, exports)  # fmt: skip
+            assert not moved.from_cache and moved.layers_sent == moved.layers == 3
+            # A partial move (two layers present) is kept too.
+            moved = await move_image(builder.engine_socket, first.engine_socket, app_b,
+                                     ["app:b"], work, exports)  # fmt: skip
+            assert not moved.from_cache and (moved.layers_sent, moved.layers) == (1, 3)
+        finally:
+            await driver.destroy(first)
+        kept_a, kept_b = exports.lookup(app_a), exports.lookup(app_b)
+        assert kept_a is not None and kept_b is not None
+
+        second = await driver.create(SMALL)  # bob's fresh engine: from the kept archive
+        try:
+            moved = await move_image(builder.engine_socket, second.engine_socket, app_a,
+                                     ["app:a"], work, exports)  # fmt: skip
+            assert moved.from_cache and moved.layers_sent == 3, moved
+            assert "from the runner's copy of the build" in moved.describe()
+            assert await _has(second.engine_socket, app_a)
+        finally:
+            await driver.destroy(second)
+
+        kept_a.write_bytes(kept_b.read_bytes())  # app:a's archive now loads app:b
+        third = await driver.create(SMALL)
+        try:
+            moved = await move_image(builder.engine_socket, third.engine_socket, app_a,
+                                     ["app:a"], work, exports)  # fmt: skip
+            assert not moved.from_cache  # dropped, saved again (and kept again)
+            assert await _has(third.engine_socket, app_a)
+            async with engine_client(third.engine_socket, 30) as client:
+                tagged = (await client.get("/images/app:a/json")).json()["Id"]
+            assert tagged == app_a
+        finally:
+            await driver.destroy(third)
+
+        kept_a = exports.lookup(app_a)
+        assert kept_a is not None
+        with kept_a.open("r+b") as archive:
+            archive.truncate(kept_a.stat().st_size // 2)
+        fourth = await driver.create(SMALL)
+        try:
+            moved = await move_image(builder.engine_socket, fourth.engine_socket, app_a,
+                                     ["app:a"], work, exports)  # fmt: skip
+            assert not moved.from_cache and await _has(fourth.engine_socket, app_a)
+        finally:
+            await driver.destroy(fourth)
+    finally:
+        await pool.close()
+    assert not work.exists()  # with a cache, every save is staged in it
+    kept = {p.name for p in exports.directory.iterdir()}
+    assert kept == {f"{app_a[7:]}.tar", f"{app_b[7:]}.tar"}  # and no staging left
 
 
 @pytest.mark.skipif(not DEBIAN_DOCKER.exists(), reason="needs Debian's docker.io CLI")
