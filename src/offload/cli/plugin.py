@@ -27,9 +27,9 @@ def main() -> None:
         return
     if args[:1] == ["offload"]:
         args = args[1:]
-    from offload.cli.main import app
+    from offload.cli.main import run_and_exit
 
-    app(args=args, prog_name="docker offload")
+    run_and_exit(args=args, prog_name="docker offload")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,26 @@ async def start(
     engine_timeout_s: float,
     progress: Progress = _no_progress,
     takeover: bool = False,
+    agent: AgentLauncher | None = None,
+) -> StartResult:
+    agent = agent or AgentLauncher(paths)
+    try:
+        return await _start(
+            paths, account, gpu, idle_timeout_s, engine_timeout_s, progress, takeover, agent
+        )
+    finally:
+        agent.cancel()  # launched or not needed: the forked child leaves
+
+
+async def _start(
+    paths: ClientPaths,
+    account: str | None,
+    gpu: bool,
+    idle_timeout_s: int | None,
+    engine_timeout_s: float,
+    progress: Progress,
+    takeover: bool,
+    agent: AgentLauncher,
 ) -> StartResult:
     config = load_config(paths)
     plugin = _install_plugin_quietly()
@@ -174,7 +194,7 @@ async def start(
     )
     runner = session.runner.name if session.runner else "?"
     progress(f"Connecting to runner {runner} for session {session.id}")
-    _spawn_agent(paths)
+    agent.launch()
     await wait_for_engine(paths, engine_timeout_s)
     switched = _switch_context(paths, session.id)
     return StartResult(session, paths.agent_socket, switched, plugin)
@@ -225,11 +245,32 @@ def _previous_context(paths: ClientPaths) -> str | None:
     return old.previous_docker_context if old else None
 
 
-def _spawn_agent(paths: ClientPaths) -> None:
-    paths.agent_state_file.unlink(missing_ok=True)
-    processes.spawn_detached(
-        ["-m", "offload.agent.daemon"], paths.agent_log, env={"OFFLOAD_HOME": str(paths.home)}
-    )
+class AgentLauncher:
+    """Starts the session's agent. Made before the session is asked for: the agent is forked
+    then (`processes.prefork`), with this process's imports, and its own done while the control
+    plane places the session; where a fork is not offered, a fresh interpreter at `launch`."""
+
+    def __init__(self, paths: ClientPaths) -> None:
+        self.paths = paths
+        self.env = {"OFFLOAD_HOME": str(paths.home)}
+        self._forked = processes.prefork(_agent_main, paths.agent_log, self.env, "offload-agent")
+
+    def launch(self) -> None:
+        self.paths.agent_state_file.unlink(missing_ok=True)  # the new agent writes its own
+        if self._forked is not None:
+            self._forked.go()
+        else:
+            processes.spawn_detached(["-m", "offload.agent.daemon"], self.paths.agent_log, self.env)
+
+    def cancel(self) -> None:
+        if self._forked is not None:
+            self._forked.cancel()
+
+
+def _agent_main() -> Callable[[], None]:
+    from offload.agent.daemon import main
+
+    return main
 
 
 async def wait_for_engine(paths: ClientPaths, timeout_s: float) -> None:
