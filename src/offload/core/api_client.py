@@ -6,6 +6,8 @@ reached raises `Unreachable` with the fix.
 
 from __future__ import annotations
 
+import functools
+import ssl
 from typing import Any, TypeVar
 
 import httpx
@@ -53,12 +55,28 @@ class _Sent:
         self.model = model
 
 
+@functools.cache
+def _shared_tls() -> ssl.SSLContext:
+    return httpx.create_ssl_context()  # httpx's default: certifi, SSL_CERT_FILE/DIR honoured
+
+
+def _tls_for(url: str) -> ssl.SSLContext | bool:
+    """httpx loads the CA bundle for every client it makes (50-70 ms of a 2-core machine, on
+    the critical path of `start`, in the CLI and again in the agent): an HTTPS control plane
+    gets one context per process, a plain-HTTP one (the embedded default, on loopback) none;
+    no redirect is followed, so TLS cannot come up later."""
+    return _shared_tls() if url.lower().startswith("https:") else False
+
+
 class _Base:
     def __init__(self, server_url: str, token: str | None, timeout: float = 30.0) -> None:
         self.server_url = server_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.AsyncClient(
-            base_url=self.server_url + s.API_PREFIX, headers=headers, timeout=timeout
+            base_url=self.server_url + s.API_PREFIX,
+            headers=headers,
+            timeout=timeout,
+            verify=_tls_for(self.server_url),
         )
 
     async def aclose(self) -> None:
@@ -89,13 +107,27 @@ class _Base:
         try:
             response = await self._client.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise Unreachable(
-                f"Cannot reach the Offload control plane at {self.server_url} ({exc.__class__.__name__}).",
-                "Check that it runs (`offload up` starts the embedded one) and that the URL "
-                "in `offload status` is right.",
-            ) from None
+            raise _unreachable(self.server_url, exc) from None
         _raise_for_response(response)
         return model.model_validate(response.json())
+
+
+def _unreachable(server_url: str, exc: httpx.TransportError) -> Unreachable:
+    failed = exc.__context__ or exc.__cause__
+    while failed is not None and not isinstance(failed, ssl.SSLCertVerificationError):
+        failed = failed.__context__ or failed.__cause__
+    if isinstance(failed, ssl.SSLCertVerificationError):
+        return Unreachable(
+            f"The Offload control plane at {server_url} has a certificate this machine does not "
+            f"trust: {failed.verify_message}.",
+            "If your company signs it with its own CA, point SSL_CERT_FILE at that CA's PEM "
+            "file (or install it in the system's trust store); otherwise check the URL.",
+        )
+    return Unreachable(
+        f"Cannot reach the Offload control plane at {server_url} ({exc.__class__.__name__}).",
+        "Check that it runs (`offload up` starts the embedded one) and that the URL "
+        "in `offload status` is right.",
+    )
 
 
 class UserClient(_Base):
