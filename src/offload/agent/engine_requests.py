@@ -13,10 +13,10 @@ from typing import Any
 
 import h11
 
+from offload.core.schemas import ENGINE_ISOLATION_LABEL
+
 Streams = tuple[Any, Any]  # (reader, writer): asyncio or asyncssh streams
 OpenEngine = Callable[[], Awaitable[Streams]]
-# The engine labels that name the sandbox (offload.runner.environment writes them).
-ISOLATION_LABEL = "offload.isolation"
 
 
 async def engine_get_json(open_engine: OpenEngine, path: str) -> Any:
@@ -72,6 +72,6 @@ async def engine_isolation(open_engine: OpenEngine) -> str | None:
     info = await engine_get_json(open_engine, "/info")
     for label in info.get("Labels") or []:
         key, _, value = str(label).partition("=")
-        if key == ISOLATION_LABEL:
+        if key == ENGINE_ISOLATION_LABEL:
             return value
     return None

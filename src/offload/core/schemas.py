@@ -162,6 +162,11 @@ class VersionInfo(BaseModel):
     min_client_version: str
 
 
+# Engine labels (`docker info`) the runner writes and the agent and diagnose read: the sandbox's
+# kind ("rootless"), and the environment's id.
+ENGINE_ISOLATION_LABEL = "offload.isolation"
+ENGINE_ENV_LABEL = "offload.environment"
+
 # ---- GPUs ------------------------------------------------------------------------------------
 
 MAX_GPUS_PER_RUNNER = 64

@@ -56,8 +56,10 @@ from offload.core.config import RunnerSettings
 from offload.core.engine_http import engine_client
 from offload.core.errors import EnvironmentError_, OffloadError
 from offload.core.schemas import (
+    ENGINE_ENV_LABEL,
     ENGINE_GPU_LABEL,
     ENGINE_GPU_RUNTIME_LABEL,
+    ENGINE_ISOLATION_LABEL,
     ENGINE_SOCKET_IN_MOUNT_AREA,
     GPU_RUNTIME_NONE,
     InstanceSpec,
@@ -83,8 +85,8 @@ BUILDER_PREFIX = "bld-"
 NETNS_PREFIX = "off-"
 POLICY_PREFIX = "offload-policy-"
 ISOLATION = "rootless"  # what status and diagnose name
-ENV_LABEL = "offload.environment"  # engine labels (`docker info`)
-ISOLATION_LABEL = "offload.isolation"
+ENV_LABEL = ENGINE_ENV_LABEL  # engine labels (`docker info`)
+ISOLATION_LABEL = ENGINE_ISOLATION_LABEL
 STOP_TIMEOUT_S = 10.0
 KILL_TIMEOUT_S = 10.0
 # Images named in one heartbeat report (the control plane keeps 100 per session).

@@ -239,9 +239,17 @@ def bill_builder_time(db: Db, session: OffloadSession, total_s: float, now: date
     session.build_seconds_billed = total_s
 
 
-def session_build_seconds(db: Db, session_id: str) -> float:
-    rows = db.scalars(select(BuilderInterval).where(BuilderInterval.session_id == session_id))
-    return sum((r.end - r.start).total_seconds() for r in rows)
+def sessions_build_seconds(db: Db, session_ids: Sequence[str]) -> dict[str, float]:
+    """Builder seconds of each session (one query for a page of sessions); none: absent."""
+    rows = db.execute(
+        select(BuilderInterval.session_id, BuilderInterval.start, BuilderInterval.end).where(
+            BuilderInterval.session_id.in_(session_ids)
+        )
+    )
+    seconds: dict[str, float] = {}
+    for session_id, start, end in rows:
+        seconds[session_id] = seconds.get(session_id, 0.0) + (end - start).total_seconds()
+    return seconds
 
 
 def user_day_seconds(db: Db, user_id: str, now: datetime) -> float:
@@ -268,3 +276,16 @@ def day_seconds_by_user(db: Db, now: datetime) -> dict[str, float]:
 
 def session_seconds(db: Db, session_id: str, now: datetime) -> float:
     return total_seconds(session_intervals(db, session_id), now)
+
+
+def sessions_seconds(db: Db, session_ids: Sequence[str], now: datetime) -> dict[str, float]:
+    """Billed seconds of each session (one query for a page of sessions); none: absent."""
+    by_session: dict[str, list[Interval]] = {}
+    rows = db.execute(
+        select(LedgerInterval.session_id, LedgerInterval.start, LedgerInterval.end)
+        .where(LedgerInterval.session_id.in_(session_ids))
+        .order_by(LedgerInterval.start, LedgerInterval.id)
+    )
+    for session_id, start, end in rows:
+        by_session.setdefault(session_id, []).append(Interval(start, end))
+    return {sid: total_seconds(intervals, now) for sid, intervals in by_session.items()}

@@ -24,7 +24,14 @@ TOP_IMAGES = 10
 IMAGE_HISTORY = 200  # sessions the top images are counted over
 
 
-def _summary(db: Db, row: OffloadSession, now: datetime) -> s.SessionSummary:
+def _summaries(db: Db, rows: Sequence[OffloadSession], now: datetime) -> list[s.SessionSummary]:
+    ids = [row.id for row in rows]
+    billed = ledger.sessions_seconds(db, ids, now)
+    built = ledger.sessions_build_seconds(db, ids)
+    return [_summary(row, billed.get(row.id, 0.0), built.get(row.id, 0.0)) for row in rows]
+
+
+def _summary(row: OffloadSession, billed_s: float, build_s: float) -> s.SessionSummary:
     return s.SessionSummary(
         id=row.id,
         org=row.org.name,
@@ -34,12 +41,12 @@ def _summary(db: Db, row: OffloadSession, now: datetime) -> s.SessionSummary:
         created_at=row.created_at,
         started_at=row.started_at,
         ended_at=row.ended_at,
-        billed_s=round(ledger.session_seconds(db, row.id, now), 1),
+        billed_s=round(billed_s, 1),
         containers=row.containers_max,
         end_reason=row.end_reason,
         gpu_model=row.gpu_model,
         gpu_devices=placement.session_gpus(row),
-        build_s=round(ledger.session_build_seconds(db, row.id), 1),
+        build_s=round(build_s, 1),
     )
 
 
@@ -118,8 +125,8 @@ def user_report(db: Db, auth: AuthUser, now: datetime, rules: lifecycle.Rules) -
         today_billed_s=round(today, 1),
         fair_use_limit_s=rules.fair_use_day_s,
         fair_use_remaining_s=max(0.0, rules.fair_use_day_s - today),
-        recent_sessions=[_summary(db, row, now) for row in recent],
-        active_sessions=[_summary(db, row, now) for row in live],
+        recent_sessions=_summaries(db, recent, now),
+        active_sessions=_summaries(db, live, now),
         top_images=_top_images(image_rows),
         recent_activity=_recent_activity(db, auth.id, now),
         orgs=[billing.usage_view(db, org, now) for org in _orgs(db, auth.id)],
