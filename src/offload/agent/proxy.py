@@ -58,6 +58,8 @@ PENDING_LIMIT = 4 * 1024 * 1024
 # An HTTP request head larger than this is not worth reading just to refuse it.
 MAX_REQUEST_HEAD = 64 * 1024
 RECONNECT_HINT = "Run `docker offload start` to reconnect."
+# A request that finds the tunnel reconnecting waits this long at most for that attempt's outcome.
+RECONNECT_HOLD_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,10 @@ class _ClientPipe(asyncio.Protocol):
         if proxy._refusal is None and proxy.gate is not None and proxy.gate.needs_wake():
             loop.create_task(self._wake_then_open(proxy.gate))
             return
+        if proxy._refusal is None and proxy.tunnel.reconnecting:
+            proxy.tunnel.kick()  # no backoff: a request is waiting
+            loop.create_task(self._hold_for_reconnect())
+            return
         if proxy._refusal is not None or not proxy.tunnel.connected:
             if not proxy.tunnel.connected:
                 proxy.tunnel.kick()
@@ -316,6 +322,23 @@ class _ClientPipe(asyncio.Protocol):
             self._refuse(self._proxy._refusal)
             return
         await self._open_channel()
+
+    async def _hold_for_reconnect(self) -> None:
+        """The connection dropped a moment ago and the tunnel is trying again: hold the request
+        (its bytes wait in `_pending`) for that attempt's outcome, at most `RECONNECT_HOLD_S`,
+        rather than refuse what may work a few milliseconds later. An attempt that learns the
+        session ended (wiped after its grace period) lets the gate start a new one, as for any
+        request after that."""
+        proxy = self._proxy
+        await proxy.tunnel.next_change(RECONNECT_HOLD_S)
+        if self._transport is None:
+            return  # the client gave up meanwhile
+        if proxy._refusal is None and proxy.gate is not None and proxy.gate.needs_wake():
+            await self._wake_then_open(proxy.gate)
+        elif proxy._refusal is not None or not proxy.tunnel.connected:
+            self._refuse(proxy._unavailable_message(_tunnel_reason(proxy.tunnel)))
+        else:
+            await self._open_channel()
 
     async def _open_channel(self) -> None:
         try:

@@ -163,6 +163,23 @@ class Tunnel:
         self.last_error = None
         await self.start()
 
+    @property
+    def reconnecting(self) -> bool:
+        """The connection dropped and the tunnel is trying again (not suspended, not given up)."""
+        return (
+            self._conn is None
+            and self._task is not None
+            and not self._task.done()
+            and not self.suspended
+            and self.failed is None
+            and not self._closed
+        )
+
+    async def next_change(self, timeout: float) -> None:
+        """Until the tunnel's state next changes (an attempt's outcome), at most `timeout`."""
+        self._state_changed.clear()
+        await wait_event(self._state_changed, timeout)
+
     async def wait_connected(self, timeout: float) -> None:
         """Until the connection is up; raises what made the tunnel give up, or Unreachable."""
         loop = asyncio.get_running_loop()

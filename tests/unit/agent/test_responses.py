@@ -222,6 +222,7 @@ class FakeTunnel:
     connected = True
     failed = None
     last_error = None
+    reconnecting = False
 
     def __init__(self, engine: FakeEngine) -> None:
         self.engine = engine
@@ -297,3 +298,54 @@ async def test_one_connection_gets_every_answer_rewritten_or_not(proxy: AgentPro
     tunnel = proxy.tunnel
     assert isinstance(tunnel, FakeTunnel) and tunnel.opened == 1  # all on one channel
     assert len(tunnel.engine.targets) == 6
+
+
+class ReconnectingTunnel(FakeTunnel):
+    """Dropped a moment ago and trying again: the outcome comes when the test says."""
+
+    connected = False
+    reconnecting = True
+    last_error = "the connection to the runner was lost"
+
+    def __init__(self, engine: FakeEngine) -> None:
+        super().__init__(engine)
+        self.outcome = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def next_change(self, timeout: float) -> None:
+        self.waiting.set()
+        await self.outcome.wait()
+
+
+@pytest.mark.parametrize("comes_back", [True, False], ids=["reconnects", "stays-down"])
+async def test_a_request_during_a_reconnect_waits_for_its_outcome(
+    tmp_path: Path, comes_back: bool
+) -> None:
+    engine = FakeEngine(chunked=False)
+    tunnel = ReconnectingTunnel(engine)
+    proxy = AgentProxy(tmp_path / "docker.sock", tunnel, responses=sources())  # type: ignore[arg-type]
+    await proxy.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "docker.sock"))
+        if comes_back:  # keep-alive, as SDKs send it
+            answer = asyncio.create_task(Client(reader, writer).get(b"/v1.41/_ping"))
+        else:  # the refusal closes the connection: read to the end
+            writer.write(b"GET /v1.41/_ping HTTP/1.1\r\nHost: docker\r\n\r\n")
+            answer = asyncio.create_task(reader.read())
+        await within(tunnel.waiting.wait(), 10)  # held, not refused
+        assert not answer.done() and tunnel.opened == 0
+        if comes_back:
+            tunnel.connected, tunnel.reconnecting, tunnel.last_error = True, False, None
+        else:
+            tunnel.last_error = "cannot connect to the runner; retrying"
+        tunnel.outcome.set()
+        said = await within(answer, 10)
+        if comes_back:
+            head, body = said
+            assert (head.status_code, body, tunnel.opened) == (200, b"OK", 1)
+        else:
+            assert said.startswith(b"HTTP/1.1 5"), said
+            assert b"cannot connect to the runner; retrying" in said and tunnel.opened == 0
+        writer.close()
+    finally:
+        await proxy.stop()
