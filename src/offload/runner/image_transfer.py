@@ -176,18 +176,18 @@ async def _deliver(
         except EnvironmentError_ as exc:
             log.warning("the kept archive of %s did not load (%s): dropped", image_id, exc)
         cache.drop(image_id)
-    keeping = cache is not None and cache.enabled
+    keeper = cache if cache is not None and cache.enabled else None
     if all(keep):
-        return await _stream_whole(source, target, image_id, len(keep), cache if keeping else None)
-    saved = cache.staging() if cache is not None and keeping else _staging(work_dir)
+        return await _stream_whole(source, target, image_id, len(keep), keeper)
+    saved = keeper.staging() if keeper is not None else _staging(work_dir)
     try:
         await _save(source, image_id, saved)
         transfer = await _load_archive(target, image_id, saved, keep)
     except BaseException:
         saved.unlink(missing_ok=True)
         raise
-    if cache is not None and keeping:
-        cache.keep(image_id, saved)
+    if keeper is not None:
+        keeper.keep(image_id, saved)
     else:
         saved.unlink(missing_ok=True)
     return transfer

@@ -17,9 +17,10 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="prefork forks o
 
 DRIVER = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, sys
     from pathlib import Path
     from offload.cli import processes
+    from offload.core.waiting import wait_until
 
     work, action = Path(sys.argv[1]), sys.argv[2]
 
@@ -38,8 +39,7 @@ DRIVER = textwrap.dedent(
     forked = processes.prefork(prepare, work / "child.log", {"OFFLOAD_TEST_MARK": "m1"}, "offload-test")
     assert forked is not None
     print("parent says hello", flush=True)
-    while not (work / "prepared").exists():  # the child prepares before any go
-        time.sleep(0.01)
+    wait_until((work / "prepared").exists, 30, "the child to prepare")  # before any go
     if action == "go":
         forked.go()
         _, status = os.waitpid(forked.pid, 0)

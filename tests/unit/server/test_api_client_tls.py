@@ -5,7 +5,6 @@ SSL_CERT_FILE for a company CA), and one TLS context serves every client of a pr
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from fastapi import FastAPI
 from offload.core import api_client
 from offload.core.api_client import UserClient
 from offload.core.errors import Unreachable
+from offload.core.waiting import wait_until
 from tests.support.net import free_port
 from tests.support.pki import CertificateAuthority
 
@@ -36,10 +36,9 @@ def https_url(app: FastAPI, ca: CertificateAuthority) -> Iterator[str]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:  # uvicorn's own flag: the socket is listening
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
+    # uvicorn's own flag: the socket is listening (a thread that died ends the wait at once)
+    wait_until(lambda: server.started or not thread.is_alive(), 30, "uvicorn to start")
+    assert server.started, "uvicorn did not start"
     yield f"https://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(30)
