@@ -55,7 +55,7 @@ from offload.agent.proxy import AgentProxy
 from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
 from offload.agent.tunnel import Tunnel, TunnelTarget
 from offload.core.api_client import UserClient
-from offload.core.config import ClientPaths
+from offload.core.client_paths import ClientPaths
 from offload.core.errors import Conflict, InvalidInput, NotFound, OffloadError
 from offload.core.schemas import SessionInfo
 from offload.core.waiting import wait_event, within

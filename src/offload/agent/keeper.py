@@ -21,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
-import socket
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -35,10 +33,10 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from offload.agent.activity import ActivityTracker
-from offload.agent.state import SessionFile, write_model
+from offload.agent.state import SessionFile, client_name, write_model
 from offload.agent.tunnel import Tunnel
 from offload.core.api_client import UserClient
-from offload.core.config import ClientPaths
+from offload.core.client_paths import ClientPaths
 from offload.core.errors import NotFound, OffloadError, PermissionDenied, Unreachable
 from offload.core.schemas import ActivityReport, SessionCreate, SessionInfo, SessionState
 from offload.core.waiting import WaitTimeout, async_wait_until, within
@@ -88,11 +86,6 @@ class SessionMoved(PermissionDenied):
             "Run `docker offload start --takeover` to move it back to this machine.",
         )
         self.machine = machine
-
-
-def client_name() -> str:
-    """How the control plane names this laptop (OFFLOAD_CLIENT_NAME overrides the hostname)."""
-    return os.environ.get("OFFLOAD_CLIENT_NAME") or socket.gethostname()
 
 
 class Notifier:

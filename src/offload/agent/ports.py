@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote
 
-from pydantic import BaseModel
-
 from offload.agent.engine_requests import OpenEngine, Streams, engine_get_json, engine_stream
+from offload.agent.state import ForwardInfo, PortConflict, PortsSnapshot
 from offload.agent.udp_relay import IDLE_TIMEOUT_S, UdpForward
 from offload.core.waiting import wait_event, within
 
@@ -62,35 +61,6 @@ EVENT_ACTIONS = ("start", "die", "stop", "kill", "pause", "unpause", "destroy")
 EVENTS_PATH = "/events?filters=" + quote(
     json.dumps({"type": ["container"], "event": list(EVENT_ACTIONS)}, separators=(",", ":"))
 )
-
-
-class ForwardInfo(BaseModel):
-    proto: str  # "tcp" | "udp"
-    host_ip: str  # where the laptop listens
-    port: int
-    container_id: str
-    container_name: str
-    private_port: int
-    open_connections: int = 0
-
-
-class PortConflict(BaseModel):
-    proto: str
-    host_ip: str
-    port: int
-    container_id: str
-    container_name: str
-    reason: str
-
-
-class PortsSnapshot(BaseModel):
-    """What `offload status` shows about published ports."""
-
-    forwards: list[ForwardInfo] = []
-    conflicts: list[PortConflict] = []
-    open_connections: int = 0
-    following: bool = False  # the engine's events are being followed right now
-    last_error: str | None = None
 
 
 # ---- what the engine publishes -------------------------------------------------------------

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -16,12 +17,49 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from offload.agent.ports import PortsSnapshot
-from offload.core.config import ClientPaths
+from offload.core.client_paths import ClientPaths
 from offload.core.schemas import Prompt, SessionInfo
 from offload.sync.status import SyncedPathStatus
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def client_name() -> str:
+    """How the control plane names this laptop (OFFLOAD_CLIENT_NAME overrides the hostname)."""
+    return os.environ.get("OFFLOAD_CLIENT_NAME") or socket.gethostname()
+
+
+# What the agent's port forwarder (agent/ports.py) reports for `offload status`: here, with the
+# files' other models, so that the CLI reads them without loading the forwarder.
+
+
+class ForwardInfo(BaseModel):
+    proto: str  # "tcp" | "udp"
+    host_ip: str  # where the laptop listens
+    port: int
+    container_id: str
+    container_name: str
+    private_port: int
+    open_connections: int = 0
+
+
+class PortConflict(BaseModel):
+    proto: str
+    host_ip: str
+    port: int
+    container_id: str
+    container_name: str
+    reason: str
+
+
+class PortsSnapshot(BaseModel):
+    """What `offload status` shows about published ports."""
+
+    forwards: list[ForwardInfo] = []
+    conflicts: list[PortConflict] = []
+    open_connections: int = 0
+    following: bool = False  # the engine's events are being followed right now
+    last_error: str | None = None
 
 
 class ClientConfig(BaseModel):

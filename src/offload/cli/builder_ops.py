@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from offload.core.config import ClientPaths
+from offload.core.client_paths import ClientPaths
 from offload.core.engine_http import engine_client
 from offload.core.errors import InvalidInput, OffloadError, PermissionDenied, Unreachable
 

@@ -20,7 +20,7 @@ from offload.cli import dockerctx, processes
 from offload.cli.session_ops import isolation_label, ping_engine
 from offload.core import schemas as s
 from offload.core.api_client import UserClient
-from offload.core.config import ClientPaths
+from offload.core.client_paths import ClientPaths
 from offload.core.errors import OffloadError
 from offload.core.waiting import within
 

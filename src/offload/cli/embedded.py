@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from offload.agent.state import ClientConfig, read_model, write_model
 from offload.cli import dockerctx, processes
 from offload.cli.session_ops import Progress, _no_progress
-from offload.core.config import ClientPaths, ServerSettings
+from offload.core.client_paths import ClientPaths
+from offload.core.config import ServerSettings
 from offload.core.errors import EnvironmentError_, InvalidInput, Unreachable
 from offload.core.waiting import WaitTimeout, wait_until
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar, overload
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, overload
 
 import typer
 from pydantic import ValidationError
@@ -23,18 +23,19 @@ from rich.console import Console
 from rich.table import Table
 
 from offload import __version__
-from offload.cli import builder_ops, embedded, session_ops
+from offload.cli import builder_ops, session_ops
 from offload.cli.builder_ops import parse_size
 from offload.cli.durations import format_duration, parse_bounded_duration, parse_duration
 from offload.core import schemas as sch
-from offload.core.config import (
-    DEFAULT_SERVER_PORT,
-    DEFAULT_SSH_PORT,
-    ClientPaths,
-    RunnerSettings,
-    ServerSettings,
-)
+from offload.core.client_paths import ClientPaths
+from offload.core.defaults import DEFAULT_SERVER_PORT, DEFAULT_SSH_PORT
 from offload.core.errors import InvalidInput, NotFound, OffloadError
+
+# The embedded default (`up`/`down`) and the settings classes (pydantic-settings) are imported
+# by the commands that use them: `docker offload start` waits for every import made here.
+if TYPE_CHECKING:
+    from offload.cli import embedded
+    from offload.core.config import ServerSettings
 
 T = TypeVar("T")
 
@@ -81,7 +82,7 @@ def _run(work: Callable[[], Any]) -> Any:
         raise typer.Exit(exc.exit_code) from None
     except ValidationError as exc:
         # A settings object read from OFFLOAD_* variables: name the variable, not a traceback.
-        prefix = _SETTINGS_PREFIXES.get(exc.title)
+        prefix = _settings_prefixes().get(exc.title)
         if prefix is None:
             raise
         for problem in exc.errors():
@@ -97,10 +98,13 @@ def _run(work: Callable[[], Any]) -> Any:
         raise typer.Exit(130) from None
 
 
-_SETTINGS_PREFIXES = {
-    cls.__name__: str(cls.model_config.get("env_prefix", ""))
-    for cls in (ServerSettings, RunnerSettings)
-}
+def _settings_prefixes() -> dict[str, str]:
+    from offload.core.config import RunnerSettings, ServerSettings
+
+    return {
+        cls.__name__: str(cls.model_config.get("env_prefix", ""))
+        for cls in (ServerSettings, RunnerSettings)
+    }
 
 
 def _print_json(data: Any) -> None:
@@ -853,6 +857,8 @@ def up(
     admin: Annotated[str | None, typer.Option(help="Admin user name (default: you).")] = None,
 ) -> None:
     """Start the embedded default: a control plane and a local runner on this machine."""
+    from offload.cli import embedded
+
     paths = _paths()
 
     def work() -> embedded.UpResult:
@@ -884,6 +890,8 @@ def up(
 @app.command()
 def down() -> None:
     """Stop the embedded control plane and runner (sessions end, engines are wiped)."""
+    from offload.cli import embedded
+
     paths = _paths()
     if (paths.session_file).exists():
         _run(lambda: session_ops.stop(paths))
@@ -900,6 +908,7 @@ def server(
     data_dir: Annotated[Path | None, typer.Option(help="State [OFFLOAD_DATA_DIR].")] = None,
 ) -> None:
     """Run the control plane (API, certificate authority, scheduler) in the foreground."""
+    from offload.core.config import ServerSettings
     from offload.server.main import serve
 
     overrides: dict[str, Any] = {
@@ -923,6 +932,8 @@ app.add_typer(runner_app, name="runner")
 def _operator_settings() -> ServerSettings:
     """The control plane's settings for operator commands run on its host; its SQLite database
     must exist (opening a missing one would make an empty one and list nothing)."""
+    from offload.core.config import ServerSettings
+
     settings = ServerSettings()
     database = settings.data_dir / "offload.db"
     if settings.database_url is None and not database.exists():
@@ -973,6 +984,7 @@ def runner_list_gpus(
     """The GPUs this host's runner would offer (OFFLOAD_RUNNER_GPUS), found through NVML as the
     runner finds them at start, and what serves `docker run --gpus` in GPU sessions."""
     from offload.cli import runner_gpus
+    from offload.core.config import RunnerSettings
 
     found = _run(lambda: runner_gpus.survey(RunnerSettings()))
     if as_json:

@@ -15,15 +15,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncssh
 import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from offload import __version__
-from offload.agent.keeper import client_name
 from offload.agent.state import (
     AgentState,
     ClientConfig,
     SessionFile,
+    client_name,
     notice_marker,
     read_model,
     write_model,
@@ -31,7 +32,7 @@ from offload.agent.state import (
 from offload.cli import dockerctx, processes
 from offload.core import schemas as s
 from offload.core.api_client import UserClient
-from offload.core.config import ClientPaths
+from offload.core.client_paths import ClientPaths
 from offload.core.engine_http import engine_client
 from offload.core.errors import (
     InvalidInput,
@@ -167,7 +168,7 @@ async def _start(
             await wait_for_engine(paths, engine_timeout_s)
             return StartResult(running, paths.agent_socket, False, plugin, already_running=True)
         progress("Requesting a session from the control plane")
-        key = _new_client_key(paths)
+        public_key = _new_client_key(paths)
         # No --account: the control plane picks the user's default organisation (a personal
         # setting, `offload settings --default-org`).
         session = await client.create_session(
@@ -175,7 +176,7 @@ async def _start(
                 org=account,
                 gpu=gpu,
                 idle_timeout_s=idle_timeout_s,
-                client_public_key=key.export_public_key().decode().strip(),
+                client_public_key=public_key,
                 client_name=_hostname(),
                 takeover=takeover,
             )
@@ -227,13 +228,25 @@ async def _reusable_session(paths: ClientPaths, client: UserClient) -> s.Session
     return None
 
 
-def _new_client_key(paths: ClientPaths) -> asyncssh.SSHKey:
-    """A fresh ed25519 key per session; the private half never leaves this machine."""
-    key = asyncssh.generate_private_key("ssh-ed25519", comment=f"offload@{_hostname()}")
+def _new_client_key(paths: ClientPaths) -> str:
+    """A fresh ed25519 key per session; the private half never leaves this machine. Returns the
+    public half as an OpenSSH line. Made with `cryptography` (which asyncssh uses for it too):
+    asyncssh is the agent's, and loading it here would delay the request for the session."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
     paths.key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key.write_private_key(str(paths.key_file))
-    os.chmod(paths.key_file, 0o600)
-    return key
+    fd = os.open(paths.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private)
+    os.chmod(paths.key_file, 0o600)  # an older file keeps its mode through O_TRUNC
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return f"{public.decode()} offload@{_hostname()}"
 
 
 def _previous_context(paths: ClientPaths) -> str | None:

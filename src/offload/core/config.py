@@ -2,7 +2,9 @@
 
 - `ServerSettings`  (`OFFLOAD_…`)          the control plane
 - `RunnerSettings`  (`OFFLOAD_RUNNER_…`)   a runner host
-- `ClientPaths`     (`OFFLOAD_HOME`)       where the CLI and agent keep their files on the laptop
+
+`ClientPaths` (`OFFLOAD_HOME`, where the CLI and agent keep their files) is in
+`offload.core.client_paths`: the laptop's commands load it without pydantic-settings.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_SERVER_PORT = 8421
-DEFAULT_SSH_PORT = 8422
+from offload.core.defaults import DEFAULT_SERVER_PORT, DEFAULT_SSH_PORT
 
 
 class ServerSettings(BaseSettings):
@@ -179,39 +180,3 @@ def parse_gpu_choice(offered: str) -> list[str] | None:
             "GPU indexes or UUIDs (e.g. 0,1 or GPU-5d1c…)"
         )
     return names
-
-
-class ClientPaths:
-    """Files of the CLI and agent. `OFFLOAD_HOME` overrides `~/.offload` (tests use it)."""
-
-    def __init__(self, home: Path | None = None) -> None:
-        env_home = os.environ.get("OFFLOAD_HOME")
-        self.home = home or (Path(env_home) if env_home else Path.home() / ".offload")
-
-    @property
-    def config_file(self) -> Path:
-        return self.home / "config.json"
-
-    @property
-    def session_file(self) -> Path:
-        return self.home / "session.json"
-
-    @property
-    def key_file(self) -> Path:
-        return self.home / "keys" / "session_ed25519"
-
-    @property
-    def agent_socket(self) -> Path:
-        return self.home / "run" / "docker.sock"
-
-    @property
-    def agent_state_file(self) -> Path:
-        return self.home / "run" / "agent.json"
-
-    @property
-    def agent_log(self) -> Path:
-        return self.home / "logs" / "agent.log"
-
-    @property
-    def embedded_dir(self) -> Path:
-        return self.home / "embedded"

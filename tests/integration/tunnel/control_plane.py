@@ -16,7 +16,8 @@ import uvicorn
 
 from offload.agent.state import ClientConfig, SessionFile, write_model
 from offload.core.api_client import RunnerClient, UserClient
-from offload.core.config import ClientPaths, ServerSettings
+from offload.core.client_paths import ClientPaths
+from offload.core.config import ServerSettings
 from offload.core.schemas import RunnerRegister, SessionCreate
 from offload.core.waiting import wait_until
 from offload.runner.driver import Environment

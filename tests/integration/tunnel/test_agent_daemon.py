@@ -15,7 +15,7 @@ import pytest
 from offload.agent.daemon import SESSION_ENDED, certificate_validity, run_agent
 from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
 from offload.core.api_client import UserClient
-from offload.core.config import ClientPaths
+from offload.core.client_paths import ClientPaths
 from offload.core.schemas import SessionCreate
 from offload.core.waiting import wait_until
 

@@ -13,7 +13,7 @@ import asyncssh
 import pytest
 
 from offload.agent.state import AgentState, ClientConfig, SessionFile, read_model, write_model
-from offload.core.config import ClientPaths
+from offload.core.client_paths import ClientPaths
 from offload.core.schemas import InstanceType, RunnerEndpoint, SessionInfo, SessionState
 from offload.core.waiting import wait_until
 

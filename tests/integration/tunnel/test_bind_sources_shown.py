@@ -21,7 +21,7 @@ from offload.agent.daemon import run_agent
 from offload.agent.keeper import AgentSettings
 from offload.agent.state import AgentState, read_model
 from offload.core.api_client import UserClient
-from offload.core.config import ClientPaths
+from offload.core.client_paths import ClientPaths
 from offload.core.waiting import wait_until
 
 from .control_plane import LiveControlPlane as Deployment

@@ -22,7 +22,7 @@ from offload.agent.keeper import AgentSettings
 from offload.agent.state import AgentState, SessionFile, read_model
 from offload.cli import session_ops
 from offload.core.api_client import UserClient
-from offload.core.config import ClientPaths
+from offload.core.client_paths import ClientPaths
 from offload.core.waiting import wait_until
 from offload.sync.status import SyncState
 from tests.integration.ports.support import build_udp_echo_image
