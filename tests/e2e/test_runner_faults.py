@@ -5,6 +5,8 @@ nothing of the old environment behind, and the user works again on a new session
 
 from __future__ import annotations
 
+import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -98,3 +100,25 @@ def test_a_killed_runner_host_fails_its_session_billed_to_its_last_heartbeat(
     again = laptop.docker("run", "--rm", "hello", "echo", "back")
     assert again.stdout.strip() == "back"
     assert laptop.session().id != session.id
+
+
+def test_a_start_whose_engine_never_answers_leaves_the_docker_context_as_it_was(
+    clocked: ClockedDeployment, make_laptop
+) -> None:
+    """`start` makes `offload` the docker context while it waits for the engine; when the
+    engine never answers (the runner host hangs: SIGSTOP, so its SSH endpoint accepts TCP and
+    says nothing), the user's own context is current again and `offload` is gone."""
+    laptop = make_laptop()
+    laptop.docker("context", "create", "mine", "--docker", "host=unix:///run/mine.sock")
+    laptop.docker("context", "use", "mine")
+    assert clocked.runner is not None
+    os.kill(clocked.runner.pid, signal.SIGSTOP)
+    try:
+        failed = laptop.docker("offload", "start", "--timeout", "3s", check=False)
+    finally:
+        os.kill(clocked.runner.pid, signal.SIGCONT)
+    assert failed.returncode != 0
+    assert "The session engine did not answer within 3s" in failed.stderr
+    assert laptop.docker("context", "show").stdout.strip() == "mine"
+    assert laptop.docker("context", "inspect", "offload", check=False).returncode != 0
+    laptop.docker("offload", "stop", "--force")

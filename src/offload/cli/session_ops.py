@@ -168,6 +168,8 @@ async def _start(
             await wait_for_engine(paths, engine_timeout_s)
             return StartResult(running, paths.agent_socket, False, plugin, already_running=True)
         progress("Requesting a session from the control plane")
+        # The docker CLI calls (tens of ms each) run beside the requests, not after them.
+        previous_context = asyncio.create_task(asyncio.to_thread(_previous_context, paths))
         public_key = _new_client_key(paths)
         # No --account: the control plane picks the user's default organisation (a personal
         # setting, `offload settings --default-org`).
@@ -181,7 +183,7 @@ async def _start(
                 takeover=takeover,
             )
         )
-    previous = _previous_context(paths)
+    previous = await previous_context
     write_model(
         paths.session_file,
         SessionFile(
@@ -196,9 +198,14 @@ async def _start(
     runner = session.runner.name if session.runner else "?"
     progress(f"Connecting to runner {runner} for session {session.id}")
     agent.launch()
-    await wait_for_engine(paths, engine_timeout_s)
-    switched = _switch_context(paths, session.id)
-    return StartResult(session, paths.agent_socket, switched, plugin)
+    switching = asyncio.create_task(asyncio.to_thread(_switch_context, paths, session.id))
+    try:
+        await wait_for_engine(paths, engine_timeout_s)
+    except BaseException:
+        if await switching:  # the engine never answered: the user's docker stays where it was
+            await asyncio.to_thread(dockerctx.restore_context, previous)
+        raise
+    return StartResult(session, paths.agent_socket, await switching, plugin)
 
 
 def _install_plugin_quietly() -> Path | None:
@@ -300,7 +307,7 @@ async def wait_for_engine(paths: ClientPaths, timeout_s: float) -> None:
             ready = agent.connected or agent.suspended  # a ping wakes a suspended agent
             if ready and await ping_engine(paths.agent_socket):
                 return
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)  # a local file: cheap to read, and every wait is the user's
     raise Unreachable(
         f"The session engine did not answer within {timeout_s:g}s: {last_problem}.",
         "Run `docker offload start --timeout 60s` to wait longer, or `offload status` and "
