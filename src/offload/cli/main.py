@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from offload import __version__
-from offload.cli import builder_ops, session_ops
+from offload.cli import agent_launcher, builder_ops, session_ops
 from offload.cli.builder_ops import parse_size
 from offload.cli.durations import format_duration, parse_bounded_duration, parse_duration
 from offload.core import schemas as sch
@@ -140,7 +140,7 @@ def start(
 ) -> None:
     """Start a session: a remote engine becomes your docker context `offload`."""
     paths = _paths()
-    agent = session_ops.AgentLauncher(paths)  # forked now, before the spinner's thread
+    agent = agent_launcher.launcher_for(paths)  # forked by now, before the spinner's thread
 
     async def work() -> session_ops.StartResult:
         idle_s = (
@@ -1052,6 +1052,7 @@ def agent() -> None:
 
 
 def main() -> None:
+    """`python -m offload.cli.main`; the `offload` command's entry point is `offload.cli.entry`."""
     run_and_exit(prog_name="offload")
 
 

@@ -27,9 +27,9 @@ def main() -> None:
         return
     if args[:1] == ["offload"]:
         args = args[1:]
-    from offload.cli.main import run_and_exit
+    from offload.cli.entry import run
 
-    run_and_exit(args=args, prog_name="docker offload")
+    run(args, "docker offload")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from offload.agent.state import (
     write_model,
 )
 from offload.cli import dockerctx, processes
+from offload.cli.agent_launcher import AgentLauncher
 from offload.core import schemas as s
 from offload.core.api_client import UserClient
 from offload.core.client_paths import ClientPaths
@@ -263,34 +264,6 @@ def _previous_context(paths: ClientPaths) -> str | None:
     # Already on `offload` (a restart after a crash): keep what the last session remembered.
     old = read_model(paths.session_file, SessionFile)
     return old.previous_docker_context if old else None
-
-
-class AgentLauncher:
-    """Starts the session's agent. Made before the session is asked for: the agent is forked
-    then (`processes.prefork`), with this process's imports, and its own done while the control
-    plane places the session; where a fork is not offered, a fresh interpreter at `launch`."""
-
-    def __init__(self, paths: ClientPaths) -> None:
-        self.paths = paths
-        self.env = {"OFFLOAD_HOME": str(paths.home)}
-        self._forked = processes.prefork(_agent_main, paths.agent_log, self.env, "offload-agent")
-
-    def launch(self) -> None:
-        self.paths.agent_state_file.unlink(missing_ok=True)  # the new agent writes its own
-        if self._forked is not None:
-            self._forked.go()
-        else:
-            processes.spawn_detached(["-m", "offload.agent.daemon"], self.paths.agent_log, self.env)
-
-    def cancel(self) -> None:
-        if self._forked is not None:
-            self._forked.cancel()
-
-
-def _agent_main() -> Callable[[], None]:
-    from offload.agent.daemon import main
-
-    return main
 
 
 async def wait_for_engine(paths: ClientPaths, timeout_s: float) -> None:

@@ -102,3 +102,58 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
     except OSError:
         return True
+
+
+EARLY_DRIVER = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    from offload.cli import agent_launcher
+    from offload.core.client_paths import ClientPaths
+
+    home, other = Path(sys.argv[1]), Path(sys.argv[2])
+    os.environ["OFFLOAD_HOME"] = str(home)
+    def end(launcher):  # one child waits at a time, as in `start`: none holds another's pipe
+        launcher.cancel()
+        _, status = os.waitpid(launcher._forked.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    agent_launcher.fork_for_start()  # as the entry point does for `start`
+    early = agent_launcher._early
+    taken = agent_launcher.launcher_for(ClientPaths(home))
+    end(taken)
+    again = agent_launcher.launcher_for(ClientPaths(home))  # taken once: a fork of its own
+    end(again)
+    agent_launcher.fork_for_start()
+    stale = agent_launcher._early
+    elsewhere = agent_launcher.launcher_for(ClientPaths(other))
+    _, status = os.waitpid(stale._forked.pid, 0)  # cancelled: ended without running the agent
+    end(elsewhere)
+    print(json.dumps({
+        "taken_is_early": taken is early, "again_is_early": again is early,
+        "elsewhere_is_stale": elsewhere is stale, "elsewhere_home": str(elsewhere.paths.home),
+        "stale_code": os.waitstatus_to_exitcode(status),
+    }))
+    """
+)
+
+
+def test_start_takes_the_agent_forked_early_for_its_paths_only(tmp_path: Path) -> None:
+    """`fork_for_start` (the entry point, for `start`) forks the agent before the CLI's imports;
+    `start` takes that child when its paths are the same, once; for other paths it cancels it
+    (the child ends without running the agent) and forks a new one."""
+    home, other = tmp_path / "home", tmp_path / "other"
+    result = subprocess.run(
+        [sys.executable, "-c", EARLY_DRIVER, str(home), str(other)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    seen = json.loads(result.stdout)
+    assert seen == {
+        "taken_is_early": True,
+        "again_is_early": False,
+        "elsewhere_is_stale": False,
+        "elsewhere_home": str(other),
+        "stale_code": 0,
+    }
+    assert not (home / "run" / "agent.json").exists()  # no agent ever ran
+    assert not (other / "run" / "agent.json").exists()
