@@ -811,6 +811,8 @@ def main() -> None:
     parser.add_argument("--parts", default="core,start,net,raw",
                         help="comma-separated subset of core,start,net,raw")  # fmt: skip
     parser.add_argument("--deadline", type=int, default=0, help="overall limit in s")
+    parser.add_argument("--starts", type=int, default=0,
+                        help="start cycles of each kind in part 1 (default 3, 1 with --quick)")  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (namespaces, cgroups, identities)")
@@ -836,7 +838,7 @@ def main() -> None:
             if "start" in parts:
                 with ExitStack() as stack:
                     results["start"] = start_to_first_output(
-                        work / "dep", stack, 1 if args.quick else 3
+                        work / "dep", stack, args.starts or (1 if args.quick else 3)
                     )
             if parts & {"net", "raw"}:
                 say(f"\n== 3. test web server (load {load_average()})")
