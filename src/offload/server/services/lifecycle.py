@@ -384,10 +384,15 @@ def apply(db: Db, row: OffloadSession, action: Action) -> None:
         log.info("session %s: prompt %s asked", row.id, action.prompt_reason.value)
 
 
-def advance(db: Db, row: OffloadSession, now: datetime, rules: Rules) -> bool:
-    """Apply whatever is due for `row` at `now`; True if its state changed."""
+def advance(
+    db: Db, row: OffloadSession, now: datetime, rules: Rules, cache: FactCache | None = None
+) -> bool:
+    """Apply whatever is due for `row` at `now`; True if its state changed. A `cache` shared
+    with a later `facts_of` at the same `now` in the same transaction saves its queries: what
+    it holds (the user's day, the organisation's policy and allowance) is what a transition at
+    `now` leaves as it was (a closed interval ends at `now`, a new one starts there)."""
     before = row.state
-    for action in evaluate(facts_of(db, row, now), now, rules):
+    for action in evaluate(facts_of(db, row, now, cache), now, rules):
         apply(db, row, action)
     return row.state != before
 

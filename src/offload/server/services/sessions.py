@@ -13,6 +13,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session as Db
+from sqlalchemy.orm import joinedload
 
 from offload.core import schemas as s
 from offload.core.config import ServerSettings
@@ -84,9 +85,14 @@ def _prompt_view(facts: lifecycle.Facts) -> s.Prompt | None:
 
 
 def session_info(
-    db: Db, row: OffloadSession, now: datetime, rules: Rules, notice: str | None = None
+    db: Db,
+    row: OffloadSession,
+    now: datetime,
+    rules: Rules,
+    notice: str | None = None,
+    cache: lifecycle.FactCache | None = None,
 ) -> s.SessionInfo:
-    facts = lifecycle.facts_of(db, row, now)
+    facts = lifecycle.facts_of(db, row, now, cache)
     idle_at = facts.idle_at()
     return s.SessionInfo(
         id=row.id,
@@ -119,6 +125,13 @@ def session_info(
 # ---- queries ------------------------------------------------------------------------------------
 
 
+_WITH_PARTIES = (
+    joinedload(OffloadSession.user),
+    joinedload(OffloadSession.org),
+    joinedload(OffloadSession.runner),
+)
+
+
 def live_session_of(db: Db, user_id: str) -> OffloadSession | None:
     return db.scalar(
         select(OffloadSession)
@@ -132,8 +145,9 @@ def live_session_of(db: Db, user_id: str) -> OffloadSession | None:
 
 
 def owned_session(db: Db, auth: AuthUser, session_id: str) -> OffloadSession:
-    """The user's own session; another user's session is reported as missing, never as denied."""
-    row = db.get(OffloadSession, session_id)
+    """The user's own session; another user's session is reported as missing, never as denied.
+    Its user, organisation and runner come in the same query: every answer shows them."""
+    row = db.get(OffloadSession, session_id, options=_WITH_PARTIES)
     if row is None or row.user_id != auth.id:
         raise NotFound(
             f"You have no session {session_id}.",
@@ -327,20 +341,26 @@ def _activity_tx(
     one on the next Docker command."""
     row = owned_session(db, auth, session_id)
     before = row.state
+    cache = lifecycle.FactCache()
     if S(row.state).live:
-        lifecycle.advance(db, row, now, rules)
+        lifecycle.advance(db, row, now, rules, cache)
     if S(row.state).live and (report.api_calls or report.open_streams or report.building):
         lifecycle.note_activity(db, row, now)
     changed = row.state != before
-    return _Outcome(session_info(db, row, now, rules), row.runner_id, changed=changed)
+    return _Outcome(session_info(db, row, now, rules, cache=cache), row.runner_id, changed=changed)
 
 
 def _live_owned(
-    db: Db, auth: AuthUser, session_id: str, now: datetime, rules: Rules
+    db: Db,
+    auth: AuthUser,
+    session_id: str,
+    now: datetime,
+    rules: Rules,
+    cache: lifecycle.FactCache,
 ) -> OffloadSession:
     row = owned_session(db, auth, session_id)
     if S(row.state).live:
-        lifecycle.advance(db, row, now, rules)
+        lifecycle.advance(db, row, now, rules, cache)
     if not S(row.state).live:
         raise Conflict(
             f"Session {session_id} has ended ({row.end_reason or row.state}).", START_FIX
@@ -351,7 +371,8 @@ def _live_owned(
 def _answer_tx(
     db: Db, auth: AuthUser, session_id: str, answer: s.PromptAnswer, now: datetime, rules: Rules
 ) -> _Outcome:
-    row = _live_owned(db, auth, session_id, now, rules)
+    cache = lifecycle.FactCache()
+    row = _live_owned(db, auth, session_id, now, rules, cache)
     before = row.state
     if answer.prompt_id is not None and row.prompt_id not in (None, answer.prompt_id):
         raise Conflict(
@@ -366,11 +387,12 @@ def _answer_tx(
     else:
         lifecycle.keep(row, now)
     changed = row.state != before
-    return _Outcome(session_info(db, row, now, rules), row.runner_id, changed=changed)
+    return _Outcome(session_info(db, row, now, rules, cache=cache), row.runner_id, changed=changed)
 
 
 def _idle_tx(db: Db, auth: AuthUser, session_id: str, now: datetime, rules: Rules) -> _Outcome:
-    row = _live_owned(db, auth, session_id, now, rules)
+    cache = lifecycle.FactCache()
+    row = _live_owned(db, auth, session_id, now, rules, cache)
     if S(row.state) is S.STARTING:
         raise Conflict(
             f"Session {session_id} is still starting; it can go idle once active.",
@@ -379,7 +401,7 @@ def _idle_tx(db: Db, auth: AuthUser, session_id: str, now: datetime, rules: Rule
     changed = S(row.state) is S.ACTIVE
     if changed:
         lifecycle.move(db, row, S.IDLE, now, lifecycle.IDLE_BY_USER)
-    return _Outcome(session_info(db, row, now, rules), row.runner_id, changed=changed)
+    return _Outcome(session_info(db, row, now, rules, cache=cache), row.runner_id, changed=changed)
 
 
 # ---- the service --------------------------------------------------------------------------------
