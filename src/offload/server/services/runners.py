@@ -143,12 +143,23 @@ def _record_heartbeat_tx(
     if report.gpu_devices is not None:
         runner.gpu_devices = _gpu_devices(report.gpu_devices)
         runner.gpus = len(report.gpu_devices)
-    reported = [env.session_id for env in report.environments if env.session_id is not None]
-    if reported:  # one query puts them all in the session's identity map for the loop below
-        db.scalars(select(OffloadSession).where(OffloadSession.id.in_(reported))).all()
+    rows = _reported_sessions(db, report)
     for env in report.environments:
-        if env.session_id is not None:
-            _record_environment(db, runner, env, now)
+        row = rows.get(env.session_id) if env.session_id is not None else None
+        if row is not None:
+            _record_environment(db, runner, env, row, now)
+
+
+def _reported_sessions(db: Db, report: s.RunnerHeartbeat) -> dict[str, OffloadSession]:
+    """The sessions of the reported environments, in one query. Returned, not only loaded: the
+    identity map keeps a row only while something refers to it, so rows loaded and dropped
+    came back one `db.get` per environment."""
+    ids = [env.session_id for env in report.environments if env.session_id is not None]
+    if not ids:
+        return {}
+    return {
+        row.id: row for row in db.scalars(select(OffloadSession).where(OffloadSession.id.in_(ids)))
+    }
 
 
 def _gpu_devices(devices: list[s.GpuDevice]) -> list[dict[str, object]]:
@@ -161,7 +172,9 @@ def _gpu_devices(devices: list[s.GpuDevice]) -> list[dict[str, object]]:
     return [device.model_dump() for device in devices]
 
 
-def _record_environment(db: Db, runner: Runner, env: s.EnvironmentReport, now: datetime) -> None:
+def _record_environment(
+    db: Db, runner: Runner, env: s.EnvironmentReport, row: OffloadSession, now: datetime
+) -> None:
     """What a bound environment holds: images and containers for the insights; a running
     container is activity.  Only while active: an idle session's containers are paused, and a
     report racing the pause must not wake it.
@@ -171,8 +184,7 @@ def _record_environment(db: Db, runner: Runner, env: s.EnvironmentReport, now: d
     its highest, so a retried heartbeat or a restarted control plane counts nothing twice.  The
     containers the engine holds are a floor (a runner that does not count creates, or events it
     missed while its stream was down)."""
-    row = db.get(OffloadSession, env.session_id)
-    if row is None or row.runner_id != runner.id or not S(row.state).live:
+    if row.runner_id != runner.id or not S(row.state).live:
         return
     new_images = set(env.images) - set(row.images)
     if new_images:  # bounded: a runaway build loop must not grow the row forever
