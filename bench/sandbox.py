@@ -16,9 +16,10 @@ Four measurements, each printed as a ratio against its target or its earlier fig
    web server in a network namespace of our own on a TEST-NET address (veth to the host),
    against the same download on the runner host itself (target >= 0.5x); in the default bridge
    network, with `--network host` (the sandbox's own namespace), and with other user-mode
-   network settings: slirp4netns's seccomp / sandbox off (rootlesskit options), dockerd's `mtu`
-   (`OFFLOAD_RUNNER_DOCKERD_CONFIG`), and, outside rootlesskit (1.1 has no pasta driver),
-   slirp4netns against pasta on a bare user+network namespace.
+   network settings: the other helper (`OFFLOAD_RUNNER_NETWORK=slirp4netns`, also with its
+   seccomp / sandbox off), dockerd's `mtu` (`OFFLOAD_RUNNER_DOCKERD_CONFIG`) on a user-defined
+   network, and, outside rootlesskit, slirp4netns against pasta on a bare user+network
+   namespace.
 4. memory of an idle environment: RSS and PSS (/proc/PID/smaps_rollup) of each of its processes
    and the cgroup's memory usage; again with one idle running container.
 
@@ -63,7 +64,7 @@ BASELINE = RESULTS / "core_path-20261123T045605Z.json"
 
 import core_path  # noqa: E402  (bench/core_path.py: its deployment helper and its run)
 
-from offload.core.config import RunnerSettings  # noqa: E402
+from offload.core.config import NetworkHelper, RunnerSettings  # noqa: E402
 from offload.core.schemas import InstanceSpec  # noqa: E402
 from offload.core.waiting import wait_until  # noqa: E402
 from offload.runner import cgroups, identities  # noqa: E402
@@ -453,8 +454,11 @@ class ReadyLog(logging.Handler):
             self.ready[m[1]] = float(m[2])
 
 
-def driver_settings(work: Path, dockerd_config: str = "{}") -> RunnerSettings:
+def driver_settings(
+    work: Path, dockerd_config: str = "{}", network: NetworkHelper = "pasta"
+) -> RunnerSettings:
     return RunnerSettings(
+        network=network,
         data_dir=work / "drv",
         run_dir=Path(f"/run/osbd-{os.getpid()}"),
         cgroup_parent=f"osb-drv-{os.getpid()}",
@@ -582,11 +586,12 @@ async def prepare_container(sock: Path, hello: Path, network: str | None, name: 
     return mtu.strip()
 
 
-def slirp_args(identity: identities.Identity) -> str:
+def helper_args(identity: identities.Identity) -> str:
+    """The command line of the sandbox's network helper (pasta or slirp4netns)."""
     for pid in identities.processes_of([identity]):
         with contextlib.suppress(OSError):
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if argv and argv[0].endswith(b"slirp4netns"):
+            if argv and argv[0].endswith((b"slirp4netns", b"pasta")):
                 return " ".join(a.decode() for a in argv if a)
     return "?"
 
@@ -646,35 +651,34 @@ async def driver_parts(work: Path, url: str, quick: bool, creates: int) -> dict[
             variants[label] = {"mb_s": speeds, "median_mb_s": med, "container_mtu": mtu,
                                "over_host_wget": med / ref,
                                "over_host_curl": med / host["curl_median_mb_s"],
-                               "slirp4netns": slirp}  # fmt: skip
+                               "network_helper": slirp}  # fmt: skip
             say(f"   {label:44} {med:8.1f} MB/s  {med / ref:5.2f}x host wget  "
                 f"{med / host['curl_median_mb_s']:5.2f}x curl  (mtu {mtu})")  # fmt: skip
 
-        slirp = slirp_args(rt.identity)
-        say(f"   sandbox's slirp4netns: {slirp}")
-        await measure("sandbox, bridge network (as shipped)", sock, "dl", mtu_bridge, slirp)
+        slirp = helper_args(rt.identity)
+        say(f"   sandbox's network helper: {slirp}")
+        await measure("sandbox, bridge network (as shipped: pasta)", sock, "dl", mtu_bridge, slirp)
         mtu_host = await prepare_container(sock, hello, "host", "dlh")
         await measure("sandbox, --network host", sock, "dlh", mtu_host, slirp)
         await d.destroy(env)
 
         # ---- 3: other settings, one fresh environment each
-        tries: list[tuple[str, dict[str, str], str]] = [
-            ("rootlesskit --slirp4netns-seccomp=false",
-             {"--slirp4netns-seccomp=auto": "--slirp4netns-seccomp=false"}, "{}"),
-            ("rootlesskit --slirp4netns-sandbox=false, -seccomp=false",
+        tries: list[tuple[str, dict[str, str], str, NetworkHelper]] = [
+            ("OFFLOAD_RUNNER_NETWORK=slirp4netns", {}, "{}", "slirp4netns"),
+            ("slirp4netns, rootlesskit --slirp4netns-sandbox=false, -seccomp=false",
              {"--slirp4netns-seccomp=auto": "--slirp4netns-seccomp=false",
-              "--slirp4netns-sandbox=auto": "--slirp4netns-sandbox=false"}, "{}"),
-            ('dockerd_config {"mtu": 65520}', {}, '{"mtu": 65520}'),
+              "--slirp4netns-sandbox=auto": "--slirp4netns-sandbox=false"}, "{}", "slirp4netns"),
+            ('pasta, dockerd_config {"mtu": 65520}', {}, '{"mtu": 65520}', "pasta"),
         ]  # fmt: skip
-        for label, replace, config in tries:
-            dv = Driver(driver_settings(work, config))
+        for label, replace, config, network in tries:
+            dv = Driver(driver_settings(work, config, network))
             drivers.append(dv)
             with rootlesskit_options(replace):
                 e, _ = await dv.create()
             r = dv.driver._runtimes[e.id]
             assert r.identity is not None
             mtu = await prepare_container(e.engine_socket, hello, None, "dl")
-            slirp = slirp_args(r.identity)
+            slirp = helper_args(r.identity)
             await measure(label + ", bridge", e.engine_socket, "dl", mtu, slirp)
             if config != "{}":
                 # dockerd's `mtu` is the default bridge's: a user-defined network (compose's)

@@ -74,12 +74,14 @@ apt_install() {
 
 system_packages() {
   local need=() pair cmd pkg
-  # The runner's sandboxes are built from Docker's rootless parts: rootlesskit, slirp4netns,
-  # newuidmap/newgidmap (uidmap); egress rules need iptables; the pull cache is docker-registry.
+  # The runner's sandboxes are built from Docker's rootless parts: rootlesskit, slirp4netns (the
+  # alternative network helper; pasta is built below), newuidmap/newgidmap (uidmap); egress
+  # rules need iptables; the pull cache is docker-registry; gcc, make, curl, xz build pasta.
   for pair in dockerd:docker.io nsenter:util-linux setpriv:util-linux ip:iproute2 \
     rootlesskit:rootlesskit slirp4netns:slirp4netns newuidmap:uidmap iptables:iptables \
     docker-registry:docker-registry \
-    busybox:busybox-static ssh:openssh-client sshd:openssh-server; do
+    busybox:busybox-static ssh:openssh-client sshd:openssh-server \
+    cc:gcc make:make curl:curl xz:xz-utils; do
     cmd=${pair%%:*}
     pkg=${pair##*:}
     if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ]; then
@@ -87,7 +89,21 @@ system_packages() {
     fi
   done
   [ -x /bin/busybox ] || need+=(busybox-static)
+  [ -e /usr/include/stdio.h ] || need+=(libc6-dev)  # build_pasta.sh compiles against it
   apt_install ${need[@]+"${need[@]}"}
+  pasta_build
+}
+
+# pasta_build: the sandboxes' network helper, built from Debian 13's source (scripts/build_pasta.sh
+# says why Debian 12's will not do). Needs root to write /usr/local/bin.
+pasta_build() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "==> not building pasta (not root): a runner on this machine needs scripts/build_pasta.sh" >&2
+    return 0
+  fi
+  step "build pasta (scripts/build_pasta.sh)" \
+    "Check that deb.debian.org is reachable (or set PASST_URL to a mirror of the tarball), and that gcc and make work, then rerun; or run runners with OFFLOAD_RUNNER_NETWORK=slirp4netns." \
+    "$OFFLOAD_ROOT/scripts/build_pasta.sh"
 }
 
 # find_python: PY is a Python 3.11+ (a stock Debian/Ubuntu image without any python3 gets one).

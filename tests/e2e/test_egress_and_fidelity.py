@@ -2,8 +2,8 @@
 
 Everything goes through Offload as a developer uses it: `docker offload start`, then the real
 docker CLI (and docker-py, docker-compose 1.29) talking to the user's agent, the session's
-rootless engine on the runner, its containers' traffic through slirp4netns and the runner's
-egress rules.
+rootless engine on the runner, its containers' traffic through the network helper (pasta) and
+the runner's egress rules.
 
 "The internet" is a network namespace of this module's own at 198.51.100.10 (TEST-NET-2) with a
 real registry (Debian's `docker-registry`, plain HTTP on :5000) and a web server standing for a
@@ -63,7 +63,7 @@ ALLOWED_RANGE = "10.213.10.0/24"
 PKG = "pkg.txt"
 PKG_CONTENT = "offload-mirror-package 1.2.3\n"
 WAIT = 60.0  # bound of each wait on a condition
-SANDBOX_DNS = "10.0.2.3"  # slirp4netns's DNS forwarder
+SANDBOX_DNS = "10.0.2.3"  # the network helper's DNS forwarder
 CAP_AUDIT_READ = 37
 # Every process's name; a process that ends between the glob and the read is skipped.
 COMMS = "cat /proc/[0-9]*/comm 2>/dev/null || true"
@@ -279,14 +279,15 @@ def test_build_fetches_from_the_mirror(
 # ---- DNS -----------------------------------------------------------------------------------
 
 
-def test_containers_resolve_through_slirp4netns_dns(make_user, hello_context: Path) -> None:
-    """Containers' resolver is slirp4netns's forwarder (10.0.2.3), as in Docker's rootless mode.
+def test_containers_resolve_through_the_helpers_dns(make_user, hello_context: Path) -> None:
+    """Containers' resolver is the network helper's forwarder (10.0.2.3), as in Docker's rootless
+    mode.
 
-    Resolving a name through it is not tested: slirp4netns forwards 10.0.2.3 to the nameservers
-    of the runner's /etc/resolv.conf (here the machine's own resolver, outside anything a test
-    may send traffic to), and slirp's DNS never reads the host's /etc/hosts, so no name resolves
-    deterministically on this closed machine. The runner's egress rule that lets the sandboxes'
-    DNS reach exactly those nameservers is tested with real iptables in
+    Resolving a name through it is not tested: pasta (like slirp4netns) forwards 10.0.2.3 to the
+    nameservers of the runner's /etc/resolv.conf (here the machine's own resolver, outside
+    anything a test may send traffic to), and neither reads the host's /etc/hosts, so no name
+    resolves deterministically on this closed machine. The runner's egress rule that lets the
+    sandboxes' DNS reach exactly those nameservers is tested with real iptables in
     tests/integration/runner/test_egress.py.
     """
     user = started(make_user(), hello_context)
@@ -373,14 +374,15 @@ def test_egress_refusals_next_to_a_reachable_internet(
         )
         assert requests_logged(world.lan_log, f"/{PKG}") == before
 
-        # The runner's loopback (slirp's 10.0.2.2 is the host's, which --disable-host-loopback
-        # takes away) and the runner's own address (refused by the egress rules), while the
-        # same servers answer on the runner host.
+        # The runner's loopback and the runner's own address, while the same servers answer on
+        # the runner host. pasta maps nothing to the runner's loopback (--no-map-gw): the
+        # gateway 10.0.2.2 is then a private address like any other, which the egress rules
+        # refuse (slirp4netns, with --disable-host-loopback, answered "Network is unreachable").
         loop_port, loop_seen = runner_local_servers["127.0.0.1"]
         own_port, own_seen = runner_local_servers[world.host_side]
         assert tcp_answers("127.0.0.1", loop_port) and tcp_answers(world.host_side, own_port)
         for host, port, reason in (
-            ("10.0.2.2", loop_port, "Network is unreachable"),
+            ("10.0.2.2", loop_port, "Connection refused"),
             (world.host_side, own_port, "Connection refused"),
         ):
             result = _wget(user, name, f"http://{host}:{port}/")
@@ -426,7 +428,8 @@ def test_privileged_and_host_namespaces(make_user, hello_context: Path) -> None:
         # --pid=host: the sandbox's processes (its dockerd), none of the runner's.
         comms = user.docker("run", "--rm", "--pid=host", "hello", "sh", "-c", COMMS).stdout.split()
         assert "dockerd" in comms and "containerd" in comms, comms
-        for outside in ("slirp4netns", "offload", "python3", "sshd", "systemd"):
+        for outside in ("pasta", "passt", "passt.avx2", "slirp4netns", "offload", "python3",
+                        "sshd", "systemd"):  # fmt: skip
             assert outside not in comms, comms
         own = user.docker("run", "--rm", "hello", "sh", "-c", COMMS).stdout
         assert "dockerd" not in own.split()

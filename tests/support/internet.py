@@ -1,7 +1,7 @@
 """Stand-ins for "the internet" and for a private LAN, all on this machine.
 
 Each is a network namespace of the test's own with a veth pair to the host namespace (where the
-runner and its sandboxes' slirp4netns run): addresses on the host side give the host a connected
+runner and its sandboxes' network helpers run): addresses on the host side give the host a connected
 route to the namespace, so no traffic ever leaves this machine.
 
 - `internet()`: a namespace at 198.51.100.10/24 (TEST-NET-2; the host side is 198.51.100.1;

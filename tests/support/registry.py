@@ -3,7 +3,7 @@
 Plain HTTP without auth, or TLS (a certificate of the test's CA, `tests.support.pki`) with
 htpasswd auth (bcrypt, the only hash distribution accepts); filesystem storage under a directory
 of the test's own. Started inside a network namespace (`tests.support.internet`), so the
-sandboxes reach it through slirp4netns and the runner's egress rules, like a public registry.
+sandboxes reach it through their network helper and the runner's egress rules, like a public registry.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from offload.core.defaults import DEFAULT_SERVER_PORT, DEFAULT_SSH_PORT
 
+NetworkHelper = Literal["pasta", "slirp4netns"]
+
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OFFLOAD_", extra="ignore")
@@ -92,6 +94,9 @@ class RunnerSettings(BaseSettings):
     cgroup_mode: Literal["auto", "v1", "v2"] = "auto"
     dockerd: str = "dockerd"
     rootlesskit: str = "rootlesskit"
+    # The sandboxes' user-mode network helper: pasta (Debian `passt`; about twice slirp4netns's
+    # download speed, bench/pasta_probe.py) or slirp4netns (Docker's rootless default).
+    network: NetworkHelper = "pasta"
     dockerd_start_timeout_s: float = Field(default=30.0, gt=0)
     # Each environment runs as an unprivileged identity of its own: uid (= gid) base + slot,
     # subordinate ids subid_base + slot * 65536 (see offload.runner.identities).

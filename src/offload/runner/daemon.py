@@ -1,6 +1,6 @@
 """`offload runner`: the runner daemon.
 
-Start-up: check the host (root, dockerd, rootlesskit, slirp4netns, uidmap, iptables, user
+Start-up: check the host (root, dockerd, rootlesskit, pasta or slirp4netns, uidmap, iptables, user
 namespaces, cgroups), install the egress rules of the sandboxes, wipe what a previous runner
 process left, load (or create) the SSH host key, start warming environments, register with the
 control plane (retrying while it is unreachable), then serve the SSH endpoint.

@@ -1,8 +1,9 @@
 """Runner-side egress rules for sandboxed engines: what a session's containers may connect to.
 
-Each rootless engine reaches the outside world through slirp4netns, which runs in the runner's
-own network namespace as that environment's identity (a host uid of the runner's range): every
-outbound connection of a sandbox is an ordinary socket of a process owned by such a uid. So one
+Each rootless engine reaches the outside world through its network helper (pasta, or
+slirp4netns), which runs in the runner's own network namespace as that environment's identity
+(a host uid of the runner's range): every outbound connection of a sandbox is an ordinary
+socket of a process owned by such a uid. So one
 `-m owner --uid-owner LO-HI` jump in the runner's OUTPUT chain catches all of them, and nothing
 in a sandbox can change the rules (it holds no capability in the runner's namespace).
 
@@ -12,7 +13,7 @@ The chain (`OFFLOAD-EGRESS` by default; IPv4 through `iptables`, IPv6 through `i
    connection someone else opened to a sandbox's socket (a published port), and connections
    that were allowed when they started;
 2. DNS (udp and tcp port 53) to exactly the nameservers of the runner's resolv.conf, read at
-   install time: slirp4netns forwards the sandbox's 10.0.2.3 there, and they are often private
+   install time: the helper forwards the sandbox's 10.0.2.3 there, and they are often private
    or loopback addresses; with no `nameserver` line, 127.0.0.1 and ::1 (glibc's default);
 3. the runner's own services for sandboxes (its pull cache: one address and tcp port each);
 4. never, refused whatever the operator says: the runner's own addresses (`addrtype LOCAL`),
@@ -28,8 +29,9 @@ the last word on what it lets out. The jump is the first rule of OUTPUT, so no e
 lets a sandbox past it. Refusals are at once, never a silent drop (second chain
 `<chain>-REJECT`): TCP gets a reset, so connect() fails with "connection refused"; other
 protocols get icmp(6) port-unreachable, and as the packet is refused on its way out of this
-host, a UDP send() already fails (EPERM) in slirp4netns, whose UDP code answers a failed send
-with an ICMP unreachable to the container (read in libslirp's udp.c, not measured here).
+host, a UDP send() already fails (EPERM) in the helper (libslirp answers a failed send with an
+ICMP unreachable to the container, read in its udp.c; tests/integration/runner/test_egress.py
+measures what a container sees).
 
 `install` and `uninstall` each run as one `iptables-restore --noflush` transaction per family:
 a re-install (new allowed ranges, a restarted runner) never leaves a moment without rules, and

@@ -5,9 +5,10 @@ Each environment's engine runs under an unprivileged host identity of its own
 cgroup namespaces, on a private root filesystem (`sandbox_init.sh`: only /usr of the host is
 shared, read-only).  Inside, everything a local engine allows works (privileged containers,
 host namespaces, swarm): it all stays in the sandbox.  Containers reach the outside world
-through slirp4netns, confined by the runner's egress rules.  The runner keeps from outside what
-the tenant must not change: the cgroups with the instance type's limits (the sandbox manages
-its own children below them), the authorization plugin (a second wall), the egress rules.
+through the network helper (pasta, or slirp4netns), confined by the runner's egress rules.
+The runner keeps from outside what the tenant must not change: the cgroups with the instance
+type's limits (the sandbox manages its own children below them), the authorization plugin (a
+second wall), the egress rules.
 A GPU environment is made for the GPUs it is given (`create(spec, gpu_uuids)`): their device
 nodes are the only NVIDIA ones in its sandbox, and its teardown kills whatever NVML still sees
 running on them (`offload.runner.gpus`).
@@ -75,7 +76,7 @@ from offload.runner.driver import (
 from offload.runner.gpus import GpuInventory, SandboxGpu, Toolkit
 from offload.runner.identities import Identity, IdentityRange
 from offload.runner.registry_trust import EngineRegistries
-from offload.runner.sandbox import SLIRP_MTU, SandboxGpus, SandboxSpec
+from offload.runner.sandbox import HELPER_MTU, SandboxGpus, SandboxSpec
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +421,7 @@ class RootlessDriver:
             area_socket=_area_listener(paths),
             rootlesskit=self.settings.rootlesskit,
             dockerd=self.settings.dockerd,
+            network=self.settings.network,
             gpu=self._sandbox_gpus(rt),
             gpu_pci=pci,
         )
@@ -926,9 +928,9 @@ def engine_config(
     if mirrors:
         theirs = [str(m) for m in config.get("registry-mirrors", []) if m not in mirrors]
         config["registry-mirrors"] = [*mirrors, *theirs]
-    # The bridge's MTU as slirp4netns's tap0: at docker's 1500 a container downloads at half
-    # the speed (bench/sandbox.py). The operator's setting wins.
-    config.setdefault("mtu", SLIRP_MTU)
+    # The bridge's MTU as the network helper's tap0: at docker's 1500 a container downloads at
+    # half the speed (bench/sandbox.py). The operator's setting wins.
+    config.setdefault("mtu", HELPER_MTU)
     labels = [str(label) for label in config.get("labels", [])]
     config["labels"] = [*labels, f"{ENV_LABEL}={env_id}", f"{ISOLATION_LABEL}={ISOLATION}"]
     return config
@@ -973,8 +975,8 @@ def _create_error(env_id: str, exc: Exception, tail: str) -> EnvironmentError_:
         if isinstance(exc, OffloadError) and exc.fix
         else (
             "Run the runner as root with `apt-get install docker.io rootlesskit slirp4netns "
-            "uidmap iptables iproute2`, and read the log lines above (`offload diagnose` "
-            "checks the host)."
+            "uidmap iptables iproute2` and `scripts/build_pasta.sh`, and read the log lines "
+            "above (`offload diagnose` checks the host)."
         )
     )
     return EnvironmentError_(message, fix)

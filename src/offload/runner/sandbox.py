@@ -2,16 +2,20 @@
 
     sh JOIN_CGROUPS  (root: joins the environment's cgroups, then drops to the identity)
       setpriv --reuid=ID --regid=ID --clear-groups
-        rootlesskit --net=slirp4netns --disable-host-loopback --pidns --cgroupns --utsns --ipcns
+        rootlesskit --net=slirp4netns [--slirp4netns-binary=pasta_as_slirp4netns.sh]
+                    --disable-host-loopback --pidns --cgroupns --utsns --ipcns
           sh sandbox_init.sh  (root of the new user namespace: private root, pivot_root)
             dockerd ...
 
 rootlesskit (Docker's own rootless mode is built on it) makes the user namespace with the
-identity's subordinate ids through `newuidmap`/`newgidmap`, and the network namespace with
-slirp4netns in sandbox and seccomp mode: user-mode networking, so the engine and its containers
-reach the outside world as an unprivileged process of the runner, which the runner's egress
-rules (`offload.runner.egress`) confine.  No port is published on the runner host
-(`--port-driver=none`): the runner reaches published ports inside the namespace itself.
+identity's subordinate ids through `newuidmap`/`newgidmap`, and the network namespace with a
+user-mode network helper: pasta by default (`pasta_as_slirp4netns.sh`: rootlesskit 1.1 has no
+pasta driver, so pasta stands in for slirp4netns), or slirp4netns in sandbox and seccomp mode
+(`OFFLOAD_RUNNER_NETWORK=slirp4netns`). Either way the engine and its containers reach the
+outside world through an unprivileged process of the runner, which the runner's egress rules
+(`offload.runner.egress`) confine; pasta downloads at about twice slirp4netns's speed.  No
+port is published on the runner host (`--port-driver=none`): the runner reaches published ports
+inside the namespace itself.
 
 What rootlesskit does not do is written in `sandbox_init.sh`: a private root filesystem in place
 of `--copy-up`, which leaves the whole host visible (merely unreadable where permissions say so).
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from offload.core.config import NetworkHelper
 from offload.runner.identities import Identity
 
 # Joins the cgroups named by its arguments, then execs the rest: a wrapper rather than a
@@ -38,11 +43,21 @@ INNER_SOCKET = "/run/offload/docker.sock"
 INNER_EXEC_ROOT = "/run/docker"
 INNER_DATA_ROOT = "/var/lib/docker"
 INNER_CONFIG = "/etc/docker/daemon.json"
-SLIRP_MTU = 65520  # tap0 in the sandbox; the engine's bridge gets the same (environment.py)
+# The sandbox's PATH, also where the runner's host checks look for the network helper.
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HELPER_MTU = 65520  # tap0 in the sandbox; the engine's bridge gets the same (environment.py)
 
 
 def init_script() -> Path:
-    return Path(str(resources.files("offload.runner").joinpath("sandbox_init.sh")))
+    return _packaged("sandbox_init.sh")
+
+
+def pasta_wrapper() -> Path:
+    return _packaged("pasta_as_slirp4netns.sh")
+
+
+def _packaged(name: str) -> Path:
+    return Path(str(resources.files("offload.runner").joinpath(name)))
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,7 @@ class SandboxSpec:
     area_socket: str | None  # a second engine listener in the mount area, if the path fits
     rootlesskit: str = "rootlesskit"
     dockerd: str = "dockerd"
+    network: NetworkHelper = "pasta"
     gpu: SandboxGpus | None = None  # a GPU environment's devices and hook
     gpu_pci: tuple[str, ...] = ()  # /proc/driver/nvidia/gpus entries left in view
 
@@ -99,14 +115,19 @@ class SandboxSpec:
         args = [
             self.rootlesskit,
             f"--state-dir={self.state_dir}",
-            "--net=slirp4netns", f"--mtu={SLIRP_MTU}", "--disable-host-loopback",
-            "--slirp4netns-sandbox=auto", "--slirp4netns-seccomp=auto",
+            "--net=slirp4netns", f"--mtu={HELPER_MTU}", "--disable-host-loopback",
+            *self._network_helper(),
             "--port-driver=none", "--subid-source=static",
             "--pidns", "--cgroupns", "--utsns", "--ipcns",
         ]  # fmt: skip
         if self.evacuate_cgroup2:
             args.append("--evacuate-cgroup2=init")
         return args
+
+    def _network_helper(self) -> list[str]:
+        if self.network == "pasta":
+            return [f"--slirp4netns-binary={pasta_wrapper()}"]
+        return ["--slirp4netns-sandbox=auto", "--slirp4netns-seccomp=auto"]
 
     def _dockerd(self) -> list[str]:
         listeners = ["-H", f"unix://{INNER_SOCKET}"]
@@ -127,7 +148,7 @@ class SandboxSpec:
     def environment(self) -> dict[str, str]:
         """The process environment: nothing of the runner's own (tokens live there)."""
         return {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PATH": SANDBOX_PATH,
             "HOME": str(self.state_dir),
             "XDG_RUNTIME_DIR": str(self.state_dir),
             "OFFLOAD_SB_ROOT": str(self.root),

@@ -65,7 +65,7 @@ printf 'root:x:0:\ndocker:x:0:\nnogroup:x:65534:\n' >"$R/etc/group"
 printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t%s\n' \
   "$OFFLOAD_SB_HOSTNAME" >"$R/etc/hosts"
 echo "$OFFLOAD_SB_HOSTNAME" >"$R/etc/hostname"
-echo "nameserver 10.0.2.3" >"$R/etc/resolv.conf"  # slirp4netns's DNS forwarder
+echo "nameserver 10.0.2.3" >"$R/etc/resolv.conf"  # the network helper's DNS forwarder (pasta or slirp4netns)
 ln -s /proc/self/mounts "$R/etc/mtab"
 cp "$OFFLOAD_SB_CONFIG" "$R/etc/docker/daemon.json"
 if [ -n "$OFFLOAD_SB_NVIDIA_CONFIG" ]; then
