@@ -18,8 +18,8 @@ Four measurements, each printed as a ratio against its target or its earlier fig
    network, with `--network host` (the sandbox's own namespace), and with other user-mode
    network settings: the other helper (`OFFLOAD_RUNNER_NETWORK=slirp4netns`, also with its
    seccomp / sandbox off), dockerd's `mtu` (`OFFLOAD_RUNNER_DOCKERD_CONFIG`) on a user-defined
-   network, and, outside rootlesskit, slirp4netns against pasta on a bare user+network
-   namespace.
+   network (at 1500, and with the MTU the agent gives it), and, outside rootlesskit,
+   slirp4netns on a bare user+network namespace.
 4. memory of an idle environment: RSS and PSS (/proc/PID/smaps_rollup) of each of its processes
    and the cgroup's memory usage; again with one idle running container.
 
@@ -65,6 +65,7 @@ BASELINE = RESULTS / "core_path-20261123T045605Z.json"
 import core_path  # noqa: E402  (bench/core_path.py: its deployment helper and its run)
 
 from offload.core.config import NetworkHelper, RunnerSettings  # noqa: E402
+from offload.core.defaults import SANDBOX_MTU  # noqa: E402
 from offload.core.schemas import InstanceSpec  # noqa: E402
 from offload.core.waiting import wait_until  # noqa: E402
 from offload.runner import cgroups, identities  # noqa: E402
@@ -682,11 +683,18 @@ async def driver_parts(work: Path, url: str, quick: bool, creates: int) -> dict[
             await measure(label + ", bridge", e.engine_socket, "dl", mtu, slirp)
             if config != "{}":
                 # dockerd's `mtu` is the default bridge's: a user-defined network (compose's)
-                # keeps 1500 unless it says otherwise
+                # keeps 1500 unless it says otherwise, as it does when created through the agent
+                # (offload.agent.networks adds the sandbox's MTU; this talks to the engine)
                 docker = ["docker", "-H", f"unix://{e.engine_socket}"]
                 await arun([*docker, "network", "create", "usernet"])
                 mtu = await prepare_container(e.engine_socket, hello, "usernet", "dlu")
-                await measure(label + ", user-defined network", e.engine_socket, "dlu", mtu, slirp)
+                await measure(label + ", user-defined network at 1500", e.engine_socket, "dlu",
+                              mtu, slirp)  # fmt: skip
+                await arun([*docker, "network", "create", "-o",
+                            f"com.docker.network.driver.mtu={SANDBOX_MTU}", "agentnet"])  # fmt: skip
+                mtu = await prepare_container(e.engine_socket, hello, "agentnet", "dla")
+                await measure(label + ", user-defined network as the agent creates it",
+                              e.engine_socket, "dla", mtu, slirp)  # fmt: skip
             await dv.destroy(e)
         out["download"] = {"host": host, "container": variants}
     finally:
@@ -698,12 +706,13 @@ async def driver_parts(work: Path, url: str, quick: bool, creates: int) -> dict[
     return out
 
 
-# ---- 3 (raw): slirp4netns against pasta, outside rootlesskit ---------------------------------
+# ---- 3 (raw): slirp4netns alone, outside rootlesskit ---------------------------------
 
 
 def raw_usermode(url: str, n: int) -> dict[str, Any]:
     """busybox wget in a bare user+network namespace of `nobody`, through slirp4netns (flags as
-    rootlesskit passes them, and fewer) or pasta: the user-mode stack alone, no bridge."""
+    rootlesskit passes them, and fewer): the user-mode stack alone, no bridge (pasta, the
+    default helper, is measured in the sandbox in part 3 and by bench/pasta_probe.py)."""
     say("\n== 3'. raw user-mode networking (nobody's user+net namespace, host busybox wget)")
     as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     holder = subprocess.Popen(
@@ -732,15 +741,11 @@ def raw_usermode(url: str, n: int) -> dict[str, Any]:
         assert pid is not None
         enter = ["nsenter", "-t", str(pid), "-U", "-n", "--preserve-credentials"]
         slirp = ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback"]
-        pasta = ["pasta", "--config-net", "--mtu", "65520", "-q", "-f",
-                 "-t", "none", "-u", "none", "-T", "none", "-U", "none",
-                 "--netns", f"/proc/{pid}/ns/net", "--userns", f"/proc/{pid}/ns/user"]  # fmt: skip
         tries = {
             "slirp4netns --enable-sandbox --enable-seccomp (rootlesskit's)":
                 [*slirp, "--enable-sandbox", "--enable-seccomp", str(pid), "tap0"],
             "slirp4netns --enable-sandbox": [*slirp, "--enable-sandbox", str(pid), "tap0"],
             "slirp4netns (no sandbox, no seccomp)": [*slirp, str(pid), "tap0"],
-            "pasta --mtu 65520": pasta,
         }  # fmt: skip
         for label, argv in tries.items():
             proc = subprocess.Popen(

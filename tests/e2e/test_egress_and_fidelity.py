@@ -595,3 +595,35 @@ def test_docker_in_docker(make_user, tmp_path: Path) -> None:
         assert inner.stdout == "inner ok\n"
     finally:
         user.docker("rm", "-f", "-v", name, check=False)
+
+
+def test_user_defined_bridge_networks_get_the_sandboxs_mtu(make_user, hello_context: Path) -> None:
+    """dockerd 20.10 gives user-defined networks (compose's) 1500, at which downloads through
+    the network helper crawl: the agent adds the sandbox's MTU to bridge network creates that
+    name none, and leaves a client's own MTU alone (offload.agent.networks)."""
+    user = started(make_user(), hello_context)
+    user.docker("network", "create", "plain")
+    user.docker("network", "create", "-o", "com.docker.network.driver.mtu=1400", "own")
+    try:
+        for network, mtu in (("bridge", "65520"), ("plain", "65520"), ("own", "1400")):
+            seen = user.docker(
+                "run", "--rm", "--network", network, "hello", "cat", "/sys/class/net/eth0/mtu"
+            ).stdout.strip()
+            assert seen == mtu, (network, seen)
+        options = user.docker("network", "inspect", "plain", "--format", "{{json .Options}}")
+        assert json.loads(options.stdout) == {"com.docker.network.driver.mtu": "65520"}
+        # The raw API with an odd spelling of the key, as dockerd reads it.
+        client = _client(user)
+        made = client.api.post(
+            client.api._url("/networks/create"),
+            data=json.dumps(
+                {"name": "odd", "options": {"com.docker.network.bridge.name": "br-odd"}}
+            ),
+            headers={"Content-Type": "application/json"},
+        )
+        assert made.status_code == 201, made.text
+        odd = client.networks.get("odd").attrs["Options"]
+        assert odd == {"com.docker.network.bridge.name": "br-odd",
+                       "com.docker.network.driver.mtu": "65520"}  # fmt: skip
+    finally:
+        user.docker("network", "rm", "plain", "own", "odd", check=False)

@@ -1,6 +1,7 @@
 """Container creates with laptop bind mounts: find them in a client's bytes, sync, rewrite.
 
-The proxy splices bytes unchanged, except for one request: `POST (/vX.Y)?/containers/create`.
+The proxy splices bytes unchanged, except for two requests: `POST (/vX.Y)?/containers/create`,
+and `POST (/vX.Y)?/networks/create` (which gets the sandbox's MTU: `offload.agent.networks`).
 `RequestScanner` follows the requests of one client connection (keep-alive connections carry
 several) with h11 and hands every byte on at once, except a container create, which it holds
 until its body is complete. The scan stops for good at the first upgrade or hijack (attach, exec
@@ -29,6 +30,7 @@ import h11
 
 from offload.agent.bind_sources import BindSources, ResponseKind
 from offload.agent.binds import BindSync, has_laptop_binds, rewrite_create_body
+from offload.agent.networks import NETWORK_CREATE
 from offload.sync.laptop import SyncManager
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,11 @@ class CreateRequest:
     request: h11.Request
     body: bytes  # decoded (de-chunked)
     raw: bytes  # exactly the bytes the client sent for it
+
+    @property
+    def network(self) -> bool:
+        """A network create (`offload.agent.networks`), not a container create."""
+        return NETWORK_CREATE.fullmatch(self.request.target) is not None
 
     def encode(self, body: bytes) -> bytes:
         """The request as bytes with `body` in place of its own (Content-Length fixed)."""
@@ -315,8 +322,11 @@ def _route_of_line(line: bytes, current: Route) -> Route:
 
 
 def _is_create_line(line: bytes) -> bool:
+    """A container create, or a network create (held for `offload.agent.networks`)."""
     parts = line.split(b" ")
-    return len(parts) == 3 and parts[0] == b"POST" and _CREATE.fullmatch(parts[1]) is not None
+    if len(parts) != 3 or parts[0] != b"POST":
+        return False
+    return _CREATE.fullmatch(parts[1]) is not None or NETWORK_CREATE.fullmatch(parts[1]) is not None
 
 
 def _names_bind_sources(request: h11.Request) -> ResponseKind | None:

@@ -45,6 +45,7 @@ import asyncssh
 from offload.agent.activity import ActivityTracker
 from offload.agent.bind_sources import ResponseKind
 from offload.agent.intercept import CreateRequest, RequestScanner, Route
+from offload.agent.networks import with_sandbox_mtu
 from offload.agent.responses import ResponseRewriter
 from offload.agent.tunnel import Tunnel
 from offload.core.errors import InvalidInput, OffloadError
@@ -407,7 +408,12 @@ class _ClientPipe(asyncio.Protocol):
         assert hook is not None
         try:
             await self._until_settled()  # the session is awake and its engine channel open
-            body = create.body if self._refusing is not None else await hook.prepare(create.body)
+            if self._refusing is not None:
+                body = create.body
+            elif create.network:
+                body = with_sandbox_mtu(create.body)
+            else:
+                body = await hook.prepare(create.body)
         except OffloadError as exc:
             status = 400 if isinstance(exc, InvalidInput) else 502
             fix = f" {exc.fix}" if exc.fix else ""

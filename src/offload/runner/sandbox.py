@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from offload.core.config import NetworkHelper
+from offload.core.defaults import SANDBOX_MTU
 from offload.runner.identities import Identity
 
 # Joins the cgroups named by its arguments, then execs the rest: a wrapper rather than a
@@ -45,7 +46,7 @@ INNER_DATA_ROOT = "/var/lib/docker"
 INNER_CONFIG = "/etc/docker/daemon.json"
 # The sandbox's PATH, also where the runner's host checks look for the network helper.
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-HELPER_MTU = 65520  # tap0 in the sandbox; the engine's bridge gets the same (environment.py)
+HELPER_MTU = SANDBOX_MTU  # tap0 in the sandbox; the engine's bridges get the same
 
 
 def init_script() -> Path:

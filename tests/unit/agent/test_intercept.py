@@ -185,3 +185,17 @@ async def test_a_prepared_create_remembers_its_laptop_sources(tmp_path: Path) ->
     remote = rewritten.split(":")[0]
     assert remote == f"/area/{stable_id(str(project))}"
     assert creates.sources.laptop_source(remote) == str(project)
+
+
+@pytest.mark.parametrize("step", [1, 13, 100_000])
+def test_network_creates_are_held_too_and_told_apart(step: int) -> None:
+    body = b'{"Name":"app_default","Driver":"bridge"}'
+    network = (
+        b"POST /v1.41/networks/create HTTP/1.1\r\nHost: docker\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    listing = b"GET /v1.41/networks HTTP/1.1\r\nHost: docker\r\n\r\n"
+    stream = PING + network + listing + CREATE + PING
+    out, held = run(stream, step)
+    assert out == stream
+    assert [(c.network, c.body) for c in held] == [(True, body), (False, BODY)]
