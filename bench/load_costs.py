@@ -195,3 +195,40 @@ async def _costs(
 
     out["lifecycle_tick"] = await _measure(counter, 3, tick)
     return out
+
+
+def main() -> None:
+    """`python -m bench.load_costs`: the costs alone, printed and written to bench/results/."""
+    import argparse
+    import asyncio
+    import json
+    from datetime import UTC, datetime
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=100, help="live sessions")
+    parser.add_argument("--runners", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=30, help="requests per endpoint")
+    parser.add_argument("--database-url", help="default: SQLite in a temp dir")
+    parser.add_argument("--label", default="", help="a word for the results file name")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    costs = asyncio.run(measure_costs(args.sessions, args.runners, args.samples, args.database_url))
+    for name, row in costs.items():
+        if isinstance(row, dict):
+            print(f"{name:15} {row['statements']:>5} statements {row['cpu_ms']:>8} ms CPU")
+    if args.no_write:
+        return
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = (
+        sup.REPO
+        / "bench"
+        / "results"
+        / f"costs-{stamp}{'-' + args.label if args.label else ''}.json"
+    )
+    report = {"args": vars(args), "machine": sup.describe_machine(), "costs": costs}
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {out.relative_to(sup.REPO)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,9 @@ _runner_bearer = HTTPBearer(
 Credentials = HTTPAuthorizationCredentials | None
 
 
-def get_context(request: Request) -> ServerContext:
+async def get_context(request: Request) -> ServerContext:
+    # async: FastAPI runs a plain `def` dependency on a worker thread, a thread hop per request
+    # for one attribute lookup.
     context: ServerContext = request.app.state.context
     return context
 

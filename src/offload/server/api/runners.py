@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from offload.core import schemas as s
 from offload.server.api.deps import Context, CurrentRunner
+from offload.server.api.responses import model_response
 from offload.server.services import runners
 
 router = APIRouter(prefix="/runners", tags=["runners"])
@@ -20,7 +21,7 @@ async def register(
     return await runners.register_runner(ctx, runner, body)
 
 
-@router.post("/{runner_id}/heartbeat")
+@router.post("/{runner_id}/heartbeat", response_model=s.RunnerDesired)
 async def heartbeat(
     ctx: Context,
     runner: CurrentRunner,
@@ -30,8 +31,8 @@ async def heartbeat(
         float,
         Query(description="long poll: seconds to wait for a change (clamped to 0..60)"),
     ] = 0.0,
-) -> s.RunnerDesired:
-    return await runners.heartbeat(ctx, runner, runner_id, body, wait)
+) -> Response:
+    return model_response(await runners.heartbeat(ctx, runner, runner_id, body, wait))
 
 
 @router.get("/{runner_id}/sessions/{session_id}")

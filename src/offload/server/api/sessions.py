@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from offload.core import schemas as s
 from offload.server.api.deps import Context, CurrentUser
+from offload.server.api.responses import model_response
 from offload.server.services import sessions
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
@@ -27,11 +28,12 @@ async def get_session(ctx: Context, user: CurrentUser, session_id: str) -> s.Ses
     return await sessions.get_session(ctx, user, session_id)
 
 
-@router.post("/{session_id}/certificate")
+@router.post("/{session_id}/certificate", response_model=s.SessionInfo)
 async def renew_certificate(
     ctx: Context, user: CurrentUser, session_id: str, body: s.CertificateRequest
-) -> s.SessionInfo:
-    return await sessions.renew_certificate(ctx, user, session_id, body.client_public_key)
+) -> Response:
+    info = await sessions.renew_certificate(ctx, user, session_id, body.client_public_key)
+    return model_response(info)
 
 
 @router.post("/{session_id}/stop")
@@ -39,11 +41,11 @@ async def stop_session(ctx: Context, user: CurrentUser, session_id: str) -> s.Se
     return await sessions.stop_session(ctx, user, session_id)
 
 
-@router.post("/{session_id}/activity")
+@router.post("/{session_id}/activity", response_model=s.SessionInfo)
 async def report_activity(
     ctx: Context, user: CurrentUser, session_id: str, body: s.ActivityReport
-) -> s.SessionInfo:
-    return await sessions.report_activity(ctx, user, session_id, body)
+) -> Response:
+    return model_response(await sessions.report_activity(ctx, user, session_id, body))
 
 
 @router.post("/{session_id}/prompt")

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session as Db
 
 from offload.core import schemas as s
@@ -174,8 +174,12 @@ def standing(terms: Terms, pieces: list[ledger.Piece], now: datetime) -> Standin
 # ---- database -----------------------------------------------------------------------------------
 
 
+# Built once (services/ledger.py says why): every activity report reads it.
+_BILLING_ROW = select(OrgBillingRow).where(OrgBillingRow.org_id == bindparam("org_id"))
+
+
 def _row(db: Db, org: Organization) -> OrgBillingRow | None:
-    return db.get(OrgBillingRow, org.id)
+    return db.scalars(_BILLING_ROW, {"org_id": org.id}).one_or_none()
 
 
 def _credit_rows(db: Db, org: Organization) -> list[TrialCreditRow]:
@@ -211,6 +215,9 @@ def org_standing(db: Db, org: Organization, now: datetime) -> tuple[Terms, Stand
 
 
 def minutes_left(db: Db, org: Organization, instance_type: str, now: datetime) -> float | None:
+    row = _row(db, org)
+    if row is None or row.committed_minutes_per_month is None:
+        return None  # unmetered (the self-hosted default): no limit, no credits to read
     terms, current = org_standing(db, org, now)
     return current.minutes_left(terms.rate(instance_type))
 

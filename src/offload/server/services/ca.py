@@ -6,6 +6,7 @@ session (principal = session id) and a short validity, and the runner trusts onl
 
 from __future__ import annotations
 
+import functools
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -65,10 +66,19 @@ class CertificateAuthority:
         return self._key.export_public_key("openssh").decode().strip()
 
     def sign_session_certificate(
-        self, client_public_key_line: str, session_id: str, now: datetime, valid_for_s: int
+        self,
+        client_public_key: str | asyncssh.SSHKey,
+        session_id: str,
+        now: datetime,
+        valid_for_s: int,
     ) -> tuple[str, datetime]:
-        """A user certificate for the session's client key; returns (OpenSSH text, valid_before)."""
-        user_key = parse_public_key(client_public_key_line)
+        """A user certificate for the session's client key (a line, or the key parse_public_key
+        made of it); returns (OpenSSH text, valid_before)."""
+        user_key = (
+            parse_public_key(client_public_key)
+            if isinstance(client_public_key, str)
+            else client_public_key
+        )
         valid_before = now + timedelta(seconds=valid_for_s)
         cert = self._key.generate_user_certificate(
             user_key,
@@ -88,6 +98,7 @@ class CertificateAuthority:
         return cert.export_certificate("openssh").decode().strip(), valid_before
 
 
+@functools.lru_cache(maxsize=4096)  # every heartbeat's answer shows each session's key
 def key_fingerprint(public_key_line: str) -> str | None:
     """`SHA256:…` of an OpenSSH public key line (what asyncssh and ssh-keygen -l print)."""
     try:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import BindParameter, bindparam, or_, select
 from sqlalchemy.orm import Session as Db
 
 from offload.core.schemas import InstanceType
@@ -147,8 +147,19 @@ def _rows(db: Db, session_id: str) -> list[LedgerInterval]:
     )
 
 
+# Every answer about a session runs these two: columns, not ORM rows (no identity map to fill),
+# in statements built once with bind parameters (building a statement and its cache key costs
+# more than SQLite takes to run it).
+_SESSION_INTERVALS = (
+    select(LedgerInterval.start, LedgerInterval.end)
+    .where(LedgerInterval.session_id == bindparam("session_id"))
+    .order_by(LedgerInterval.start, LedgerInterval.id)
+)
+
+
 def session_intervals(db: Db, session_id: str) -> list[Interval]:
-    return [Interval(row.start, row.end) for row in _rows(db, session_id)]
+    rows = db.execute(_SESSION_INTERVALS, {"session_id": session_id})
+    return [Interval(start, end) for start, end in rows]
 
 
 def _apply(db: Db, session: OffloadSession, new: list[Interval]) -> None:
@@ -191,33 +202,56 @@ class Piece:
     interval: Interval
 
 
-def _overlapping(lo: datetime, hi: datetime):  # type: ignore[no-untyped-def]
+_When = datetime | BindParameter[datetime]  # a bound value, or a parameter of a prebuilt statement
+
+
+def _overlapping(lo: _When, hi: _When):  # type: ignore[no-untyped-def]
     return (LedgerInterval.start < hi) & or_(LedgerInterval.end.is_(None), LedgerInterval.end > lo)
 
 
-def user_pieces(db: Db, user_id: str, lo: datetime, hi: datetime) -> list[Piece]:
-    rows = db.scalars(
-        select(LedgerInterval)
-        .where(LedgerInterval.user_id == user_id, _overlapping(lo, hi))
-        .order_by(LedgerInterval.start)
+_USER_PIECES = (
+    select(
+        LedgerInterval.session_id,
+        LedgerInterval.instance_type,
+        LedgerInterval.start,
+        LedgerInterval.end,
     )
-    return [Piece(r.session_id, r.instance_type, Interval(r.start, r.end)) for r in rows]
+    .where(
+        LedgerInterval.user_id == bindparam("user_id"),
+        _overlapping(
+            bindparam("lo", type_=LedgerInterval.start.type),
+            bindparam("hi", type_=LedgerInterval.start.type),
+        ),
+    )
+    .order_by(LedgerInterval.start)
+)
+
+
+def user_pieces(db: Db, user_id: str, lo: datetime, hi: datetime) -> list[Piece]:
+    rows = db.execute(_USER_PIECES, {"user_id": user_id, "lo": lo, "hi": hi})
+    return [Piece(sid, kind, Interval(start, end)) for sid, kind, start, end in rows]
 
 
 def org_pieces(db: Db, org_id: str, lo: datetime, hi: datetime) -> list[Piece]:
     """What the organisation is billed for: its sessions' time and its builder's time."""
-    rows = db.scalars(
-        select(LedgerInterval)
+    columns = (LedgerInterval.session_id, LedgerInterval.instance_type)
+    rows = db.execute(
+        select(*columns, LedgerInterval.start, LedgerInterval.end)
         .where(LedgerInterval.org_id == org_id, _overlapping(lo, hi))
         .order_by(LedgerInterval.start)
     )
-    pieces = [Piece(r.session_id, r.instance_type, Interval(r.start, r.end)) for r in rows]
-    builds = db.scalars(
-        select(BuilderInterval).where(
+    pieces = [Piece(sid, kind, Interval(start, end)) for sid, kind, start, end in rows]
+    builds = db.execute(
+        select(
+            BuilderInterval.session_id,
+            BuilderInterval.instance_type,
+            BuilderInterval.start,
+            BuilderInterval.end,
+        ).where(
             BuilderInterval.org_id == org_id, BuilderInterval.start < hi, BuilderInterval.end > lo
         )
     )
-    pieces += [Piece(r.session_id, r.instance_type, Interval(r.start, r.end)) for r in builds]
+    pieces += [Piece(sid, kind, Interval(start, end)) for sid, kind, start, end in builds]
     return sorted(pieces, key=lambda piece: piece.interval.start)
 
 

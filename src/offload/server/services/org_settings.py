@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session as Db
 
 from offload.core import schemas as s
@@ -135,8 +135,12 @@ def owned_org(db: Db, user_id: str, org_name: str, what: str) -> Organization:
 # ---- settings -----------------------------------------------------------------------------------
 
 
+# Built once (services/ledger.py says why): every activity report reads it.
+_SETTINGS_ROW = select(OrgSettingsRow).where(OrgSettingsRow.org_id == bindparam("org_id"))
+
+
 def policy_of(db: Db, org: Organization) -> OrgPolicy:
-    row = db.get(OrgSettingsRow, org.id)
+    row = db.scalars(_SETTINGS_ROW, {"org_id": org.id}).one_or_none()
     if row is None:
         return OrgPolicy()
     return OrgPolicy(

@@ -16,15 +16,22 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session as Db
-from sqlalchemy.orm import object_session, selectinload
+from sqlalchemy.orm import object_session
 
 from offload.core import schemas as s
 from offload.core.errors import Conflict, InvalidInput, NotFound
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
-from offload.server.db.models import OffloadSession, OrgSettingsRow, Runner, User
+from offload.server.db.models import (
+    Membership,
+    OffloadSession,
+    Organization,
+    OrgSettingsRow,
+    Runner,
+    User,
+)
 from offload.server.services import audit, ledger, lifecycle, runner_liveness
 from offload.server.services.ca import key_fingerprint, parse_public_key
 from offload.server.services.tokens import AuthRunner
@@ -50,27 +57,43 @@ def effective_wait(requested_s: float, runner_timeout_s: float) -> float:
 # ---- views --------------------------------------------------------------------------------------
 
 
-def assigned_session_view(
-    row: OffloadSession, cache_limits: dict[str, int | None] | None = None
+def assigned_session_view(row: OffloadSession) -> s.AssignedSession:
+    """What the runner needs of a session (`_desired_tx` reads the same as columns)."""
+    return _assigned(
+        row.id,
+        row.state,
+        row.user.username,
+        row.org.name,
+        row.instance_type,
+        row.client_public_key,
+        next((m.role for m in row.user.memberships if m.org_id == row.org_id), None),
+        _cache_limit(row),
+        row.gpu_uuid,
+    )
+
+
+def _assigned(
+    session_id: str,
+    state: str,
+    user: str,
+    org: str,
+    instance_type: str,
+    client_public_key: str,
+    role: str | None,  # the user's in the session's organisation; None: not a member (now)
+    cache_limit: int | None,
+    gpu_uuid: str | None,
 ) -> s.AssignedSession:
-    """What the runner needs of a session; `cache_limits` (org id -> limit) saves a lookup per
-    session when the caller read them all at once."""
     return s.AssignedSession(
-        session_id=row.id,
-        state=S(row.state),
-        user=row.user.username,
-        org=row.org.name,
-        instance_type=s.InstanceType(row.instance_type),
-        paused=S(row.state) is S.IDLE,
-        client_key_fingerprint=key_fingerprint(row.client_public_key),
-        org_role=next(
-            (s.Role(m.role) for m in row.user.memberships if m.org_id == row.org_id),
-            s.Role.MEMBER,
-        ),
-        builder_keep_storage_bytes=(
-            cache_limits.get(row.org_id) if cache_limits is not None else _cache_limit(row)
-        ),
-        gpu_uuids=[row.gpu_uuid] if row.gpu_uuid else [],
+        session_id=session_id,
+        state=S(state),
+        user=user,
+        org=org,
+        instance_type=s.InstanceType(instance_type),
+        paused=S(state) is S.IDLE,
+        client_key_fingerprint=key_fingerprint(client_public_key),
+        org_role=s.Role(role) if role is not None else s.Role.MEMBER,
+        builder_keep_storage_bytes=cache_limit,
+        gpu_uuids=[gpu_uuid] if gpu_uuid else [],
     )
 
 
@@ -83,8 +106,11 @@ def _cache_limit(row: OffloadSession) -> int | None:
 # ---- transactions -------------------------------------------------------------------------------
 
 
+_RUNNER = select(Runner).where(Runner.id == bindparam("runner_id"))  # every heartbeat's first
+
+
 def own_runner(db: Db, auth: AuthRunner, runner_id: str) -> Runner:
-    runner = db.get(Runner, runner_id)
+    runner = db.scalars(_RUNNER, {"runner_id": runner_id}).one_or_none()
     if runner is None or runner.token_id != auth.token_id:
         raise NotFound(
             f"No runner {runner_id} is registered with this runner token.",
@@ -150,6 +176,11 @@ def _record_heartbeat_tx(
             _record_environment(db, runner, env, row, now)
 
 
+_SESSIONS_BY_ID = select(OffloadSession).where(
+    OffloadSession.id.in_(bindparam("ids", expanding=True))
+)
+
+
 def _reported_sessions(db: Db, report: s.RunnerHeartbeat) -> dict[str, OffloadSession]:
     """The sessions of the reported environments, in one query. Returned, not only loaded: the
     identity map keeps a row only while something refers to it, so rows loaded and dropped
@@ -157,9 +188,7 @@ def _reported_sessions(db: Db, report: s.RunnerHeartbeat) -> dict[str, OffloadSe
     ids = [env.session_id for env in report.environments if env.session_id is not None]
     if not ids:
         return {}
-    return {
-        row.id: row for row in db.scalars(select(OffloadSession).where(OffloadSession.id.in_(ids)))
-    }
+    return {row.id: row for row in db.scalars(_SESSIONS_BY_ID, {"ids": ids})}
 
 
 def _gpu_devices(devices: list[s.GpuDevice]) -> list[dict[str, object]]:
@@ -198,31 +227,40 @@ def _record_environment(
     ledger.bill_builder_time(db, row, env.build_seconds, now)
 
 
-def _desired_tx(db: Db, runner_id: str, ca_public_key: str) -> s.RunnerDesired:
-    # Users, memberships, organisations and cache limits in a few queries, not a few per
-    # session: every runner asks this on every heartbeat.
-    rows = db.scalars(
-        select(OffloadSession)
-        .where(
-            OffloadSession.runner_id == runner_id,
-            OffloadSession.state.in_(lifecycle.LIVE_STATES),
-        )
-        .options(
-            selectinload(OffloadSession.user).selectinload(User.memberships),
-            selectinload(OffloadSession.org),
-        )
-        .order_by(OffloadSession.created_at, OffloadSession.id)
-    ).all()
-    org_ids = {row.org_id for row in rows}
-    limits: dict[str, int | None] = dict.fromkeys(org_ids)
-    if org_ids:
-        for settings_row in db.scalars(
-            select(OrgSettingsRow).where(OrgSettingsRow.org_id.in_(org_ids))
-        ):
-            limits[settings_row.org_id] = settings_row.builder_cache_limit_bytes
-    return s.RunnerDesired(
-        sessions=[assigned_session_view(row, limits) for row in rows], ca_public_key=ca_public_key
+# One query of columns (the user, the role in the session's organisation, its cache limit
+# joined in), not ORM rows and their relations, built once (services/ledger.py says why): every
+# runner asks this on every heartbeat.
+_DESIRED = (
+    select(
+        OffloadSession.id,
+        OffloadSession.state,
+        User.username,
+        Organization.name,
+        OffloadSession.instance_type,
+        OffloadSession.client_public_key,
+        Membership.role,
+        OrgSettingsRow.builder_cache_limit_bytes,
+        OffloadSession.gpu_uuid,
     )
+    .join(User, User.id == OffloadSession.user_id)
+    .join(Organization, Organization.id == OffloadSession.org_id)
+    .outerjoin(
+        Membership,
+        (Membership.user_id == OffloadSession.user_id)
+        & (Membership.org_id == OffloadSession.org_id),
+    )
+    .outerjoin(OrgSettingsRow, OrgSettingsRow.org_id == OffloadSession.org_id)
+    .where(
+        OffloadSession.runner_id == bindparam("runner_id"),
+        OffloadSession.state.in_(lifecycle.LIVE_STATES),
+    )
+    .order_by(OffloadSession.created_at, OffloadSession.id)
+)
+
+
+def _desired_tx(db: Db, runner_id: str, ca_public_key: str) -> s.RunnerDesired:
+    rows = db.execute(_DESIRED, {"runner_id": runner_id}).all()
+    return s.RunnerDesired(sessions=[_assigned(*row) for row in rows], ca_public_key=ca_public_key)
 
 
 def _assigned_tx(db: Db, auth: AuthRunner, runner_id: str, session_id: str) -> s.AssignedSession:

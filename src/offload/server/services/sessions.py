@@ -11,7 +11,8 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+import asyncssh
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session as Db
 from sqlalchemy.orm import joinedload
 
@@ -144,10 +145,18 @@ def live_session_of(db: Db, user_id: str) -> OffloadSession | None:
     )
 
 
+# Built once (services/ledger.py says why): every request about a session starts with it.
+_SESSION_WITH_PARTIES = (
+    select(OffloadSession)
+    .where(OffloadSession.id == bindparam("session_id"))
+    .options(*_WITH_PARTIES)
+)
+
+
 def owned_session(db: Db, auth: AuthUser, session_id: str) -> OffloadSession:
     """The user's own session; another user's session is reported as missing, never as denied.
     Its user, organisation and runner come in the same query: every answer shows them."""
-    row = db.get(OffloadSession, session_id, options=_WITH_PARTIES)
+    row = db.scalars(_SESSION_WITH_PARTIES, {"session_id": session_id}).one_or_none()
     if row is None or row.user_id != auth.id:
         raise NotFound(
             f"You have no session {session_id}.",
@@ -305,7 +314,8 @@ def _current_tx(db: Db, auth: AuthUser, now: datetime, rules: Rules) -> s.Sessio
 
 def _renew_tx(
     db: Db, auth: AuthUser, session_id: str, public_key: str, now: datetime, rules: Rules
-) -> _Outcome:
+) -> tuple[_Outcome, asyncssh.SSHKey]:
+    key = parse_public_key(public_key)  # a bad key is refused before the session is read
     row = owned_session(db, auth, session_id)
     if not S(row.state).live:
         raise Conflict(
@@ -320,7 +330,7 @@ def _renew_tx(
             "with another key; this machine's certificate cannot be renewed.",
             "Run `docker offload start --takeover` to move the session back here.",
         )
-    return _Outcome(session_info(db, row, now, rules), row.runner_id, changed=False)
+    return _Outcome(session_info(db, row, now, rules), row.runner_id, changed=False), key
 
 
 def _stop_tx(db: Db, auth: AuthUser, session_id: str, now: datetime, rules: Rules) -> _Outcome:
@@ -408,7 +418,7 @@ def _idle_tx(db: Db, auth: AuthUser, session_id: str, now: datetime, rules: Rule
 
 
 def _with_certificate(
-    ctx: ServerContext, info: s.SessionInfo, public_key: str, now: datetime
+    ctx: ServerContext, info: s.SessionInfo, public_key: asyncssh.SSHKey, now: datetime
 ) -> s.SessionInfo:
     certificate, valid_before = ctx.ca.sign_session_certificate(
         public_key, info.id, now, ctx.settings.cert_validity_s
@@ -432,10 +442,10 @@ async def create_session(
     ctx: ServerContext, auth: AuthUser, request: s.SessionCreate
 ) -> s.SessionInfo:
     """Place a new session on a live runner (or rejoin the user's live one) and certify the key."""
-    parse_public_key(request.client_public_key)  # refuse a bad key before anything is written
+    key = parse_public_key(request.client_public_key)  # refuse a bad key before any write
     now = ctx.now()
     outcome = await ctx.db.run(_create_tx, auth, request, now, ctx.settings)
-    return _with_certificate(ctx, _wake(ctx, outcome), request.client_public_key, now)
+    return _with_certificate(ctx, _wake(ctx, outcome), key, now)
 
 
 async def get_session(ctx: ServerContext, auth: AuthUser, session_id: str) -> s.SessionInfo:
@@ -450,11 +460,10 @@ async def renew_certificate(
     ctx: ServerContext, auth: AuthUser, session_id: str, public_key: str
 ) -> s.SessionInfo:
     """A fresh certificate for the owner's live session (the agent calls it before expiry)."""
-    parse_public_key(public_key)
     now = ctx.now()
     # Read only: renewals are frequent and change no row (no wait for the write lock).
-    outcome = await ctx.db.read(_renew_tx, auth, session_id, public_key, now, _rules(ctx))
-    return _with_certificate(ctx, _wake(ctx, outcome), public_key, now)
+    outcome, key = await ctx.db.read(_renew_tx, auth, session_id, public_key, now, _rules(ctx))
+    return _with_certificate(ctx, _wake(ctx, outcome), key, now)
 
 
 async def stop_session(ctx: ServerContext, auth: AuthUser, session_id: str) -> s.SessionInfo:

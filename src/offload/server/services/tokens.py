@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session as Db
 
 from offload.core.errors import InvalidInput, NotAuthenticated
@@ -115,6 +115,17 @@ class UserTokenCheck:
     touch_due: bool  # last_used_at is older than LAST_USED_RESOLUTION
 
 
+# Every request runs one of these: columns, in statements built once (services/ledger.py says why).
+_USER_TOKEN = (
+    select(ApiToken.id, ApiToken.last_used_at, ApiToken.revoked_at, User.id, User.username)
+    .join(User, User.id == ApiToken.user_id)
+    .where(ApiToken.token_hash == bindparam("token_hash"))
+)
+_RUNNER_TOKEN = select(RunnerToken.id, RunnerToken.name, RunnerToken.revoked_at).where(
+    RunnerToken.token_hash == bindparam("token_hash")
+)
+
+
 def check_user_token(db: Db, token: str, now: datetime) -> UserTokenCheck:
     """Who `token` belongs to (read only); NotAuthenticated with the fix if nobody."""
     if token.startswith(RUNNER_TOKEN_PREFIX):
@@ -123,18 +134,15 @@ def check_user_token(db: Db, token: str, now: datetime) -> UserTokenCheck:
             "Use your API token (off_u_…) from `offload login`; runner tokens are for "
             "`offload runner` only.",
         )
-    row = db.execute(
-        select(ApiToken, User)
-        .join(User, User.id == ApiToken.user_id)
-        .where(ApiToken.token_hash == hash_token(token))
-    ).first()
-    if row is None or row[0].revoked_at is not None:
+    row = db.execute(_USER_TOKEN, {"token_hash": hash_token(token)}).first()
+    if row is None:
         raise NotAuthenticated("The API token is not valid or was revoked.")
-    api_token, user = row
-    last = api_token.last_used_at
+    token_id, last, revoked_at, user_id, username = row
+    if revoked_at is not None:
+        raise NotAuthenticated("The API token is not valid or was revoked.")
     return UserTokenCheck(
-        user=AuthUser(id=user.id, username=user.username),
-        token_id=api_token.id,
+        user=AuthUser(id=user_id, username=username),
+        token_id=token_id,
         touch_due=last is None or now - last >= LAST_USED_RESOLUTION,
     )
 
@@ -149,7 +157,7 @@ def authenticate_runner(db: Db, token: str) -> AuthRunner:
     fix = "Start the runner with a runner token (off_r_…) from `offload up` or an administrator."
     if not token.startswith(RUNNER_TOKEN_PREFIX):
         raise NotAuthenticated("Runner endpoints need a runner token.", fix)
-    runner_token = db.scalar(select(RunnerToken).where(RunnerToken.token_hash == hash_token(token)))
-    if runner_token is None or runner_token.revoked_at is not None:
+    row = db.execute(_RUNNER_TOKEN, {"token_hash": hash_token(token)}).first()
+    if row is None or row.revoked_at is not None:
         raise NotAuthenticated("The runner token is not valid or was revoked.", fix)
-    return AuthRunner(token_id=runner_token.id, name=runner_token.name)
+    return AuthRunner(token_id=row.id, name=row.name)
