@@ -104,11 +104,7 @@ async def _costs(
     capacity = -(-(sessions + samples) // runners) + 1
     runner_ids = []
     for index, token in enumerate(seeded.runner_tokens):
-        host_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
-        body = s.RunnerRegister(
-            name=f"cost-runner-{index}", ssh_host="127.0.0.1", ssh_port=8422,
-            host_key=host_key.strip(), capacity=capacity,
-        ).model_dump(mode="json")  # fmt: skip
+        body = sup.registration(f"cost-runner-{index}", capacity)
         runner_ids.append((await post("/runners/register", token, body))["id"])
     keys = [
         asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
@@ -201,8 +197,6 @@ def main() -> None:
     """`python -m bench.load_costs`: the costs alone, printed and written to bench/results/."""
     import argparse
     import asyncio
-    import json
-    from datetime import UTC, datetime
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=100, help="live sessions")
@@ -218,16 +212,8 @@ def main() -> None:
             print(f"{name:15} {row['statements']:>5} statements {row['cpu_ms']:>8} ms CPU")
     if args.no_write:
         return
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = (
-        sup.REPO
-        / "bench"
-        / "results"
-        / f"costs-{stamp}{'-' + args.label if args.label else ''}.json"
-    )
     report = {"args": vars(args), "machine": sup.describe_machine(), "costs": costs}
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {out.relative_to(sup.REPO)}")
+    sup.write_result("costs", args.label, report)
 
 
 if __name__ == "__main__":

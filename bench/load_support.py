@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,8 +24,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncssh
 import httpx
 
+from offload.core import schemas as s
 from offload.core.config import ServerSettings
 from offload.core.schemas import Role
 from offload.core.waiting import wait_until
@@ -338,3 +341,21 @@ def _nginx_version() -> str | None:
         return None
     out = subprocess.run([str(NGINX), "-v"], capture_output=True, text=True)
     return (out.stderr or out.stdout).strip().removeprefix("nginx version: ")
+
+
+def registration(name: str, capacity: int) -> dict[str, object]:
+    """A runner's `POST /runners/register` body, with a fresh ssh-ed25519 host key."""
+    host_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    return s.RunnerRegister(
+        name=name, ssh_host="127.0.0.1", ssh_port=8422, host_key=host_key.strip(),
+        capacity=capacity,
+    ).model_dump(mode="json")  # fmt: skip
+
+
+def write_result(kind: str, label: str, report: object) -> Path:
+    """bench/results/<kind>-<UTC stamp>[-<label>].json, printed as written."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = REPO / "bench" / "results" / f"{kind}-{stamp}{'-' + label if label else ''}.json"
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {out.relative_to(REPO)}")
+    return out

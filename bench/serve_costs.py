@@ -151,11 +151,7 @@ async def set_up(url: str, seeded: sup.Seeded, sessions: int) -> Fleet:
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         runner_ids = []
         for index, token in enumerate(seeded.runner_tokens):
-            key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
-            body = s.RunnerRegister(
-                name=f"serve-runner-{index}", ssh_host="127.0.0.1", ssh_port=8422,
-                host_key=key.strip(), capacity=capacity,
-            ).model_dump(mode="json")  # fmt: skip
+            body = sup.registration(f"serve-runner-{index}", capacity)
             runner_ids.append((await _post(client, "/runners/register", token, body))["id"])
         for runner_id, token in zip(runner_ids, seeded.runner_tokens, strict=True):
             body = {"capacity": capacity, "warm": 1, "environments": []}
@@ -311,15 +307,7 @@ def main() -> None:
             )
     if args.no_write:
         return
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = (
-        sup.REPO
-        / "bench"
-        / "results"
-        / f"serve-{stamp}{'-' + args.label if args.label else ''}.json"
-    )
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {out.relative_to(sup.REPO)}")
+    sup.write_result("serve", args.label, report)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 from offload.core.defaults import SANDBOX_MTU
+from offload.core.go_keys import fold_key
 
 MTU_OPTION = "com.docker.network.driver.mtu"
 NETWORK_CREATE = re.compile(rb"(?:/v[0-9][0-9.]*)?/networks/create(?:\?.*)?")
@@ -30,8 +31,8 @@ def with_sandbox_mtu(body: bytes, mtu: int = SANDBOX_MTU) -> bytes:
         return body
     if not isinstance(spec, dict):
         return body
-    # dockerd decodes the body's keys case-insensitively (Go's encoding/json), the last match
-    # winning: read and write the key the client spelled, never add a second spelling.
+    # dockerd decodes the body's keys case-insensitively (Go's encoding/json, `fold_key`), the
+    # last match winning: read and write the key the client spelled, never add a second one.
     driver_key = _key(spec, "Driver")
     if driver_key is not None and spec[driver_key] not in (None, "", "bridge"):
         return body
@@ -47,8 +48,8 @@ def with_sandbox_mtu(body: bytes, mtu: int = SANDBOX_MTU) -> bytes:
 
 def _key(spec: dict[str, Any], name: str) -> str | None:
     """The last key of `spec` that dockerd would read as `name`."""
-    found = None
+    wanted, found = fold_key(name), None
     for key in spec:
-        if key.lower() == name.lower():
+        if fold_key(key) == wanted:
             found = key
     return found

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from offload.core.go_keys import fold_key
 from offload.runner.gpus import SandboxGpu
 
 MIN_API_VERSION = "1.24"
@@ -335,19 +336,6 @@ def _malformed(what: str) -> _Denied:
 
 
 # ---- reading a body as Go's encoding/json does -------------------------------------------------
-
-
-def _fold_char(ch: str) -> str:
-    if ch.isascii():
-        return ch.lower()
-    # Go's EqualFold uses simple (one rune to one rune) folding: U+212A KELVIN SIGN is "k",
-    # U+017F LONG S is "s".  Multi-character folds (ß -> ss) do not match in Go, so keep those.
-    folded = ch.casefold()
-    return folded if len(folded) == 1 else ch
-
-
-def fold_key(key: str) -> str:
-    return "".join(_fold_char(ch) for ch in key)
 
 
 class GoObject:

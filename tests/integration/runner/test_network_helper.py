@@ -15,13 +15,13 @@ import select
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from offload.core.config import RunnerSettings
+from offload.core.waiting import WaitTimeout, wait_until
 from offload.runner import host_checks
 from offload.runner.sandbox import pasta_wrapper
 
@@ -44,17 +44,12 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _wait_gone(pid: int, within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.02)
-    return False
+def _gone(pid: int) -> bool:
+    """No process `pid`, or only its zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 @pytest.fixture
@@ -62,10 +57,13 @@ def namespace(tmp_path: Path) -> Iterator[int]:
     """The pid of a process of nobody's in a user and network namespace of its own."""
     proc = subprocess.Popen([*AS_NOBODY, "unshare", "-Urn", "sleep", "300"])
     try:
-        deadline = time.monotonic() + READY_WAIT_S
-        while os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
-            assert time.monotonic() < deadline, "unshare did not make a network namespace"
-            time.sleep(0.01)
+        own = os.readlink("/proc/self/ns/net")
+        wait_until(
+            lambda: os.readlink(f"/proc/{proc.pid}/ns/net") != own,
+            READY_WAIT_S,
+            "unshare's network namespace",
+            interval=0.01,
+        )
         yield proc.pid
     finally:
         proc.kill()
@@ -119,7 +117,10 @@ def test_ready_only_once_the_tap_exists_and_pasta_dies_with_the_wrapper(
 
         wrapper.kill()  # as rootlesskit stops it
         wrapper.wait()
-        assert _wait_gone(pastas[0], READY_WAIT_S), "pasta outlived the wrapper"
+        try:
+            wait_until(lambda: _gone(pastas[0]), READY_WAIT_S, "pasta to die with the wrapper")
+        except WaitTimeout:
+            pytest.fail("pasta outlived the wrapper")
     finally:
         wrapper.kill()
         wrapper.wait()
