@@ -67,18 +67,13 @@ class CertificateAuthority:
 
     def sign_session_certificate(
         self,
-        client_public_key: str | asyncssh.SSHKey,
+        user_key: asyncssh.SSHKey,
         session_id: str,
         now: datetime,
         valid_for_s: int,
     ) -> tuple[str, datetime]:
-        """A user certificate for the session's client key (a line, or the key parse_public_key
-        made of it); returns (OpenSSH text, valid_before)."""
-        user_key = (
-            parse_public_key(client_public_key)
-            if isinstance(client_public_key, str)
-            else client_public_key
-        )
+        """A user certificate for the session's client key (as `parse_public_key` made it);
+        returns (OpenSSH text, valid_before)."""
         valid_before = now + timedelta(seconds=valid_for_s)
         cert = self._key.generate_user_certificate(
             user_key,
