@@ -21,7 +21,8 @@ and a table on stdout.
     .venv/bin/python -m bench.serve_costs                       # the variants below
     .venv/bin/python -m bench.serve_costs --variants default,h11-asyncio
     git archive HEAD src | tar -x -C /tmp/head                  # against the last commit
-    .venv/bin/python -m bench.serve_costs --variants default --baseline /tmp/head
+    .venv/bin/python -m bench.serve_costs --variants default --baseline /tmp/head \
+        --baseline-variant default                              # the code alone, same options
 """
 
 from __future__ import annotations
@@ -254,7 +255,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         servers = [Server(name, VARIANTS[name], data_dir) for name in names]
         if args.baseline:
             source = args.baseline.resolve() / "src"
-            servers.append(Server("baseline", {"loop": "asyncio", "http": "h11"}, data_dir, source))
+            overrides = VARIANTS[args.baseline_variant]
+            servers.append(Server("baseline", overrides, data_dir, source))
         try:
             for server in servers:
                 server.start()
@@ -292,8 +294,10 @@ def main() -> None:
     add("--concurrency", type=int, default=16)
     add("--rounds", type=int, default=3)
     add("--baseline", type=Path,
-        help="also serve another checkout (its src/, e.g. `git archive HEAD`), on asyncio and h11 "
-             "as before uvicorn[standard]: variant `baseline`")  # fmt: skip
+        help="also serve another checkout (its src/, e.g. `git archive HEAD`): variant `baseline`")  # fmt: skip
+    add("--baseline-variant", default="h11-asyncio", choices=sorted(VARIANTS),
+        help="the baseline's server options (h11-asyncio: as before uvicorn[standard]; default: "
+             "the same as this checkout's, to compare the code alone)")  # fmt: skip
     add("--label", default="", help="a word for the results file name")
     add("--no-write", action="store_true")
     args = parser.parse_args()

@@ -170,10 +170,12 @@ def _record_heartbeat_tx(
         runner.gpu_devices = _gpu_devices(report.gpu_devices)
         runner.gpus = len(report.gpu_devices)
     rows = _reported_sessions(db, report)
+    busy = []
     for env in report.environments:
         row = rows.get(env.session_id) if env.session_id is not None else None
-        if row is not None:
-            _record_environment(db, runner, env, row, now)
+        if row is not None and _record_environment(db, runner, env, row, now):
+            busy.append(row)
+    lifecycle.stamp_activity(db, busy, now)  # one statement for the runner's busy sessions
 
 
 _SESSIONS_BY_ID = select(OffloadSession).where(
@@ -203,10 +205,10 @@ def _gpu_devices(devices: list[s.GpuDevice]) -> list[dict[str, object]]:
 
 def _record_environment(
     db: Db, runner: Runner, env: s.EnvironmentReport, row: OffloadSession, now: datetime
-) -> None:
-    """What a bound environment holds: images and containers for the insights; a running
-    container is activity.  Only while active: an idle session's containers are paused, and a
-    report racing the pause must not wake it.
+) -> bool:
+    """What a bound environment holds: images and containers for the insights; True when a
+    container runs, which is activity (stamped only while active or starting: an idle session's
+    containers are paused, and a report racing the pause must not wake it).
 
     `containers_max` is the number of containers created in the session: the runner's running
     total since bind (`containers_created`, which counts `docker run --rm` ones too) is kept at
@@ -214,7 +216,7 @@ def _record_environment(
     containers the engine holds are a floor (a runner that does not count creates, or events it
     missed while its stream was down)."""
     if row.runner_id != runner.id or not S(row.state).live:
-        return
+        return False
     new_images = set(env.images) - set(row.images)
     if new_images:  # bounded: a runaway build loop must not grow the row forever
         room = max(0, MAX_IMAGES_PER_SESSION - len(row.images))
@@ -222,9 +224,8 @@ def _record_environment(
     row.containers_max = max(
         row.containers_max, env.containers_created, env.containers_total, env.running_containers
     )
-    if env.running_containers > 0 and S(row.state) in (S.ACTIVE, S.STARTING):
-        lifecycle.note_activity(db, row, now)
     ledger.bill_builder_time(db, row, env.build_seconds, now)
+    return env.running_containers > 0
 
 
 # One query of columns (the user, the role in the session's organisation, its cache limit
