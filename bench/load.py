@@ -11,7 +11,7 @@ One run, three scenarios (`--scenario` picks one):
 Replicas are real processes with the default settings, the lifecycle clock ticking every second
 in each.  Users (one organisation, an API token each) and runner tokens are written into the
 database before the replicas start.  Then this process drives the API the way agents and runners
-do, over HTTP (httpx; a connection per agent, as each laptop has its own):
+do, over HTTP (bench/http_client.py: connections of each agent's own, as each laptop has):
 
 1. start: the runners register (a fresh ssh-ed25519 host key each) and long-poll their heartbeat
    (wait 15 s while they hold nothing, 4 s once they hold sessions: the runner's cadence); every
@@ -83,10 +83,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
 
 import asyncssh  # noqa: E402
-import httpx  # noqa: E402
 from sqlalchemy import event, func, select  # noqa: E402
 
 from bench import load_support as sup  # noqa: E402
+from bench.http_client import Pool, ProtocolError, Response  # noqa: E402
 from bench.load_costs import measure_costs  # noqa: E402
 from offload.core import schemas as s  # noqa: E402
 from offload.core.config import ServerSettings  # noqa: E402
@@ -281,35 +281,30 @@ class Load:
         self.active_at: dict[str, float] = {}  # when the runner's ready call came back
         self.stop_runners = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.agent_http, self.runner_http = self._clients(url)
+        self.api = url + s.API_PREFIX
+        self.pools: dict[str, Pool] = {}  # by token: each agent's and runner's own connections
 
-    def _clients(self, url: str) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
-        api = url + s.API_PREFIX
-        agents = len(self.agents) + len(self.spares)
-        agent_http = httpx.AsyncClient(
-            base_url=api,
-            timeout=30.0,
-            limits=httpx.Limits(max_connections=agents + 16, max_keepalive_connections=agents),
-        )
-        runner_http = httpx.AsyncClient(
-            base_url=api, timeout=30.0, limits=httpx.Limits(max_connections=len(self.runners) * 4)
-        )
-        return agent_http, runner_http
+    def _pool(self, token: str) -> Pool:
+        if token not in self.pools:
+            self.pools[token] = Pool(self.api)
+        return self.pools[token]
+
+    def _close_pools(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools = {}
 
     async def retarget(self, url: str) -> None:
         """Talk to another deployment from now on (the runners' polls in flight fail, retry)."""
-        old = (self.agent_http, self.runner_http)
-        self.agent_http, self.runner_http = self._clients(url)
-        for client in old:
-            await client.aclose()
+        self._close_pools()
+        self.api = url + s.API_PREFIX
 
     async def aclose(self) -> None:
         self.stop_runners.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.agent_http.aclose()
-        await self.runner_http.aclose()
+        self._close_pools()
 
     async def call(
         self,
@@ -320,15 +315,19 @@ class Load:
         body: dict[str, Any] | None = None,
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
-    ) -> httpx.Response | None:
-        """One POST, recorded; the response if it succeeded."""
-        client = self.runner_http if runner else self.agent_http
+    ) -> Response | None:
+        """One POST, recorded; the response if it succeeded. Each caller (an agent or a runner,
+        `runner` says which for the reader) has connections of its own, found by its token."""
         started = time.perf_counter()
-        headers = {"Authorization": f"Bearer {token}"}
-        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
-            response = await client.post(path, json=body, params=params, headers=headers, **extra)
-        except (httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: a client closed meanwhile
+            response = await self._pool(token).post(path, token, body, params, timeout or 30.0)
+        except (
+            OSError,
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            ProtocolError,
+            ValueError,
+        ) as exc:
             latency = time.perf_counter() - started
             self.rec.add(endpoint, started, latency, False, type(exc).__name__)
             return None
