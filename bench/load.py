@@ -309,15 +309,14 @@ class Load:
     async def call(
         self,
         endpoint: str,
-        runner: bool,
         path: str,
         token: str,
         body: dict[str, Any] | None = None,
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Response | None:
-        """One POST, recorded; the response if it succeeded. Each caller (an agent or a runner,
-        `runner` says which for the reader) has connections of its own, found by its token."""
+        """One POST, recorded; the response if it succeeded. Each caller (an agent or a runner)
+        has connections of its own, found by its token."""
         started = time.perf_counter()
         try:
             response = await self._pool(token).post(path, token, body, params, timeout or 30.0)
@@ -349,7 +348,7 @@ class Load:
                 host_key=host_key.decode().strip(),
                 capacity=self.capacity,
             ).model_dump(mode="json")
-            response = await self.call("register", True, "/runners/register", runner.token, body)
+            response = await self.call("register", "/runners/register", runner.token, body)
             if response is None:
                 raise RuntimeError(f"runner {runner.name} could not register: {self.rec.failures}")
             runner.id = response.json()["id"]
@@ -365,7 +364,7 @@ class Load:
             path = f"/runners/{runner.id}/heartbeat"
             params = {"wait": wait}
             response = await self.call(
-                "heartbeat", True, path, runner.token, report, params, timeout=wait + 30
+                "heartbeat", path, runner.token, report, params, timeout=wait + 30
             )
             if response is None:
                 await asyncio.sleep(1.0)
@@ -384,7 +383,7 @@ class Load:
     async def _ready(self, runner: SimRunner, session_id: str) -> None:
         body = s.EnvironmentReady(env_id="env-" + session_id).model_dump(mode="json")
         path = f"/runners/{runner.id}/sessions/{session_id}/ready"
-        if await self.call("session_ready", True, path, runner.token, body) is None:
+        if await self.call("session_ready", path, runner.token, body) is None:
             runner.readying.discard(session_id)  # the next heartbeat tries again
             return
         self.active_at.setdefault(session_id, time.perf_counter())
@@ -410,7 +409,7 @@ class Load:
                     client_public_key=agent.public_key, client_name=f"laptop-{agent.index}"
                 ).model_dump(mode="json")
                 began = time.perf_counter()
-                response = await self.call("session_start", False, "/sessions", agent.token, body)
+                response = await self.call("session_start", "/sessions", agent.token, body)
                 if response is not None:
                     agent.session_id = response.json()["id"]
                     self.created_at[agent.session_id] = began
@@ -422,7 +421,7 @@ class Load:
     async def stop(self, agents: list[Agent]) -> None:
         async def stop(agent: Agent) -> None:
             path = f"/sessions/{agent.session_id}/stop"
-            if await self.call("session_stop", False, path, agent.token) is not None:
+            if await self.call("session_stop", path, agent.token) is not None:
                 agent.session_id = None
 
         await asyncio.gather(*(stop(agent) for agent in agents if agent.session_id))
@@ -438,12 +437,12 @@ class Load:
 
     async def activity(self, agent: Agent) -> None:
         path = f"/sessions/{agent.session_id}/activity"
-        await self.call("activity", False, path, agent.token, ACTIVITY)
+        await self.call("activity", path, agent.token, ACTIVITY)
 
     async def renew(self, agent: Agent) -> None:
         body = s.CertificateRequest(client_public_key=agent.public_key).model_dump(mode="json")
         path = f"/sessions/{agent.session_id}/certificate"
-        await self.call("certificate", False, path, agent.token, body)
+        await self.call("certificate", path, agent.token, body)
 
     async def steady(self, duration: float, interval: float) -> dict[str, Any]:
         """Each agent: an activity report every `interval` s, one renewal somewhere in between."""

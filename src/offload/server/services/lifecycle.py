@@ -432,12 +432,10 @@ def stamp_activity(db: Db, rows: Sequence[OffloadSession], now: datetime) -> Non
         if S(row.state) not in (S.ACTIVE, S.STARTING):
             continue
         at = max(now, row.last_activity_at or now)
-        if at == row.last_activity_at:
-            pass
-        elif inspect(row).persistent:
+        if at != row.last_activity_at and inspect(row).persistent:
             stamped.append({"stamp_id": row.id, "stamp_at": at})
             set_committed_value(row, "last_activity_at", at)  # written here, not by a flush
-        else:  # not in the database yet: its INSERT carries the stamp
+        elif at != row.last_activity_at:  # not in the database yet: its INSERT carries it
             row.last_activity_at = at
         if row.prompt_reason == PromptReason.QUIET.value:
             _clear_prompt(row)
