@@ -6,17 +6,25 @@ terminated after 5 minutes, activity from the agent and from running containers,
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import asyncssh
+import pytest
+from sqlalchemy import select, text, update
 
 from offload.core import schemas as s
 from offload.server.context import ServerContext
+from offload.server.db.models import OffloadSession
 from offload.server.services import ledger, lifecycle
 
 from .support import BUSY, session_request
 
 S = s.SessionState
+BOUND_S = 20.0  # below the database's 30 s lock timeout: a wait that never ends fails first
+ONE_WRITER = "SQLite has one writer: every write there waits its turn"
 
 
 async def _state(user, session_id: str) -> S:
@@ -120,6 +128,83 @@ async def test_after_five_idle_minutes_the_session_ends_and_the_next_start_is_cl
     await user.client.stop_session(fresh.id)
     again = await user.client.create_session(session_request(client_key))
     assert again.replaced_session_notice is None  # told once
+
+
+@contextmanager
+def _write_turn_held(ctx: ServerContext) -> Iterator[None]:
+    """Another writer (an operator's command, another replica) holds the write turn."""
+    with ctx.db.transaction() as writer:
+        writer.execute(select(1))  # its transaction begins here, and with it the turn
+        yield
+
+
+async def _until_waiting_for_the_write_turn(ctx: ServerContext) -> None:
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
+    )
+    async with asyncio.timeout(BOUND_S):
+        while True:
+            with ctx.db.transaction(read_only=True) as db:
+                if db.scalar(waiting):
+                    return
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.databases("postgresql", reason=ONE_WRITER)
+async def test_an_active_sessions_activity_does_not_wait_for_other_writers(
+    start_active, clock, ctx: ServerContext
+):
+    """The hot path: 1,000 agents report every 5 s; only their own session row is locked."""
+    user, _, info = await start_active(idle_timeout_s=60)
+    clock.advance(30)
+    with _write_turn_held(ctx):
+        report = user.client.report_activity(info.id, s.ActivityReport(open_streams=1))
+        answer = await asyncio.wait_for(report, BOUND_S)
+    assert (answer.state, answer.last_activity_at, answer.time_until_idle_s) == (
+        S.ACTIVE,
+        clock(),
+        60,
+    )
+    assert (await user.client.get_session(info.id)).last_activity_at == clock()
+
+
+@pytest.mark.databases("postgresql", reason=ONE_WRITER)
+async def test_activity_that_resumes_a_session_takes_its_turn(
+    start_active, clock, tick, ctx: ServerContext
+):
+    """A resume writes the ledger: it waits for the writer before it, then resumes."""
+    user, _, info = await start_active(idle_timeout_s=60)
+    clock.advance(60)
+    await tick()
+    clock.advance(10)
+    with _write_turn_held(ctx):
+        report = asyncio.create_task(
+            user.client.report_activity(info.id, s.ActivityReport(building=True))
+        )
+        await _until_waiting_for_the_write_turn(ctx)
+        assert not report.done()
+    resumed = await asyncio.wait_for(report, BOUND_S)
+    assert (resumed.state, resumed.billed_s) == (S.ACTIVE, 70)
+
+
+async def test_a_stamp_never_moves_the_databases_clock_back(start_active, clock, ctx):
+    """A heartbeat that loaded the row before an activity report committed a later stamp
+    must not write its earlier time over it."""
+    _, _, info = await start_active(idle_timeout_s=60)
+    t0 = clock()
+    later = t0 + timedelta(seconds=20)
+    with ctx.db.transaction() as db:
+        row = db.get(OffloadSession, info.id)
+        assert row is not None and row.last_activity_at == t0
+        moved = update(OffloadSession).where(OffloadSession.id == info.id)
+        moved = moved.values(last_activity_at=later).execution_options(synchronize_session=False)
+        db.execute(moved)  # as another writer would have: the loaded row still shows t0
+        assert row.last_activity_at == t0
+        lifecycle.stamp_activity(db, [row], t0 + timedelta(seconds=10))
+    with ctx.db.transaction(read_only=True) as db:
+        stamp = db.scalar(select(OffloadSession.last_activity_at).filter_by(id=info.id))
+    assert stamp == later
 
 
 async def test_a_late_clock_stamps_each_step_when_it_was_due(start_active, clock, tick):

@@ -42,7 +42,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import cast
 
-from sqlalchemy import Table, bindparam, delete, inspect, select, update
+from sqlalchemy import Table, bindparam, delete, inspect, or_, select, update
 from sqlalchemy.orm import Session as Db
 from sqlalchemy.orm import selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -415,11 +415,19 @@ def note_activity(db: Db, row: OffloadSession, now: datetime) -> None:
 
 # Built once, run as a plain UPDATE (no unit of work): every activity report and every heartbeat
 # stamps it, and flushing one dirty row cost more than all the rest of an activity report's SQL
-# (bench/serve_costs.py).
+# (bench/serve_costs.py).  The condition keeps it monotonic in the database itself: an activity
+# report stamps without the write lock (sessions.py), so a heartbeat that read the row before
+# that report committed must not write its older time over the report's.
 _SESSIONS = cast(Table, OffloadSession.__table__)
 _STAMP_ACTIVITY = (
     update(_SESSIONS)
-    .where(_SESSIONS.c.id == bindparam("stamp_id"))
+    .where(
+        _SESSIONS.c.id == bindparam("stamp_id"),
+        or_(
+            _SESSIONS.c.last_activity_at.is_(None),
+            _SESSIONS.c.last_activity_at < bindparam("stamp_at"),
+        ),
+    )
     .values(last_activity_at=bindparam("stamp_at"))
 )
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import joinedload
 from offload.core import schemas as s
 from offload.core.config import ServerSettings
 from offload.core.errors import Conflict, NotFound, PermissionDenied
+from offload.core.schemas import PromptReason
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
 from offload.server.db.models import GpuClaim, OffloadSession, Organization, Runner, User
@@ -153,10 +154,15 @@ _SESSION_WITH_PARTIES = (
 )
 
 
-def owned_session(db: Db, auth: AuthUser, session_id: str) -> OffloadSession:
+_LOCKED_SESSION_WITH_PARTIES = _SESSION_WITH_PARTIES.with_for_update(of=OffloadSession)
+
+
+def owned_session(db: Db, auth: AuthUser, session_id: str, lock: bool = False) -> OffloadSession:
     """The user's own session; another user's session is reported as missing, never as denied.
-    Its user, organisation and runner come in the same query: every answer shows them."""
-    row = db.scalars(_SESSION_WITH_PARTIES, {"session_id": session_id}).one_or_none()
+    Its user, organisation and runner come in the same query: every answer shows them.  `lock`:
+    the session's row is locked until the transaction ends (its parties' rows are not)."""
+    query = _LOCKED_SESSION_WITH_PARTIES if lock else _SESSION_WITH_PARTIES
+    row = db.scalars(query, {"session_id": session_id}).one_or_none()
     if row is None or row.user_id != auth.id:
         raise NotFound(
             f"You have no session {session_id}.",
@@ -360,6 +366,29 @@ def _activity_tx(
     return _Outcome(session_info(db, row, now, rules, cache=cache), row.runner_id, changed=changed)
 
 
+def _activity_stamp_tx(
+    db: Db, auth: AuthUser, session_id: str, report: s.ActivityReport, now: datetime, rules: Rules
+) -> _Outcome | None:
+    """The common activity report, in a row-locked transaction: a session that is active (or
+    starting) with nothing due only has its quiet clock restarted.  None: the report needs more
+    (a resume, a due transition or prompt, a quiet prompt to clear) and `_activity_tx` does it
+    under the write lock.
+
+    The session's row lock orders this with every other write of the session: a writer that
+    changes its state waits for this one, and one that committed first is seen here.  The
+    facts read besides (the user's day, the organisation's allowance) may be a moment behind
+    another session's writes; then what they make due happens on the clock's next tick."""
+    row = owned_session(db, auth, session_id, lock=True)
+    if S(row.state) not in (S.ACTIVE, S.STARTING) or row.prompt_reason == PromptReason.QUIET:
+        return None
+    cache = lifecycle.FactCache()
+    if lifecycle.evaluate(lifecycle.facts_of(db, row, now, cache), now, rules):
+        return None
+    if report.api_calls or report.open_streams or report.building:
+        lifecycle.stamp_activity(db, [row], now)
+    return _Outcome(session_info(db, row, now, rules, cache=cache), row.runner_id, changed=False)
+
+
 def _live_owned(
     db: Db,
     auth: AuthUser,
@@ -475,7 +504,10 @@ async def stop_session(ctx: ServerContext, auth: AuthUser, session_id: str) -> s
 async def report_activity(
     ctx: ServerContext, auth: AuthUser, session_id: str, report: s.ActivityReport
 ) -> s.SessionInfo:
-    outcome = await ctx.db.run(_activity_tx, auth, session_id, report, ctx.now(), _rules(ctx))
+    now, rules = ctx.now(), _rules(ctx)
+    outcome = await ctx.db.run_row_locked(_activity_stamp_tx, auth, session_id, report, now, rules)
+    if outcome is None:
+        outcome = await ctx.db.run(_activity_tx, auth, session_id, report, now, rules)
     return _wake(ctx, outcome)
 
 
