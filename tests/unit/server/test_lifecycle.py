@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import select, text, update
 
 from offload.core import schemas as s
+from offload.core.waiting import async_wait_until
 from offload.server.context import ServerContext
 from offload.server.db.models import OffloadSession
 from offload.server.services import ledger, lifecycle
@@ -143,12 +144,12 @@ async def _until_waiting_for_the_write_turn(ctx: ServerContext) -> None:
         "SELECT count(*) FROM pg_stat_activity "
         "WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
     )
-    async with asyncio.timeout(BOUND_S):
-        while True:
-            with ctx.db.transaction(read_only=True) as db:
-                if db.scalar(waiting):
-                    return
-            await asyncio.sleep(0.01)
+
+    async def someone_waits() -> bool:
+        with ctx.db.transaction(read_only=True) as db:
+            return bool(db.scalar(waiting))
+
+    await async_wait_until(someone_waits, BOUND_S, "a writer waiting for the write turn", 0.01)
 
 
 @pytest.mark.databases("postgresql", reason=ONE_WRITER)
