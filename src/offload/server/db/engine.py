@@ -210,11 +210,7 @@ class Database:
         **kwargs: P.kwargs,
     ) -> T:
         """Run `fn(session, …)` in one write transaction on a worker thread."""
-
-        def _call() -> T:
-            return self.call(fn, *args, **kwargs)
-
-        return await asyncio.to_thread(_call)
+        return await self._in_thread(False, False, fn, *args, **kwargs)
 
     async def run_row_locked(
         self,
@@ -223,12 +219,7 @@ class Database:
         **kwargs: P.kwargs,
     ) -> T:
         """Like `run`, in a row-locked transaction: `fn` locks the rows it writes."""
-
-        def _call() -> T:
-            with self.transaction(row_locked=True) as session:
-                return fn(session, *args, **kwargs)
-
-        return await asyncio.to_thread(_call)
+        return await self._in_thread(False, True, fn, *args, **kwargs)
 
     async def read(
         self,
@@ -237,9 +228,18 @@ class Database:
         **kwargs: P.kwargs,
     ) -> T:
         """Like `run`, in a read-only transaction (never waits for the writer)."""
+        return await self._in_thread(True, False, fn, *args, **kwargs)
 
+    async def _in_thread(
+        self,
+        read_only: bool,
+        row_locked: bool,
+        fn: Callable[Concatenate[Session, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
         def _call() -> T:
-            with self.transaction(read_only=True) as session:
+            with self.transaction(read_only=read_only, row_locked=row_locked) as session:
                 return fn(session, *args, **kwargs)
 
         return await asyncio.to_thread(_call)
