@@ -227,14 +227,24 @@ class SafeTreeWatcher(_ThreadedWatcher):
             self._inotify.close()
             self._inotify = None
 
-    def _watch_tree(self, rel: str) -> None:
+    def _watch_tree(self, rel: str) -> set[str]:
+        """Watch directory `rel` and the directories below it; the paths found in them.
+
+        Nothing reports what was made in a directory before its watch was in place (the watcher
+        may lag far behind a busy container), and the consumer's compare of a path it already
+        knows as a directory looks at that directory alone: so the caller delivers these.
+        """
+        found: set[str] = set()
         try:
             with self._root.directory(rel) as fd:
-                self._watch_fd(fd, rel)
-        except (FileNotFoundError, NotADirectoryError, PathRefused):
-            return  # gone, or a symlink now: not watched
+                self._watch_fd(fd, rel, found)
+        except (OSError, PathRefused):
+            # Gone, a symlink now, or swapped while being opened (ELOOP): not watched. If a
+            # directory comes back there, its move is reported and handled in its turn.
+            pass
+        return found
 
-    def _watch_fd(self, fd: int, rel: str) -> None:
+    def _watch_fd(self, fd: int, rel: str, found: set[str]) -> None:
         assert self._inotify is not None
         try:
             wd = self._inotify.add_watch(f"/proc/self/fd/{fd}", _MASK)
@@ -249,11 +259,13 @@ class SafeTreeWatcher(_ThreadedWatcher):
             return
         self._dirs[wd] = rel
         try:
-            names = [e.name for e in os.scandir(fd) if e.is_dir(follow_symlinks=False)]
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(fd)]
         except OSError:
             return
-        for name in names:
-            sub = f"{rel}/{name}" if rel else name
+        prefix = f"{rel}/" if rel else ""
+        found.update(prefix + name for name, _ in entries)
+        for name in (name for name, is_dir in entries if is_dir):
+            sub = prefix + name
             if self._ignore.prune(sub):
                 continue
             try:
@@ -263,7 +275,7 @@ class SafeTreeWatcher(_ThreadedWatcher):
             except OSError:
                 continue  # gone, or swapped for a symlink
             try:
-                self._watch_fd(child, sub)
+                self._watch_fd(child, sub, found)
             finally:
                 os.close(child)
 
@@ -279,6 +291,12 @@ class SafeTreeWatcher(_ThreadedWatcher):
                     pass
 
     def _deliver(self) -> None:
+        try:
+            self._watch_until_stopped()
+        except Exception:  # a bug: into the runner's log, not only onto a thread's stderr
+            log.exception("watching %s failed", self._root.path)
+
+    def _watch_until_stopped(self) -> None:
         assert self._inotify is not None
         while not self._stop.is_set():
             try:
@@ -306,7 +324,7 @@ class SafeTreeWatcher(_ThreadedWatcher):
                     if mask & (iflags.MOVED_FROM | iflags.DELETE):
                         self._forget(rel)
                     elif mask & (iflags.CREATE | iflags.MOVED_TO) and not self._ignore.prune(rel):
-                        self._watch_tree(rel)
+                        paths |= self._watch_tree(rel)
             if overflow:
                 # Events were lost, among them perhaps the moves and creations that say which
                 # directories to watch: watch the tree as it is now, then compare all of it.
