@@ -29,6 +29,7 @@ from sqlalchemy import BindParameter, bindparam, or_, select
 from sqlalchemy.orm import Session as Db
 
 from offload.core.schemas import InstanceType
+from offload.server.db.engine import execute_columns
 from offload.server.db.models import BuilderInterval, LedgerInterval, OffloadSession
 
 # A builder is an ordinary standard environment (offload.runner.builders.BUILDER_SPEC).
@@ -158,7 +159,7 @@ _SESSION_INTERVALS = (
 
 
 def session_intervals(db: Db, session_id: str) -> list[Interval]:
-    rows = db.execute(_SESSION_INTERVALS, {"session_id": session_id})
+    rows = execute_columns(db, _SESSION_INTERVALS, {"session_id": session_id})
     return [Interval(start, end) for start, end in rows]
 
 
@@ -228,7 +229,7 @@ _USER_PIECES = (
 
 
 def user_pieces(db: Db, user_id: str, lo: datetime, hi: datetime) -> list[Piece]:
-    rows = db.execute(_USER_PIECES, {"user_id": user_id, "lo": lo, "hi": hi})
+    rows = execute_columns(db, _USER_PIECES, {"user_id": user_id, "lo": lo, "hi": hi})
     return [Piece(sid, kind, Interval(start, end)) for sid, kind, start, end in rows]
 
 

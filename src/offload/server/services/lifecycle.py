@@ -52,6 +52,7 @@ from offload.core.errors import Conflict
 from offload.core.schemas import FairUsePolicy, PromptReason
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
+from offload.server.db.engine import execute_columns
 from offload.server.db.models import GpuClaim, OffloadSession
 from offload.server.services import billing, ledger, org_settings
 
@@ -448,7 +449,7 @@ def stamp_activity(db: Db, rows: Sequence[OffloadSession], now: datetime) -> Non
         if row.prompt_reason == PromptReason.QUIET.value:
             _clear_prompt(row)
     if stamped:
-        db.execute(_STAMP_ACTIVITY, stamped)
+        execute_columns(db, _STAMP_ACTIVITY, stamped)
 
 
 def keep(row: OffloadSession, now: datetime) -> None:

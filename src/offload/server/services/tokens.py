@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session as Db
 
 from offload.core.errors import InvalidInput, NotAuthenticated
+from offload.server.db.engine import execute_columns
 from offload.server.db.models import ApiToken, RunnerToken, User
 
 USER_TOKEN_PREFIX = "off_u_"
@@ -134,7 +135,7 @@ def check_user_token(db: Db, token: str, now: datetime) -> UserTokenCheck:
             "Use your API token (off_u_…) from `offload login`; runner tokens are for "
             "`offload runner` only.",
         )
-    row = db.execute(_USER_TOKEN, {"token_hash": hash_token(token)}).first()
+    row = execute_columns(db, _USER_TOKEN, {"token_hash": hash_token(token)}).first()
     if row is None:
         raise NotAuthenticated("The API token is not valid or was revoked.")
     token_id, last, revoked_at, user_id, username = row
@@ -157,7 +158,7 @@ def authenticate_runner(db: Db, token: str) -> AuthRunner:
     fix = "Start the runner with a runner token (off_r_…) from `offload up` or an administrator."
     if not token.startswith(RUNNER_TOKEN_PREFIX):
         raise NotAuthenticated("Runner endpoints need a runner token.", fix)
-    row = db.execute(_RUNNER_TOKEN, {"token_hash": hash_token(token)}).first()
+    row = execute_columns(db, _RUNNER_TOKEN, {"token_hash": hash_token(token)}).first()
     if row is None or row.revoked_at is not None:
         raise NotAuthenticated("The runner token is not valid or was revoked.", fix)
     return AuthRunner(token_id=row.id, name=row.name)
