@@ -195,6 +195,7 @@ async def test_clients_keep_working_through_the_load_balancer_when_a_replica_die
     runner = await _runner(db, fleet.url, "replica-runner-2")
     user_tokens = _users(db, 20, "traffic")
     ids = await _start_sessions(fleet.url, user_tokens, runner)
+    traffic_began = asyncio.Event()
 
     async def traffic(rounds: int) -> list[int]:
         statuses: list[int] = []
@@ -207,6 +208,7 @@ async def test_clients_keep_working_through_the_load_balancer_when_a_replica_die
                         headers={"Authorization": f"Bearer {token}"},
                     )
                     statuses.append(response.status_code)
+                    traffic_began.set()
                 beat = await http.post(
                     f"/runners/{runner.id}/heartbeat",
                     json={"capacity": SESSIONS, "warm": 0},
@@ -216,7 +218,7 @@ async def test_clients_keep_working_through_the_load_balancer_when_a_replica_die
         return statuses
 
     async def kill_one_meanwhile() -> None:
-        await asyncio.sleep(0)  # let the traffic begin
+        await traffic_began.wait()  # the kill lands among the requests, not before them
         await asyncio.to_thread(fleet.replicas[1].kill)
 
     statuses, _ = await asyncio.gather(traffic(10), kill_one_meanwhile())
