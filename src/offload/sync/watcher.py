@@ -227,14 +227,16 @@ class SafeTreeWatcher(_ThreadedWatcher):
             self._inotify.close()
             self._inotify = None
 
-    def _watch_tree(self, rel: str) -> set[str]:
-        """Watch directory `rel` and the directories below it; the paths found in them.
+    def _watch_tree(self, rel: str, found: set[str] | None = None) -> None:
+        """Watch directory `rel` and the directories below it; the paths listed in them are
+        added to `found`, if given.
 
         Nothing reports what was made in a directory before its watch was in place (the watcher
         may lag far behind a busy container), and the consumer's compare of a path it already
-        knows as a directory looks at that directory alone: so the caller delivers these.
+        knows as a directory looks at that directory alone: so a directory that appears is
+        delivered with what it holds.  The first watch and the rewatch after an overflow need
+        none of it (the scan, or a full compare, follows them).
         """
-        found: set[str] = set()
         try:
             with self._root.directory(rel) as fd:
                 self._watch_fd(fd, rel, found)
@@ -242,9 +244,8 @@ class SafeTreeWatcher(_ThreadedWatcher):
             # Gone, a symlink now, or swapped while being opened (ELOOP): not watched. If a
             # directory comes back there, its move is reported and handled in its turn.
             pass
-        return found
 
-    def _watch_fd(self, fd: int, rel: str, found: set[str]) -> None:
+    def _watch_fd(self, fd: int, rel: str, found: set[str] | None) -> None:
         assert self._inotify is not None
         try:
             wd = self._inotify.add_watch(f"/proc/self/fd/{fd}", _MASK)
@@ -263,7 +264,8 @@ class SafeTreeWatcher(_ThreadedWatcher):
         except OSError:
             return
         prefix = f"{rel}/" if rel else ""
-        found.update(prefix + name for name, _ in entries)
+        if found is not None:
+            found.update(prefix + name for name, _ in entries)
         for name in (name for name, is_dir in entries if is_dir):
             sub = prefix + name
             if self._ignore.prune(sub):
@@ -324,7 +326,7 @@ class SafeTreeWatcher(_ThreadedWatcher):
                     if mask & (iflags.MOVED_FROM | iflags.DELETE):
                         self._forget(rel)
                     elif mask & (iflags.CREATE | iflags.MOVED_TO) and not self._ignore.prune(rel):
-                        paths |= self._watch_tree(rel)
+                        self._watch_tree(rel, paths)
             if overflow:
                 # Events were lost, among them perhaps the moves and creations that say which
                 # directories to watch: watch the tree as it is now, then compare all of it.
