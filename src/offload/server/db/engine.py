@@ -255,9 +255,9 @@ def execute_columns(
     connection.
 
     `Session.execute` does ORM work per statement (its compile state, its result wrapping) that
-    such a statement does not need: 0.13-0.2 ms of CPU each here, on the hot requests' few
-    statements (bench/load_costs.py).  Pending changes are flushed first, as `Session.execute`'s
-    autoflush would, so the statement sees them.
+    such a statement does not need: 0.13-0.2 ms of CPU each here, timed alone on SQLite and
+    PostgreSQL (docs/operations.md has what it did for whole requests).  Pending changes are
+    flushed first, as `Session.execute`'s autoflush would, so the statement sees them.
     """
     db.flush()
     return db.connection().execute(statement, params)
