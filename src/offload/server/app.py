@@ -18,6 +18,7 @@ from offload.core.errors import ErrorBody
 from offload.core.schemas import API_PREFIX
 from offload.server import web
 from offload.server.api import device, ops, orgs, runners, sessions, users
+from offload.server.api.activity_lane import ActivityLane
 from offload.server.api.errors import install_error_handlers
 from offload.server.context import CLIENT_ADDRESS, Clock, ServerContext, utc_now
 from offload.server.db.engine import Database
@@ -156,5 +157,6 @@ def create_app(settings: ServerSettings, clock: Clock | None = None) -> FastAPI:
     app.include_router(ops.router)
     web.mount(app)  # the dashboard: pages at /, assets at /static
     install_error_handlers(app)
-    app.add_middleware(ClientAddressMiddleware)
+    app.add_middleware(ActivityLane, context=context)
+    app.add_middleware(ClientAddressMiddleware)  # added last: outside the lane
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from offload.core.config import ServerSettings
@@ -29,12 +29,28 @@ def utc_now() -> datetime:
 
 
 @dataclass
+class LaneCounts:
+    """Activity reports the lane (api/activity_lane.py) answered, and those it left to the full
+    path, in this process (/metrics)."""
+
+    answered: int = 0
+    left: int = 0
+
+    def count(self, answered: bool) -> None:
+        if answered:
+            self.answered += 1
+        else:
+            self.left += 1
+
+
+@dataclass
 class ServerContext:
     settings: ServerSettings
     db: Database
     ca: CertificateAuthority
     signals: RunnerSignals
     clock: Clock = utc_now
+    lane_counts: LaneCounts = field(default_factory=LaneCounts)
 
     def now(self) -> datetime:
         """The time every service uses; tests drive it through the clock given to create_app."""

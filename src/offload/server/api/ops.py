@@ -6,10 +6,11 @@ from collections.abc import Iterator
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from offload.server.api.deps import Context
+from offload.server.context import LaneCounts
 from offload.server.services import stats
 
 router = APIRouter(tags=["operations"])
@@ -23,10 +24,11 @@ async def healthz() -> dict[str, bool]:
 class _SnapshotCollector(Collector):
     """Exposes one snapshot, read from the database for this scrape."""
 
-    def __init__(self, snapshot: stats.Snapshot) -> None:
+    def __init__(self, snapshot: stats.Snapshot, lane: LaneCounts) -> None:
         self._snapshot = snapshot
+        self._lane = lane
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         sessions = GaugeMetricFamily(
             "offload_sessions", "Sessions by state (ended ones included)", labels=["state"]
         )
@@ -48,11 +50,20 @@ class _SnapshotCollector(Collector):
             "Warm environments reported by online runners",
             value=self._snapshot.warm_environments,
         )
+        lane = CounterMetricFamily(
+            "offload_activity_lane_reports",
+            "Activity reports this replica answered in the activity lane, and those it left "
+            "to the full path",
+            labels=["outcome"],
+        )
+        lane.add_metric(["answered"], self._lane.answered)
+        lane.add_metric(["full_path"], self._lane.left)
+        yield lane
 
 
 @router.get("/metrics", response_class=Response)
 async def metrics(ctx: Context) -> Response:
     snapshot = await ctx.db.read(stats.snapshot, ctx.now(), ctx.settings.runner_timeout_s)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshot))
+    registry.register(_SnapshotCollector(snapshot, ctx.lane_counts))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

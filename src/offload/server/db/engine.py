@@ -19,7 +19,8 @@ Two databases, one meaning of a transaction:
   were waiting for it).  They write only the rows they locked, and only where a read of other
   rows that is a moment out of date does no harm; anything more (a state change, a ledger
   write) belongs in a write transaction.  On SQLite, which has one writer anyway, they are
-  write transactions.
+  write transactions.  `run_row_locked_columns` runs one on a plain connection, for work of
+  plain columns only (the activity lane).
 
 SQLite (the embedded default, `offload up`) gets WAL (readers never wait for the writer),
 foreign keys, a busy timeout, and `BEGIN IMMEDIATE` for write transactions: a deferred
@@ -47,7 +48,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, Executable, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, Executable, create_engine, event, make_url
 from sqlalchemy.engine import URL, CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -178,9 +179,8 @@ class Database:
             self.engine.execution_options(**_read_only_options(self.engine)),
             expire_on_commit=False,
         )
-        self._row_writer = sessionmaker(
-            self.engine.execution_options(**{_ROW_LOCKED: True}), expire_on_commit=False
-        )
+        self._row_locked_engine = self.engine.execution_options(**{_ROW_LOCKED: True})
+        self._row_writer = sessionmaker(self._row_locked_engine, expire_on_commit=False)
         # SQLite: this process's writers queue on a lock of their own instead of in SQLite's
         # busy handler, which sleeps and retries (bench/load.py: p99 1.4 s -> 0.23 s at 25
         # activity reports a second).  Other processes on the file still meet the busy timeout.
@@ -193,6 +193,17 @@ class Database:
         queue = self._sqlite_writers if not read_only else None
         with queue or contextlib.nullcontext(), maker.begin() as session:
             yield session
+
+    @contextmanager
+    def row_locked_connection(self) -> Iterator[Connection]:
+        """A row-locked transaction on a plain connection, without an ORM session: for work of
+        plain columns only (services/activity_lane.py), where the session's own upkeep would be
+        a good part of the cost."""
+        with (
+            self._sqlite_writers or contextlib.nullcontext(),
+            self._row_locked_engine.begin() as conn,
+        ):
+            yield conn
 
     def call(
         self,
@@ -221,6 +232,21 @@ class Database:
         """Like `run`, in a row-locked transaction: `fn` locks the rows it writes."""
         return await self._in_thread(False, True, fn, *args, **kwargs)
 
+    async def run_row_locked_columns(
+        self,
+        fn: Callable[Concatenate[Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run `fn(connection, …)` in a row-locked transaction on a worker thread (see
+        `row_locked_connection`)."""
+
+        def _call() -> T:
+            with self.row_locked_connection() as connection:
+                return fn(connection, *args, **kwargs)
+
+        return await asyncio.to_thread(_call)
+
     async def read(
         self,
         fn: Callable[Concatenate[Session, P], T],
@@ -248,8 +274,12 @@ class Database:
         self.engine.dispose()
 
 
+# Where statements of plain columns run: a transaction's ORM session, or a plain connection.
+Columns = Session | Connection
+
+
 def execute_columns(
-    db: Session, statement: Executable, params: Any = None
+    db: Columns, statement: Executable, params: Any = None
 ) -> CursorResult[*tuple[Any, ...]]:
     """Run a statement of plain columns (no mapped objects in or out) on the transaction's own
     connection.
@@ -259,6 +289,8 @@ def execute_columns(
     PostgreSQL (docs/operations.md has what it did for whole requests).  Pending changes are
     flushed first, as `Session.execute`'s autoflush would, so the statement sees them.
     """
+    if isinstance(db, Connection):
+        return db.execute(statement, params)
     db.flush()
     return db.connection().execute(statement, params)
 

@@ -29,7 +29,7 @@ from sqlalchemy import BindParameter, bindparam, or_, select
 from sqlalchemy.orm import Session as Db
 
 from offload.core.schemas import InstanceType
-from offload.server.db.engine import execute_columns
+from offload.server.db.engine import Columns, execute_columns
 from offload.server.db.models import BuilderInterval, LedgerInterval, OffloadSession
 
 # A builder is an ordinary standard environment (offload.runner.builders.BUILDER_SPEC).
@@ -158,7 +158,7 @@ _SESSION_INTERVALS = (
 )
 
 
-def session_intervals(db: Db, session_id: str) -> list[Interval]:
+def session_intervals(db: Columns, session_id: str) -> list[Interval]:
     rows = execute_columns(db, _SESSION_INTERVALS, {"session_id": session_id})
     return [Interval(start, end) for start, end in rows]
 
@@ -228,7 +228,7 @@ _USER_PIECES = (
 )
 
 
-def user_pieces(db: Db, user_id: str, lo: datetime, hi: datetime) -> list[Piece]:
+def user_pieces(db: Columns, user_id: str, lo: datetime, hi: datetime) -> list[Piece]:
     rows = execute_columns(db, _USER_PIECES, {"user_id": user_id, "lo": lo, "hi": hi})
     return [Piece(sid, kind, Interval(start, end)) for sid, kind, start, end in rows]
 
@@ -287,7 +287,7 @@ def sessions_build_seconds(db: Db, session_ids: Sequence[str]) -> dict[str, floa
     return seconds
 
 
-def user_day_seconds(db: Db, user_id: str, now: datetime) -> float:
+def user_day_seconds(db: Columns, user_id: str, now: datetime) -> float:
     """The user's billed seconds in the UTC day of `now`, across sessions and organisations."""
     lo, hi = utc_day(now)
     pieces = user_pieces(db, user_id, lo, hi)
@@ -309,7 +309,7 @@ def day_seconds_by_user(db: Db, now: datetime) -> dict[str, float]:
     return {user: seconds_within(found, lo, hi, now) for user, found in by_user.items()}
 
 
-def session_seconds(db: Db, session_id: str, now: datetime) -> float:
+def session_seconds(db: Columns, session_id: str, now: datetime) -> float:
     return total_seconds(session_intervals(db, session_id), now)
 
 

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import cast
+from typing import Protocol, cast
 
 from sqlalchemy import Table, bindparam, delete, inspect, or_, select, update
 from sqlalchemy.orm import Session as Db
@@ -49,10 +49,10 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from offload.core.config import ServerSettings
 from offload.core.errors import Conflict
-from offload.core.schemas import FairUsePolicy, PromptReason
+from offload.core.schemas import ActivityReport, FairUsePolicy, PromptReason
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
-from offload.server.db.engine import execute_columns
+from offload.server.db.engine import Columns, execute_columns
 from offload.server.db.models import GpuClaim, OffloadSession
 from offload.server.services import billing, ledger, org_settings
 
@@ -339,16 +339,40 @@ class FactCache:
     allowance: dict[tuple[str, str], float | None] = field(default_factory=dict)
 
 
-def facts_of(db: Db, row: OffloadSession, now: datetime, cache: FactCache | None = None) -> Facts:
-    cache = cache or FactCache()
-    if row.user_id not in cache.used_today:
-        cache.used_today[row.user_id] = ledger.user_day_seconds(db, row.user_id, now)
-    if row.org_id not in cache.policies:
-        cache.policies[row.org_id] = org_settings.policy_of(db, row.org)
-    key = (row.org_id, row.instance_type)
-    if key not in cache.allowance:
-        minutes = billing.minutes_left(db, row.org, row.instance_type, now)
-        cache.allowance[key] = None if minutes is None else minutes * 60
+class LifecycleColumns(Protocol):
+    """A session's columns the rules read: an ORM row, or a row of a plain select (the activity
+    lane, services/activity_lane.py)."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def idle_timeout_s(self) -> int: ...
+    @property
+    def started_at(self) -> datetime | None: ...
+    @property
+    def last_activity_at(self) -> datetime | None: ...
+    @property
+    def idle_since(self) -> datetime | None: ...
+    @property
+    def prompt_id(self) -> str | None: ...
+    @property
+    def prompt_reason(self) -> str | None: ...
+    @property
+    def prompt_asked_at(self) -> datetime | None: ...
+    @property
+    def prompt_expires_at(self) -> datetime | None: ...
+    @property
+    def last_long_prompt_at(self) -> datetime | None: ...
+
+
+def facts_from(
+    row: LifecycleColumns,
+    used_today_s: float,
+    fair_use_policy: FairUsePolicy,
+    allowance_left_s: float | None,
+    org: str,
+) -> Facts:
+    """The facts of a session's columns and its user's and organisation's figures (pure)."""
     prompt = None
     if row.prompt_id and row.prompt_reason and row.prompt_asked_at and row.prompt_expires_at:
         prompt = OpenPrompt(
@@ -365,6 +389,25 @@ def facts_of(db: Db, row: OffloadSession, now: datetime, cache: FactCache | None
         idle_since=row.idle_since,
         prompt=prompt,
         last_long_prompt_at=row.last_long_prompt_at,
+        used_today_s=used_today_s,
+        fair_use_policy=fair_use_policy,
+        allowance_left_s=allowance_left_s,
+        org=org,
+    )
+
+
+def facts_of(db: Db, row: OffloadSession, now: datetime, cache: FactCache | None = None) -> Facts:
+    cache = cache or FactCache()
+    if row.user_id not in cache.used_today:
+        cache.used_today[row.user_id] = ledger.user_day_seconds(db, row.user_id, now)
+    if row.org_id not in cache.policies:
+        cache.policies[row.org_id] = org_settings.policy_of(db, row.org)
+    key = (row.org_id, row.instance_type)
+    if key not in cache.allowance:
+        minutes = billing.minutes_left(db, row.org, row.instance_type, now)
+        cache.allowance[key] = None if minutes is None else minutes * 60
+    return facts_from(
+        row,
         used_today_s=cache.used_today[row.user_id],
         fair_use_policy=cache.policies[row.org_id].fair_use_policy,
         allowance_left_s=cache.allowance[key],
@@ -404,6 +447,16 @@ def advance(
 # ---- events -------------------------------------------------------------------------------------
 
 
+def is_activity(report: ActivityReport) -> bool:
+    """Whether a report restarts the quiet clock (an empty one only asks how the session is)."""
+    return bool(report.api_calls or report.open_streams or report.building)
+
+
+def stamp_time(last_activity_at: datetime | None, now: datetime) -> datetime:
+    """The quiet clock's new start: `now`, never earlier than the stamp already there."""
+    return max(now, last_activity_at or now)
+
+
 def note_activity(db: Db, row: OffloadSession, now: datetime) -> None:
     """Something happened in the session at `now`: restart the quiet clock, resume if idle.
 
@@ -440,7 +493,7 @@ def stamp_activity(db: Db, rows: Sequence[OffloadSession], now: datetime) -> Non
     for row in rows:
         if S(row.state) not in (S.ACTIVE, S.STARTING):
             continue
-        at = max(now, row.last_activity_at or now)
+        at = stamp_time(row.last_activity_at, now)
         if at != row.last_activity_at and inspect(row).persistent:
             stamped.append({"stamp_id": row.id, "stamp_at": at})
             set_committed_value(row, "last_activity_at", at)  # written here, not by a flush
@@ -450,6 +503,12 @@ def stamp_activity(db: Db, rows: Sequence[OffloadSession], now: datetime) -> Non
             _clear_prompt(row)
     if stamped:
         execute_columns(db, _STAMP_ACTIVITY, stamped)
+
+
+def stamp_activity_at(db: Columns, session_id: str, at: datetime) -> None:
+    """The stamp of `stamp_activity` for a session known only by its columns (the activity
+    lane): the caller checked that it is active or starting without a quiet prompt."""
+    execute_columns(db, _STAMP_ACTIVITY, {"stamp_id": session_id, "stamp_at": at})
 
 
 def keep(row: OffloadSession, now: datetime) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 import asyncssh
 from sqlalchemy import bindparam, select
@@ -94,13 +95,62 @@ def session_info(
     notice: str | None = None,
     cache: lifecycle.FactCache | None = None,
 ) -> s.SessionInfo:
-    facts = lifecycle.facts_of(db, row, now, cache)
+    return info_view(
+        row,
+        lifecycle.facts_of(db, row, now, cache),
+        now,
+        rules,
+        user=row.user.username,
+        runner=runner_endpoint(row.runner) if row.runner else None,
+        billed_s=ledger.session_seconds(db, row.id, now),
+        gpus=placement.session_gpus(row),
+        notice=notice,
+    )
+
+
+class SessionColumns(Protocol):
+    """What an answer shows of a session besides its facts: an ORM row, or a row of a plain
+    select (the activity lane, services/activity_lane.py)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def instance_type(self) -> str: ...
+    @property
+    def gpu(self) -> bool: ...
+    @property
+    def idle_timeout_s(self) -> int: ...
+    @property
+    def client_name(self) -> str: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def started_at(self) -> datetime | None: ...
+    @property
+    def ended_at(self) -> datetime | None: ...
+    @property
+    def end_reason(self) -> str | None: ...
+
+
+def info_view(
+    row: SessionColumns,
+    facts: lifecycle.Facts,
+    now: datetime,
+    rules: Rules,
+    *,
+    user: str,
+    runner: s.RunnerEndpoint | None,
+    billed_s: float,
+    gpus: list[s.GpuDevice],
+    notice: str | None = None,
+) -> s.SessionInfo:
+    """The answer about a session at `now` (pure): its state and clocks come from `facts`."""
     idle_at = facts.idle_at()
     return s.SessionInfo(
         id=row.id,
-        state=S(row.state),
-        user=row.user.username,
-        org=row.org.name,
+        state=facts.state,
+        user=user,
+        org=facts.org,
         instance_type=s.InstanceType(row.instance_type),
         gpu=row.gpu,
         idle_timeout_s=row.idle_timeout_s,
@@ -108,16 +158,16 @@ def session_info(
         created_at=row.created_at,
         started_at=row.started_at,
         ended_at=row.ended_at,
-        runner=runner_endpoint(row.runner) if row.runner else None,
-        last_activity_at=row.last_activity_at,
+        runner=runner,
+        last_activity_at=facts.last_activity_at,
         time_until_idle_s=max(0.0, (idle_at - now).total_seconds()) if idle_at else None,
-        idle_since=row.idle_since if facts.state is S.IDLE else None,
+        idle_since=facts.idle_since if facts.state is S.IDLE else None,
         grace_ends_at=facts.grace_ends_at(rules),
         prompt=_prompt_view(facts),
         fair_use_remaining_s=max(0.0, rules.fair_use_day_s - facts.used_today_s),
         fair_use_policy=facts.fair_use_policy,
-        billed_s=ledger.session_seconds(db, row.id, now),
-        gpu_devices=placement.session_gpus(row),
+        billed_s=billed_s,
+        gpu_devices=gpus,
         warnings=lifecycle.warnings(facts, now, rules),
         end_reason=row.end_reason,
         replaced_session_notice=notice,
@@ -360,7 +410,7 @@ def _activity_tx(
     cache = lifecycle.FactCache()
     if S(row.state).live:
         lifecycle.advance(db, row, now, rules, cache)
-    if S(row.state).live and (report.api_calls or report.open_streams or report.building):
+    if S(row.state).live and lifecycle.is_activity(report):
         lifecycle.note_activity(db, row, now)
     changed = row.state != before
     return _Outcome(session_info(db, row, now, rules, cache=cache), row.runner_id, changed=changed)
@@ -384,7 +434,7 @@ def _activity_stamp_tx(
     cache = lifecycle.FactCache()
     if lifecycle.evaluate(lifecycle.facts_of(db, row, now, cache), now, rules):
         return None
-    if report.api_calls or report.open_streams or report.building:
+    if lifecycle.is_activity(report):
         lifecycle.stamp_activity(db, [row], now)
     return _Outcome(session_info(db, row, now, rules, cache=cache), row.runner_id, changed=False)
 

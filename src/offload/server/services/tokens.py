@@ -144,8 +144,13 @@ def check_user_token(db: Db, token: str, now: datetime) -> UserTokenCheck:
     return UserTokenCheck(
         user=AuthUser(id=user_id, username=username),
         token_id=token_id,
-        touch_due=last is None or now - last >= LAST_USED_RESOLUTION,
+        touch_due=touch_due(last, now),
     )
+
+
+def touch_due(last_used_at: datetime | None, now: datetime) -> bool:
+    """Whether a token's last use is to be written again (every LAST_USED_RESOLUTION)."""
+    return last_used_at is None or now - last_used_at >= LAST_USED_RESOLUTION
 
 
 def touch_api_token(db: Db, token_id: str, now: datetime) -> None:

@@ -1,0 +1,284 @@
+"""The activity lane (services/activity_lane.py, api/activity_lane.py) answers the common report
+exactly as the full path does, and leaves everything else to the full path untouched.
+
+"As the full path does" is checked against the full path itself: the same report sent to the
+service the route calls (`sessions.report_activity`), at the same instant of the clock, must give
+the same answer field for field.  The lane's own counters (/metrics) say which of the two
+answered each request, so a test cannot pass by the lane silently giving everything back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from offload.core import schemas as s
+from offload.server.api.activity_lane import MAX_BODY
+from offload.server.context import ServerContext
+from offload.server.db.models import ApiToken
+from offload.server.services import sessions
+from offload.server.services.tokens import AuthUser
+
+from .support import keep_busy, session_request
+
+S = s.SessionState
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _path(session_id: str) -> str:
+    return f"/api/v1/sessions/{session_id}/activity"
+
+
+def _counts(ctx: ServerContext) -> tuple[int, int]:
+    return ctx.lane_counts.answered, ctx.lane_counts.left
+
+
+async def _through_lane(
+    http: httpx.AsyncClient, ctx: ServerContext, user: Any, session_id: str, body: Any
+) -> dict[str, Any]:
+    """The report over HTTP, answered by the lane (asserted)."""
+    answered, left = _counts(ctx)
+    response = await http.post(_path(session_id), json=body, headers=_bearer(user.token))
+    assert response.status_code == 200, response.text
+    assert _counts(ctx) == (answered + 1, left), "the lane left a report it should answer"
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+async def _full_path(ctx: ServerContext, user: Any, session_id: str, body: Any) -> dict[str, Any]:
+    """The same report through the service the route calls, at the same instant."""
+    report = s.ActivityReport.model_validate(body)
+    info = await sessions.report_activity(ctx, AuthUser(user.id, user.username), session_id, report)
+    answer: dict[str, Any] = info.model_dump(mode="json")
+    return answer
+
+
+async def _same_answers(http, ctx, user, session_id: str, body: Any) -> s.SessionInfo:
+    lane = await _through_lane(http, ctx, user, session_id, body)
+    assert lane == await _full_path(ctx, user, session_id, body)
+    return s.SessionInfo.model_validate(lane)
+
+
+# ---- what the lane answers ----------------------------------------------------------------------
+
+
+async def test_an_active_session_is_stamped_and_answered_as_the_full_path_does(
+    start_active, ctx, http, clock
+):
+    user, _, info = await start_active()
+    clock.advance(42)
+    answer = await _same_answers(http, ctx, user, info.id, {"api_calls": 3, "open_streams": 1})
+    assert answer.state is S.ACTIVE and answer.last_activity_at == clock()
+    assert answer.time_until_idle_s == info.idle_timeout_s
+    assert answer.billed_s == 42 and answer.runner == info.runner
+    stored = await user.client.get_session(info.id)  # written, not only answered
+    assert stored.last_activity_at == clock()
+
+
+async def test_a_report_of_nothing_leaves_the_quiet_clock_where_it_was(
+    start_active, ctx, http, clock
+):
+    user, _, info = await start_active()
+    clock.advance(30)
+    for body in ({}, {"API_CALLS": 5, "Api_Calls": 5}):  # unknown keys are ignored, as there
+        answer = await _same_answers(http, ctx, user, info.id, body)
+        assert answer.last_activity_at == info.last_activity_at
+        assert answer.time_until_idle_s == info.idle_timeout_s - 30
+
+
+async def test_a_starting_session_is_answered_as_the_full_path_does(
+    make_user, make_runner, ctx, http, client_key
+):
+    user, _ = make_user(), await make_runner()
+    created = await user.client.create_session(session_request(client_key))
+    answer = await _same_answers(http, ctx, user, created.id, {"building": True})
+    assert answer.state is S.STARTING and answer.billed_s == 0
+
+
+async def test_an_open_long_session_prompt_is_shown_and_stays_open(
+    start_active, ctx, http, clock, tick
+):
+    user, _, info = await start_active(idle_timeout_s=3600)
+    asked = await keep_busy(user, info.id, clock, tick, 3 * 3600, answer_prompts=False)
+    assert asked.prompt is not None and asked.prompt.reason is s.PromptReason.LONG_SESSION
+    clock.advance(5)
+    answer = await _same_answers(http, ctx, user, info.id, {"api_calls": 1})
+    assert answer.prompt == asked.prompt  # activity does not answer it
+
+
+@pytest.mark.parametrize("policy", list(s.FairUsePolicy))
+async def test_fair_use_figures_and_warnings_are_those_of_the_full_path(
+    make_user, start_active, ctx, http, clock, tick, policy
+):
+    owner = make_user(role=s.Role.OWNER)
+    await owner.client.update_org_settings(owner.org, s.OrgSettingsUpdate(fair_use_policy=policy))
+    user = make_user(org=owner.org)
+    _, _, info = await start_active(user=user, idle_timeout_s=3600)
+    await keep_busy(user, info.id, clock, tick, 7 * 3600 + 55 * 60, step=1500)
+    answer = await _same_answers(http, ctx, user, info.id, {"api_calls": 1})
+    assert answer.fair_use_policy is policy and answer.fair_use_remaining_s == 5 * 60
+    assert bool(answer.warnings) is (policy is s.FairUsePolicy.STOP)
+
+
+# ---- what the lane leaves to the full path ------------------------------------------------------
+
+
+async def _left(http, ctx, session_id: str, **request: Any) -> httpx.Response:
+    """A request the lane must leave (asserted); the full path's response."""
+    answered, left = _counts(ctx)
+    response = await http.post(_path(session_id), **request)
+    assert _counts(ctx) == (answered, left + 1), "the lane answered what it must leave"
+    return response
+
+
+async def test_an_idle_session_resumes_on_the_full_path(start_active, ctx, http, clock, tick):
+    user, _, info = await start_active(idle_timeout_s=60)
+    clock.advance(61)
+    await tick()
+    assert (await user.client.get_session(info.id)).state is S.IDLE
+    response = await _left(http, ctx, info.id, json={"api_calls": 1}, headers=_bearer(user.token))
+    assert response.status_code == 200 and response.json()["state"] == "active"
+
+
+async def test_a_due_idle_moment_is_applied_on_the_full_path(start_active, ctx, http, clock):
+    user, _, info = await start_active(idle_timeout_s=60)
+    clock.advance(90)  # no tick ran: the report finds the idle moment passed
+    response = await _left(http, ctx, info.id, json={}, headers=_bearer(user.token))
+    assert response.json()["state"] == "idle"
+    idle_since = s.SessionInfo.model_validate(response.json()).idle_since
+    assert idle_since == info.started_at + timedelta(seconds=60)
+
+
+async def test_a_quiet_prompt_is_cleared_on_the_full_path(start_active, ctx, http, clock, tick):
+    user, _, info = await start_active()
+    clock.advance(180)
+    await tick()
+    assert (await user.client.get_session(info.id)).prompt is not None
+    response = await _left(http, ctx, info.id, json={"api_calls": 1}, headers=_bearer(user.token))
+    assert response.status_code == 200 and response.json()["prompt"] is None
+
+
+async def test_an_ended_session_is_answered_as_it_is_on_the_full_path(start_active, ctx, http):
+    user, _, info = await start_active()
+    await user.client.stop_session(info.id)
+    response = await _left(http, ctx, info.id, json={"api_calls": 1}, headers=_bearer(user.token))
+    assert response.status_code == 200 and response.json()["state"] == "terminated"
+
+
+async def test_a_gpu_session_and_a_metered_organisation_take_the_full_path(
+    make_user, make_runner, start_active, ctx, http
+):
+    runner = await make_runner(gpus=1, instance_types=[s.InstanceType.GPU])
+    user, _, info = await start_active(runner=runner, gpu=True)
+    response = await _left(http, ctx, info.id, json={"api_calls": 1}, headers=_bearer(user.token))
+    assert response.json()["gpu_devices"][0]["uuid"] == info.gpu_devices[0].uuid
+
+    owner = make_user(role=s.Role.OWNER)
+    terms = s.OrgBillingUpdate(committed_minutes_per_month=600, on_demand_enabled=False)
+    await owner.client.update_org_billing(owner.org, terms)
+    member, _, metered = await start_active(user=make_user(org=owner.org))
+    response = await _left(
+        http, ctx, metered.id, json={"api_calls": 1}, headers=_bearer(member.token)
+    )
+    assert response.status_code == 200 and response.json()["state"] == "active"
+
+
+async def test_refusals_are_the_full_paths_in_its_order(make_user, start_active, ctx, http, clock):
+    user, runner, info = await start_active()
+    other = make_user()
+    good = {"api_calls": 1}
+    cases: list[tuple[str, dict[str, Any], int, str]] = [
+        ("unknown token", {"json": good, "headers": _bearer("off_u_nope")}, 401, "not valid"),
+        ("runner token", {"json": good, "headers": _bearer(runner.token)}, 401, "runner token"),
+        ("another's session", {"json": good, "headers": _bearer(other.token)}, 404, "no session"),
+        (
+            "bad body, bad token",
+            {"json": {"api_calls": -1}, "headers": _bearer("off_u_x")},
+            401,
+            "",
+        ),
+        ("bad body", {"json": {"api_calls": -1}, "headers": _bearer(user.token)}, 422, "api_calls"),
+        ("not JSON", {"content": b"{", "headers": _json(user.token)}, 422, "Invalid request"),
+        ("no body", {"headers": _json(user.token)}, 422, "Field required"),
+    ]
+    for name, request, status, words in cases:
+        response = await _left(http, ctx, info.id, **request)
+        assert response.status_code == status, (name, response.text)
+        assert words in response.text, name
+    unknown = await _left(http, ctx, "ses_000000000000", json=good, headers=_bearer(user.token))
+    assert unknown.status_code == 404
+
+    with ctx.db.transaction() as db:
+        db.query(ApiToken).filter_by(user_id=user.id).one().revoked_at = clock()
+    revoked = await _left(http, ctx, info.id, json=good, headers=_bearer(user.token))
+    assert revoked.status_code == 401 and "revoked" in revoked.json()["message"]
+
+
+def _json(token: str) -> dict[str, str]:
+    return {**_bearer(token), "Content-Type": "application/json"}
+
+
+async def test_requests_the_lane_does_not_take_reach_the_route_as_sent(start_active, ctx, http):
+    """Not counted at all: no bearer token, another content type; counted and left: a body
+    over MAX_BODY (the route still accepts it: JSON may carry any whitespace)."""
+    user, _, info = await start_active()
+    before = _counts(ctx)
+    missing = await http.post(_path(info.id), json={"api_calls": 1})
+    assert missing.status_code == 401 and "No API token" in missing.json()["message"]
+    basic = await http.post(
+        _path(info.id), json={"api_calls": 1}, headers={"Authorization": "Basic dTpw"}
+    )
+    assert basic.status_code == 401
+    text = await http.post(
+        _path(info.id),
+        content=b'{"api_calls": 1}',
+        headers={**_bearer(user.token), "Content-Type": "text/plain"},
+    )
+    assert text.status_code == 422  # FastAPI reads JSON only from a JSON content type
+    assert _counts(ctx) == before
+
+    padded = b'{"api_calls": 1' + b" " * MAX_BODY + b"}"
+    response = await _left(http, ctx, info.id, content=padded, headers=_json(user.token))
+    assert response.status_code == 200 and response.json()["state"] == "active"
+
+
+async def test_a_body_sent_in_pieces_is_read_whole(start_active, ctx, http, clock):
+    user, _, info = await start_active()
+    clock.advance(7)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for piece in (b'{"api_', b'calls"', b": 2}"):
+            yield piece
+
+    answered, left = _counts(ctx)
+    response = await http.post(_path(info.id), content=pieces(), headers=_json(user.token))
+    assert response.status_code == 200 and _counts(ctx) == (answered + 1, left)
+    assert s.SessionInfo.model_validate(response.json()).last_activity_at == clock()
+
+
+async def test_the_scheme_is_read_as_fastapi_reads_it(start_active, ctx, http, clock):
+    user, _, info = await start_active()
+    for header in (f"bearer {user.token}", f"BEARER  {user.token} "):
+        answered, left = _counts(ctx)
+        response = await http.post(
+            _path(info.id), json={"api_calls": 1}, headers={"Authorization": header}
+        )
+        assert response.status_code == 200 and _counts(ctx) == (answered + 1, left), header
+
+
+async def test_metrics_count_both_outcomes(start_active, ctx, http):
+    user, _, info = await start_active()
+    await http.post(_path(info.id), json={"api_calls": 1}, headers=_bearer(user.token))
+    await http.post(_path(info.id), json={"api_calls": -1}, headers=_bearer(user.token))
+    text = (await http.get("/metrics")).text
+    answered, left = _counts(ctx)
+    assert (answered, left) == (1, 1)
+    assert 'offload_activity_lane_reports_total{outcome="answered"} 1.0' in text
+    assert 'offload_activity_lane_reports_total{outcome="full_path"} 1.0' in text
