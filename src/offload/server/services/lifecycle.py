@@ -44,7 +44,6 @@ from typing import Protocol, cast
 
 from sqlalchemy import Table, bindparam, delete, inspect, or_, select, update
 from sqlalchemy.orm import Session as Db
-from sqlalchemy.orm import selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from offload.core.config import ServerSettings
@@ -53,7 +52,7 @@ from offload.core.schemas import ActivityReport, FairUsePolicy, PromptReason
 from offload.core.schemas import SessionState as S
 from offload.server.context import ServerContext
 from offload.server.db.engine import Columns, execute_columns
-from offload.server.db.models import GpuClaim, OffloadSession
+from offload.server.db.models import GpuClaim, OffloadSession, Organization
 from offload.server.services import billing, ledger, org_settings
 
 log = logging.getLogger(__name__)
@@ -396,22 +395,41 @@ def facts_from(
     )
 
 
-def facts_of(db: Db, row: OffloadSession, now: datetime, cache: FactCache | None = None) -> Facts:
+class SessionFactColumns(LifecycleColumns, Protocol):
+    """The columns `facts_of` reads besides the rules' own: whose figures apply."""
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def org_id(self) -> str: ...
+    @property
+    def instance_type(self) -> str: ...
+
+
+def facts_of(
+    db: Db,
+    row: SessionFactColumns,
+    now: datetime,
+    cache: FactCache | None = None,
+    org: Organization | None = None,
+) -> Facts:
+    """The facts of a session at `now`; `org`: its organisation, if `row` is not an ORM row."""
     cache = cache or FactCache()
+    org = org or cast(OffloadSession, row).org
     if row.user_id not in cache.used_today:
         cache.used_today[row.user_id] = ledger.user_day_seconds(db, row.user_id, now)
     if row.org_id not in cache.policies:
-        cache.policies[row.org_id] = org_settings.policy_of(db, row.org)
+        cache.policies[row.org_id] = org_settings.policy_of(db, org)
     key = (row.org_id, row.instance_type)
     if key not in cache.allowance:
-        minutes = billing.minutes_left(db, row.org, row.instance_type, now)
+        minutes = billing.minutes_left(db, org, row.instance_type, now)
         cache.allowance[key] = None if minutes is None else minutes * 60
     return facts_from(
         row,
         used_today_s=cache.used_today[row.user_id],
         fair_use_policy=cache.policies[row.org_id].fair_use_policy,
         allowance_left_s=cache.allowance[key],
-        org=row.org.name,
+        org=org.name,
     )
 
 
@@ -521,16 +539,40 @@ def keep(row: OffloadSession, now: datetime) -> None:
 # ---- the clock ----------------------------------------------------------------------------------
 
 
+# Built once (services/ledger.py says why): the tick reads every live session each second, as
+# columns (filling the identity map with 1,000 ORM rows was most of its cost).
+_DUE_CANDIDATES = select(
+    OffloadSession.id,
+    OffloadSession.user_id,
+    OffloadSession.org_id,
+    OffloadSession.instance_type,
+    OffloadSession.state,
+    OffloadSession.idle_timeout_s,
+    OffloadSession.started_at,
+    OffloadSession.last_activity_at,
+    OffloadSession.idle_since,
+    OffloadSession.prompt_id,
+    OffloadSession.prompt_reason,
+    OffloadSession.prompt_asked_at,
+    OffloadSession.prompt_expires_at,
+    OffloadSession.last_long_prompt_at,
+).where(OffloadSession.state.in_((S.ACTIVE.value, S.IDLE.value)))
+
+
 def _due_tx(db: Db, now: datetime, rules: Rules) -> list[str]:
-    rows = db.scalars(
-        select(OffloadSession)
-        .where(OffloadSession.state.in_((S.ACTIVE.value, S.IDLE.value)))
-        .options(selectinload(OffloadSession.org))
-    ).all()
+    rows = execute_columns(db, _DUE_CANDIDATES).all()
+    org_ids = {row.org_id for row in rows}
+    orgs = {
+        org.id: org for org in db.scalars(select(Organization).where(Organization.id.in_(org_ids)))
+    }
     # Every user's day at once: a query per session was most of a tick's cost.
     used = ledger.day_seconds_by_user(db, now)
     cache = FactCache(used_today={row.user_id: used.get(row.user_id, 0.0) for row in rows})
-    return [row.id for row in rows if evaluate(facts_of(db, row, now, cache), now, rules)]
+    return [
+        row.id
+        for row in rows
+        if evaluate(facts_of(db, row, now, cache, orgs[row.org_id]), now, rules)
+    ]
 
 
 def _advance_tx(db: Db, session_id: str, now: datetime, rules: Rules) -> str | None:
