@@ -186,5 +186,5 @@ async def try_report(
     if answer is None:
         return None
     if answer.touch_token_id is not None:  # as auth.authenticate_user does: a rare write
-        await ctx.db.run(tokens.touch_api_token, answer.touch_token_id, ctx.now())
+        await ctx.db.run_row_locked(tokens.touch_api_token, answer.touch_token_id, ctx.now())
     return answer.info

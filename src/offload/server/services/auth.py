@@ -27,7 +27,7 @@ async def authenticate_user(ctx: ServerContext, token: str | None) -> AuthUser:
         tokens.check_user_token, _require(token, "API token", "off_u_…"), ctx.now()
     )
     if check.touch_due:  # a separate, rare write: plain requests stay read-only
-        await ctx.db.run(tokens.touch_api_token, check.token_id, ctx.now())
+        await ctx.db.run_row_locked(tokens.touch_api_token, check.token_id, ctx.now())
     return check.user
 
 
