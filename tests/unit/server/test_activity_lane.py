@@ -9,6 +9,7 @@ answered each request, so a test cannot pass by the lane silently giving everyth
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -17,11 +18,13 @@ import httpx
 import pytest
 
 from offload.core import schemas as s
+from offload.core.waiting import wait_until
 from offload.server.api.activity_lane import MAX_BODY
 from offload.server.context import ServerContext
 from offload.server.db.models import ApiToken
 from offload.server.services import sessions
 from offload.server.services.tokens import AuthUser
+from tests.web.support import LiveServer
 
 from .support import keep_busy, session_request
 
@@ -282,3 +285,62 @@ async def test_metrics_count_both_outcomes(start_active, ctx, http):
     assert (answered, left) == (1, 1)
     assert 'offload_activity_lane_reports_total{outcome="answered"} 1.0' in text
     assert 'offload_activity_lane_reports_total{outcome="full_path"} 1.0' in text
+
+
+# ---- real HTTP framing (uvicorn on a socket) ----------------------------------------------------
+
+
+async def _exchange(port: int, raw: bytes, responses: int) -> list[tuple[int, bytes]]:
+    """Send `raw` as it is and read `responses` answers (status, body) off the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        answers = []
+        for _ in range(responses):
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            answers.append((status, await reader.readexactly(length)))
+        return answers
+    finally:
+        writer.close()
+
+
+def _head(session_id: str, token: str, framing: str) -> bytes:
+    return (
+        f"POST {_path(session_id)} HTTP/1.1\r\nHost: offload.test\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n{framing}\r\n"
+    ).encode()
+
+
+async def test_real_http_framing_chunked_pipelined_and_cut_short(app, start_active, ctx, clock):
+    user, _, info = await start_active()
+    server = LiveServer(app).start()
+    try:
+        clock.advance(3)
+        answered, left = _counts(ctx)
+        chunked = _head(info.id, user.token, "Transfer-Encoding: chunked\r\n")
+        chunked += b'6\r\n{"api_\r\n9\r\ncalls": 4\r\n1\r\n}\r\n0\r\n\r\n'
+        bad = b'{"api_calls": -4}'
+        pipelined = _head(info.id, user.token, f"Content-Length: {len(bad)}\r\n") + bad
+        (first, second) = await _exchange(server.port, chunked + pipelined, 2)
+        assert first[0] == 200 and second[0] == 422, (first, second)
+        stamped = s.SessionInfo.model_validate_json(first[1]).last_activity_at
+        assert stamped == clock() and _counts(ctx) == (answered + 1, left + 1)
+
+        clock.advance(3)  # a body cut short: the client goes away after 10 of 100 bytes
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(_head(info.id, user.token, "Content-Length: 100\r\n") + b'{"api_call')
+        await writer.drain()
+        writer.close()
+        await reader.read()  # the server closed its side too
+        wait_until(lambda: _counts(ctx) == (answered + 1, left + 2), 10, "the cut body to end")
+        after = await user.client.get_session(info.id)
+        assert after.last_activity_at == stamped  # nothing was written for it
+    finally:
+        server.stop()
