@@ -24,7 +24,7 @@ def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
         "log_level": "info",
-        "access_log": True,
+        "access_log": settings.access_log,
         # Behind a load balancer or TLS proxy: believe its X-Forwarded-For (abuse limits and the
         # audit log see the real client) and X-Forwarded-Proto (cookies get Secure).
         "proxy_headers": bool(settings.forwarded_allow_ips),
