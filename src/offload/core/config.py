@@ -56,9 +56,9 @@ class ServerSettings(BaseSettings):
     # Behind a load balancer or TLS proxy: the proxies' addresses (comma-separated, or "*")
     # whose X-Forwarded-For and X-Forwarded-Proto are believed; empty believes none.
     forwarded_allow_ips: str = ""
-    # uvicorn's access log: a line per request (method, path, status).  With 1,000 agents that
-    # is some 200 lines a second and about 6 % of a replica's CPU (docs/operations.md); false
-    # keeps warnings, errors and the control plane's own log.
+    # uvicorn's access log: a line per request (method, path, status), some 200 a second with
+    # 1,000 agents (docs/operations.md); false keeps warnings, errors and the control plane's
+    # own log.
     access_log: bool = True
 
     def resolved_database_url(self) -> str:
