@@ -88,9 +88,12 @@ class ActivityLane:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session_id = _session_id(scope)
-        headers = Headers(scope=scope) if session_id is not None else None
-        token = _bearer(headers) if headers is not None else None
-        if session_id is None or headers is None or token is None or not _json(headers):
+        if session_id is None:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        token = _bearer(headers)
+        if token is None or not _json(headers):
             await self.app(scope, receive, send)
             return
         messages, body = await _read_body(receive)

@@ -287,7 +287,8 @@ def execute_columns(
     `Session.execute` does ORM work per statement (its compile state, its result wrapping) that
     such a statement does not need: 0.13-0.2 ms of CPU each here, timed alone on SQLite and
     PostgreSQL (docs/operations.md has what it did for whole requests).  Pending changes are
-    flushed first, as `Session.execute`'s autoflush would, so the statement sees them.
+    flushed first, as `Session.execute`'s autoflush would, so the statement sees them; a plain
+    connection has none, and runs it as it is.
     """
     if isinstance(db, Connection):
         return db.execute(statement, params)

@@ -364,6 +364,21 @@ class LifecycleColumns(Protocol):
     def last_long_prompt_at(self) -> datetime | None: ...
 
 
+# The columns `LifecycleColumns` names, for the selects that read sessions as plain columns.
+LIFECYCLE_COLUMNS = (
+    OffloadSession.state,
+    OffloadSession.idle_timeout_s,
+    OffloadSession.started_at,
+    OffloadSession.last_activity_at,
+    OffloadSession.idle_since,
+    OffloadSession.prompt_id,
+    OffloadSession.prompt_reason,
+    OffloadSession.prompt_asked_at,
+    OffloadSession.prompt_expires_at,
+    OffloadSession.last_long_prompt_at,
+)
+
+
 def facts_from(
     row: LifecycleColumns,
     used_today_s: float,
@@ -406,16 +421,19 @@ class SessionFactColumns(LifecycleColumns, Protocol):
     def instance_type(self) -> str: ...
 
 
-def facts_of(
+def facts_of(db: Db, row: OffloadSession, now: datetime, cache: FactCache | None = None) -> Facts:
+    return facts_with(db, row, row.org, now, cache)
+
+
+def facts_with(
     db: Db,
     row: SessionFactColumns,
+    org: Organization,
     now: datetime,
     cache: FactCache | None = None,
-    org: Organization | None = None,
 ) -> Facts:
-    """The facts of a session at `now`; `org`: its organisation, if `row` is not an ORM row."""
+    """The facts of a session at `now`, given its organisation (`row` may be plain columns)."""
     cache = cache or FactCache()
-    org = org or cast(OffloadSession, row).org
     if row.user_id not in cache.used_today:
         cache.used_today[row.user_id] = ledger.user_day_seconds(db, row.user_id, now)
     if row.org_id not in cache.policies:
@@ -546,16 +564,7 @@ _DUE_CANDIDATES = select(
     OffloadSession.user_id,
     OffloadSession.org_id,
     OffloadSession.instance_type,
-    OffloadSession.state,
-    OffloadSession.idle_timeout_s,
-    OffloadSession.started_at,
-    OffloadSession.last_activity_at,
-    OffloadSession.idle_since,
-    OffloadSession.prompt_id,
-    OffloadSession.prompt_reason,
-    OffloadSession.prompt_asked_at,
-    OffloadSession.prompt_expires_at,
-    OffloadSession.last_long_prompt_at,
+    *LIFECYCLE_COLUMNS,
 ).where(OffloadSession.state.in_((S.ACTIVE.value, S.IDLE.value)))
 
 
@@ -571,7 +580,7 @@ def _due_tx(db: Db, now: datetime, rules: Rules) -> list[str]:
     return [
         row.id
         for row in rows
-        if evaluate(facts_of(db, row, now, cache, orgs[row.org_id]), now, rules)
+        if evaluate(facts_with(db, row, orgs[row.org_id], now, cache), now, rules)
     ]
 
 
