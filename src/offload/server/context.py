@@ -30,11 +30,12 @@ def utc_now() -> datetime:
 
 @dataclass
 class LaneCounts:
-    """Activity reports the lane (api/activity_lane.py) answered, and those it left to the full
-    path, in this process (/metrics)."""
+    """Activity reports the lane (api/activity_lane.py) answered, those it left to the full
+    path, and the transactions it ran for them, in this process (/metrics)."""
 
     answered: int = 0
     left: int = 0
+    batches: int = 0
 
     def count(self, answered: bool) -> None:
         if answered:

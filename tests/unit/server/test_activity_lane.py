@@ -16,13 +16,16 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from offload.core import schemas as s
 from offload.core.waiting import wait_until
 from offload.server.api.activity_lane import MAX_BODY
 from offload.server.context import ServerContext
-from offload.server.db.models import ApiToken
-from offload.server.services import sessions
+from offload.server.db.models import ApiToken, OffloadSession
+from offload.server.services import activity_lane, sessions
+from offload.server.services.activity_lane import LaneAnswer, LaneReport
+from offload.server.services.lifecycle import Rules
 from offload.server.services.tokens import AuthUser
 from tests.web.support import LiveServer
 
@@ -276,6 +279,118 @@ async def test_the_scheme_is_read_as_fastapi_reads_it(start_active, ctx, http, c
         assert response.status_code == 200 and _counts(ctx) == (answered + 1, left), header
 
 
+# ---- reports that arrive together (one batch, db/batches.py) ---------------------------------
+
+
+def _batch(ctx: ServerContext, *reports: tuple[str, str, Any]) -> list[LaneAnswer | None]:
+    """`reports` (token, session id, body) as one batch: one transaction, committed."""
+    batch = [
+        LaneReport(token, sid, s.ActivityReport.model_validate(body))
+        for token, sid, body in reports
+    ]
+    rules = Rules.from_settings(ctx.settings)
+    with ctx.db.row_locked_connection() as conn:
+        return activity_lane.reports_tx(conn, batch, ctx.now(), rules)
+
+
+async def test_reports_in_one_batch_are_answered_as_each_alone(make_user, start_active, ctx, clock):
+    owner = make_user(role=s.Role.OWNER)
+    alice, bob, carol = (make_user(org=owner.org) for _ in range(3))
+    _, _, a = await start_active(user=alice)
+    _, _, b = await start_active(user=bob)
+    _, _, c = await start_active(user=carol)
+    clock.advance(25)
+    answers = _batch(
+        ctx,
+        (alice.token, a.id, {"api_calls": 3}),
+        (bob.token, b.id, {}),  # nothing happened: answered, not stamped
+        (carol.token, c.id, {"building": True}),
+        (alice.token, a.id, {"api_calls": 1}),  # a second report for a session: full path
+        (bob.token, c.id, {"api_calls": 1}),  # another user's session: full path
+        ("off_u_" + "0" * 40, a.id, {"api_calls": 1}),  # no such token: full path
+        (alice.token, "ses_000000000000", {"api_calls": 1}),  # no such session: full path
+    )
+    assert answers[3:] == [None] * 4
+    for (user, info, body), answer in zip(
+        ((alice, a, {"api_calls": 3}), (bob, b, {}), (carol, c, {"building": True})),
+        answers,
+        strict=False,
+    ):
+        assert answer is not None and answer.touch_token_id is None
+        lane = answer.info.model_dump(mode="json")
+        assert lane == await _full_path(ctx, user, info.id, body), user.username
+        assert answer.info.billed_s == 25
+    stored = {
+        info.id: await user.client.get_session(info.id)
+        for user, info in ((alice, a), (bob, b), (carol, c))
+    }
+    assert stored[a.id].last_activity_at == clock() and stored[c.id].last_activity_at == clock()
+    assert stored[b.id].last_activity_at == b.last_activity_at
+
+
+async def test_a_batch_leaves_a_session_due_a_transition_and_answers_the_rest(
+    start_active, ctx, clock
+):
+    quick_user, _, quick = await start_active(idle_timeout_s=60)
+    slow_user, _, slow = await start_active(idle_timeout_s=3600)
+    clock.advance(61)  # the quick one is due to go idle; the tick has not run
+    answers = _batch(
+        ctx,
+        (quick_user.token, quick.id, {"api_calls": 1}),
+        (slow_user.token, slow.id, {"api_calls": 1}),
+    )
+    assert answers[0] is None
+    assert answers[1] is not None
+    assert answers[1].info.model_dump(mode="json") == await _full_path(
+        ctx, slow_user, slow.id, {"api_calls": 1}
+    )
+    assert (
+        await quick_user.client.get_session(quick.id)
+    ).last_activity_at == quick.last_activity_at
+
+
+async def test_a_session_row_another_transaction_holds_is_left_not_waited_for(
+    database, start_active, ctx, clock
+):
+    if database == "sqlite":
+        pytest.skip("SQLite has no row locks: its writers take turns, whole transactions")
+    held_user, _, held = await start_active()
+    free_user, _, free = await start_active()
+    clock.advance(10)
+    with ctx.db.engine.connect() as other:  # as a heartbeat holds its sessions' rows
+        other.execute(
+            select(OffloadSession.id).where(OffloadSession.id == held.id).with_for_update()
+        )
+        answers = _batch(
+            ctx,
+            (held_user.token, held.id, {"api_calls": 1}),
+            (free_user.token, free.id, {"api_calls": 1}),
+        )
+        other.rollback()
+    assert answers[0] is None and answers[1] is not None
+    assert answers[1].info.last_activity_at == clock()
+
+
+async def test_reports_sent_at_once_are_each_answered_by_the_lane_as_the_full_path_does(
+    start_active, ctx, http, clock
+):
+    started = [await start_active() for _ in range(6)]
+    clock.advance(20)
+    answered, left = _counts(ctx)
+    batches = ctx.lane_counts.batches
+    responses = await asyncio.gather(
+        *(
+            http.post(_path(info.id), json={"api_calls": 1}, headers=_bearer(user.token))
+            for user, _, info in started
+        )
+    )
+    assert _counts(ctx) == (answered + 6, left)
+    assert batches < ctx.lane_counts.batches <= batches + 6
+    for (user, _, info), response in zip(started, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.json() == await _full_path(ctx, user, info.id, {"api_calls": 1})
+
+
 async def test_metrics_count_both_outcomes(start_active, ctx, http):
     user, _, info = await start_active()
     await http.post(_path(info.id), json={"api_calls": 1}, headers=_bearer(user.token))
@@ -285,6 +400,7 @@ async def test_metrics_count_both_outcomes(start_active, ctx, http):
     assert (answered, left) == (1, 1)
     assert 'offload_activity_lane_reports_total{outcome="answered"} 1.0' in text
     assert 'offload_activity_lane_reports_total{outcome="full_path"} 1.0' in text
+    assert "offload_activity_lane_batches_total 1.0" in text  # the bad body never reached one
 
 
 # ---- real HTTP framing (uvicorn on a socket) ----------------------------------------------------

@@ -10,10 +10,8 @@ one the lane gives back, goes on to the app with its body replayed unchanged; th
 
 from __future__ import annotations
 
-import logging
 import re
 
-import sqlalchemy.exc
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,17 +21,11 @@ from offload.server.api.responses import model_response
 from offload.server.context import ServerContext
 from offload.server.services import activity_lane
 
-log = logging.getLogger(__name__)
-
 MAX_BODY = 4096  # a report is about 50 bytes; anything larger takes the full path
-# The route's own pattern: Starlette's `{session_id}` matches [^/]+ of the decoded path.
-_ACTIVITY_PATH = re.compile(re.escape(API_PREFIX) + r"/sessions/([^/]+)/activity")
-# What the database may refuse here and the full path answers (503, 422) with the fix.
-_GIVE_BACK_ON = (
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.TimeoutError,
-    sqlalchemy.exc.DataError,
-)
+# The route's pattern is Starlette's `{session_id}`, [^/]+ of the decoded path.  The lane takes
+# only the characters a session id is made of (`ses_` + hex): any other path, which names no
+# session, gets the full path's answer, and cannot make a batch's statement fail for the rest.
+_ACTIVITY_PATH = re.compile(re.escape(API_PREFIX) + r"/sessions/([A-Za-z0-9_-]{1,64})/activity")
 
 
 def _session_id(scope: Scope) -> str | None:
@@ -85,6 +77,7 @@ class ActivityLane:
     def __init__(self, app: ASGIApp, context: ServerContext) -> None:
         self.app = app
         self.context = context
+        self.batches = activity_lane.lane_batches(context)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session_id = _session_id(scope)
@@ -99,10 +92,9 @@ class ActivityLane:
         messages, body = await _read_body(receive)
         info = None
         if body is not None:
-            try:
-                info = await activity_lane.try_report(self.context, token, session_id, body)
-            except _GIVE_BACK_ON as exc:
-                log.debug("activity lane gave back %s: %s", session_id, exc)
+            info = await activity_lane.try_report(
+                self.context, self.batches, token, session_id, body
+            )
         self.context.lane_counts.count(info is not None)
         if info is not None:
             await model_response(info)(scope, receive, send)

@@ -59,6 +59,11 @@ class _SnapshotCollector(Collector):
         lane.add_metric(["answered"], self._lane.answered)
         lane.add_metric(["full_path"], self._lane.left)
         yield lane
+        yield CounterMetricFamily(
+            "offload_activity_lane_batches",
+            "Transactions the activity lane ran, each for the reports that arrived together",
+            value=self._lane.batches,
+        )
 
 
 @router.get("/metrics", response_class=Response)

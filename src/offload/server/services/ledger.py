@@ -21,7 +21,7 @@ not in the session's billed time or the user's fair-use hours (those measure the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 
@@ -294,16 +294,34 @@ def user_day_seconds(db: Columns, user_id: str, now: datetime) -> float:
     return seconds_within((p.interval for p in pieces), lo, hi, now)
 
 
-def day_seconds_by_user(db: Db, now: datetime) -> dict[str, float]:
-    """Every user's billed seconds in the UTC day of `now` (one query: the lifecycle tick asks
-    for all users at once); users with none are absent."""
-    lo, hi = utc_day(now)
-    by_user: dict[str, list[Interval]] = {}
-    rows = db.execute(
-        select(LedgerInterval.user_id, LedgerInterval.start, LedgerInterval.end)
-        .where(_overlapping(lo, hi))
-        .order_by(LedgerInterval.start)
+_DAY_PIECES = (
+    select(LedgerInterval.user_id, LedgerInterval.start, LedgerInterval.end)
+    .where(
+        _overlapping(
+            bindparam("lo", type_=LedgerInterval.start.type),
+            bindparam("hi", type_=LedgerInterval.start.type),
+        )
     )
+    .order_by(LedgerInterval.start)
+)
+_USERS_DAY_PIECES = _DAY_PIECES.where(
+    LedgerInterval.user_id.in_(bindparam("user_ids", expanding=True))
+)
+
+
+def day_seconds_by_user(
+    db: Columns, now: datetime, user_ids: Collection[str] | None = None
+) -> dict[str, float]:
+    """Each user's billed seconds in the UTC day of `now`, every user's or those of `user_ids`
+    (one query: the lifecycle tick and the activity lane ask for many at once); users with none
+    are absent."""
+    lo, hi = utc_day(now)
+    if user_ids is None:
+        rows = execute_columns(db, _DAY_PIECES, {"lo": lo, "hi": hi})
+    else:
+        params = {"lo": lo, "hi": hi, "user_ids": list(user_ids)}
+        rows = execute_columns(db, _USERS_DAY_PIECES, params)
+    by_user: dict[str, list[Interval]] = {}
     for user_id, start, end in rows:
         by_user.setdefault(user_id, []).append(Interval(start, end))
     return {user: seconds_within(found, lo, hi, now) for user, found in by_user.items()}
@@ -313,14 +331,17 @@ def session_seconds(db: Columns, session_id: str, now: datetime) -> float:
     return total_seconds(session_intervals(db, session_id), now)
 
 
-def sessions_seconds(db: Db, session_ids: Sequence[str], now: datetime) -> dict[str, float]:
+_SESSIONS_INTERVALS = (
+    select(LedgerInterval.session_id, LedgerInterval.start, LedgerInterval.end)
+    .where(LedgerInterval.session_id.in_(bindparam("session_ids", expanding=True)))
+    .order_by(LedgerInterval.start, LedgerInterval.id)
+)
+
+
+def sessions_seconds(db: Columns, session_ids: Sequence[str], now: datetime) -> dict[str, float]:
     """Billed seconds of each session (one query for a page of sessions); none: absent."""
     by_session: dict[str, list[Interval]] = {}
-    rows = db.execute(
-        select(LedgerInterval.session_id, LedgerInterval.start, LedgerInterval.end)
-        .where(LedgerInterval.session_id.in_(session_ids))
-        .order_by(LedgerInterval.start, LedgerInterval.id)
-    )
+    rows = execute_columns(db, _SESSIONS_INTERVALS, {"session_ids": list(session_ids)})
     for session_id, start, end in rows:
         by_session.setdefault(session_id, []).append(Interval(start, end))
     return {sid: total_seconds(intervals, now) for sid, intervals in by_session.items()}

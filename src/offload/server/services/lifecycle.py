@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -541,10 +541,13 @@ def stamp_activity(db: Db, rows: Sequence[OffloadSession], now: datetime) -> Non
         execute_columns(db, _STAMP_ACTIVITY, stamped)
 
 
-def stamp_activity_at(db: Columns, session_id: str, at: datetime) -> None:
-    """The stamp of `stamp_activity` for a session known only by its columns (the activity
-    lane): the caller checked that it is active or starting without a quiet prompt."""
-    execute_columns(db, _STAMP_ACTIVITY, {"stamp_id": session_id, "stamp_at": at})
+def stamp_activities_at(db: Columns, stamps: Mapping[str, datetime]) -> None:
+    """The stamps of `stamp_activity` for sessions known only by their columns (the activity
+    lane), in one statement: the caller checked that each is active or starting without a quiet
+    prompt."""
+    if stamps:
+        params = [{"stamp_id": sid, "stamp_at": at} for sid, at in stamps.items()]
+        execute_columns(db, _STAMP_ACTIVITY, params)
 
 
 def keep(row: OffloadSession, now: datetime) -> None:
