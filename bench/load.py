@@ -19,11 +19,15 @@ do, over HTTP (bench/http_client.py: connections of each agent's own, as each la
    it from its heartbeat and reports it ready (POST /runners/{id}/sessions/{sid}/ready); the
    sessions become active.
 2. steady (`--duration` s): every agent reports activity every `--report-interval` s (the agent's
-   5 s keepalive while Docker streams are open) and renews its certificate once (a real agent
-   renews every ~40 min: compressed so that the endpoint is measured); runners heartbeat with a
-   report of each bound environment (1 running container, so each heartbeat also writes its
-   sessions' activity).  Agents wait for each answer: an overloaded server slows them down, and
-   requests still unanswered `STEADY_GRACE_S` after the phase are counted as unfinished.
+   5 s keepalive while Docker streams are open) and renews its certificate at an agent's rate
+   (every `RENEW_EVERY_S`, 40 min, from a random start: about 12 renewals in 30 s with 1,000
+   agents); runners heartbeat with a report of each bound environment (1 running container, so
+   each heartbeat also writes its sessions' activity).  Agents wait for each answer: an
+   overloaded server slows them down, and requests still unanswered `STEADY_GRACE_S` after the
+   phase are counted as unfinished.
+   renewals (`--duration` s): the same, with every agent renewing once in the phase (80 times an
+   agent's rate, so that the certificate endpoint is measured under load; the steady phase of
+   runs before 2026-12-03 15:00 UTC was this one).
 3. saturation: the agents' cadence is replaced by an open-loop rate of activity reports spread
    over every session, raised step by step (`--ramp-start`, x`--ramp-factor`, `--ramp-step-s`
    each) until the p99 exceeds 100 ms, a request fails, or fewer than 90 % of the step's
@@ -88,6 +92,7 @@ from sqlalchemy import event, func, select  # noqa: E402
 from bench import load_support as sup  # noqa: E402
 from bench.http_client import Pool, ProtocolError, Response  # noqa: E402
 from bench.load_costs import measure_costs  # noqa: E402
+from offload.agent.daemon import RENEW_FRACTION  # noqa: E402
 from offload.core import schemas as s  # noqa: E402
 from offload.core.config import ServerSettings  # noqa: E402
 from offload.server.app import build_context  # noqa: E402
@@ -106,6 +111,8 @@ TARGET_PER_CORE = 500.0
 IDLE_WAIT_S = 15.0  # RunnerSettings.heartbeat_wait_s
 ACTIVE_WAIT_S = 4.0  # runner.daemon.ACTIVE_WAIT_S
 STEADY_GRACE_S = 15.0
+# An agent renews its certificate when it enters the last third of its validity (agent/daemon.py).
+RENEW_EVERY_S = ServerSettings.model_fields["cert_validity_s"].default * (1 - RENEW_FRACTION)
 RAMP_GRACE_S = 10.0
 SETTLE_TIMEOUT_S = 60.0
 NOTE = (
@@ -444,14 +451,16 @@ class Load:
         path = f"/sessions/{agent.session_id}/certificate"
         await self.call("certificate", path, agent.token, body)
 
-    async def steady(self, duration: float, interval: float) -> dict[str, Any]:
-        """Each agent: an activity report every `interval` s, one renewal somewhere in between."""
+    async def steady(self, duration: float, interval: float, renew_every: float) -> dict[str, Any]:
+        """Each agent: an activity report every `interval` s, and a renewal at a random moment
+        of its `renew_every` s period (0: of the phase's first 90 %, so every agent renews)."""
         began = time.perf_counter()
         end = began + duration
+        window = renew_every or duration * 0.9
 
         async def agent_loop(agent: Agent) -> None:
             next_at = began + random.uniform(0, interval)
-            renew_at = began + random.uniform(0, duration * 0.9)
+            renew_at = began + random.uniform(0, window)
             renewed = False
             while True:
                 now = time.perf_counter()
@@ -723,6 +732,40 @@ def _rates(load: Load, phase: str, cpu: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def _steady_phase(
+    load: Load,
+    deployment: Deployment,
+    args: argparse.Namespace,
+    sampler: Sampler,
+    phase: str,
+    renew_every: float,
+) -> dict[str, Any]:
+    """Agents at their cadence for `args.duration` s, renewing every `renew_every` s."""
+    work = partial(load.steady, args.duration, args.report_interval, renew_every)
+    out, cpu = await _phase(load, deployment, phase, work)
+    sampler.sample()
+    steady = {
+        "duration_s": args.duration,
+        **out,
+        "live_sessions": len(load.live()),
+        "report_interval_s": args.report_interval,
+        "renew_every_s": round(renew_every, 1) if renew_every else "once in the phase",
+        "endpoints": {
+            name: load.rec.stats(name, phase)
+            for name in ("activity", "certificate", "heartbeat", "session_ready")
+        },
+        "cpu": cpu,
+        **_rates(load, phase, cpu),
+    }
+    activity = steady["endpoints"]["activity"]
+    say(f"  {phase} {steady['seconds']:.0f} s: {steady['requests_per_s']} req/s, control plane "
+        f"{cpu['control_plane_cores']} cores, {steady['requests_per_core_s']} req per core-second, "
+        f"activity p50/p99 {activity['p50_ms']}/{activity['p99_ms']} ms, certificates "
+        f"{steady['endpoints']['certificate']['count']}, unfinished {steady['unfinished']}, "
+        f"others {cpu['machine_other_cpu_s']} CPU-s")  # fmt: skip
+    return steady
+
+
 async def saturation(
     load: Load, deployment: Deployment, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -870,30 +913,10 @@ async def run_scenario(
                 ),  # fmt: skip
                 "cpu": start_cpu,
             }
-            steady_out, steady_cpu = await _phase(
-                load, deployment, "steady",
-                lambda: load.steady(args.duration, args.report_interval),
-            )  # fmt: skip
-            sampler.sample()
-            result["steady"] = {
-                "duration_s": args.duration,
-                **steady_out,
-                "live_sessions": len(load.live()),
-                "report_interval_s": args.report_interval,
-                "endpoints": {
-                    name: load.rec.stats(name, "steady")
-                    for name in ("activity", "certificate", "heartbeat", "session_ready")
-                },
-                "cpu": steady_cpu,
-                **_rates(load, "steady", steady_cpu),
-            }
-            steady = result["steady"]
-            say(f"  steady {steady['seconds']:.0f} s: {steady['requests_per_s']} req/s, "
-                f"control plane {steady_cpu['control_plane_cores']} cores, "
-                f"{steady['requests_per_core_s']} req per core-second, activity p50/p99 "
-                f"{steady['endpoints']['activity']['p50_ms']}/"
-                f"{steady['endpoints']['activity']['p99_ms']} ms, unfinished "
-                f"{steady['unfinished']}, others {steady_cpu['machine_other_cpu_s']} CPU-s")  # fmt: skip
+            for phase, renew_every in (("steady", RENEW_EVERY_S), ("renewals", 0.0)):
+                result[phase] = await _steady_phase(
+                    load, deployment, args, sampler, phase, renew_every
+                )
             if args.ramp_steps:
                 result["saturation"] = await saturation(load, deployment, args)
                 sat = result["saturation"]
@@ -992,6 +1015,27 @@ def table(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def renewals_table(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The phase with every agent renewing once (the steady phase of earlier runs)."""
+    lines = [
+        "| scenario | certificates | req/s | control plane cores | req per core-s "
+        "| activity+hb per core-s | activity p50/p99 ms | cert p50/p99 | heartbeat (long poll) "
+        "p50/p99 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if "renewals" not in r:
+            continue
+        st, ep = r["renewals"], r["renewals"]["endpoints"]
+        lines.append(
+            f"| {name} | {ep['certificate']['count']} | {st['requests_per_s']} "
+            f"| {st['cpu']['control_plane_cores']} | {st['requests_per_core_s']} "
+            f"| {st['activity_and_heartbeats_per_core_s']} | {_pp(ep['activity'])} "
+            f"| {_pp(ep['certificate'])} | {_pp(ep['heartbeat'])} |"
+        )
+    return lines
+
+
 def cost_table(costs: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         "| request (alone, in-process) | SQL statements | CPU ms | per core-second |",
@@ -1056,7 +1100,8 @@ def markdown(report: dict[str, Any], rows: list[str]) -> str:
         "",
         f"`bench/load.py {' '.join(report['argv']) or '(defaults)'}` ({report['seconds']} s): "
         f"{a['sessions']} live sessions, {a['runners']} runners, steady {a['duration']} s "
-        f"(activity every {a['report_interval']} s), then a ramp of activity reports. "
+        f"(activity every {a['report_interval']} s, certificates at an agent's rate), the same "
+        f"with every agent renewing once, then a ramp of activity reports. "
         f"Commit {report['commit']}{' with local changes in src/' if report['src_dirty'] else ''}.",
         "",
         f"Machine: {m['cpus']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, load average "
@@ -1068,9 +1113,17 @@ def markdown(report: dict[str, Any], rows: list[str]) -> str:
         "",
         *target_lines(report),
         "",
-        "CPU seconds in the steady phase:",
-        "",
     ]
+    renewals = renewals_table(report["scenarios"])
+    if len(renewals) > 2:
+        out += [
+            "With every agent renewing its certificate once in the phase (80 times an agent's "
+            "rate; the steady phase of the runs before this table was added):",
+            "",
+            *renewals,
+            "",
+        ]
+    out += ["CPU seconds in the steady phase:", ""]
     for name, r in report["scenarios"].items():
         if "steady" in r:
             c = r["steady"]["cpu"]
