@@ -35,9 +35,9 @@ def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
     }
 
 
-def freeze_startup_objects() -> int:
+def freeze_startup_objects() -> None:
     """Leave what start-up made (FastAPI's routes and models, SQLAlchemy's mappers, pydantic's
-    schemas, about 190,000 objects) out of every later garbage collection; how many.
+    schemas, about 190,000 objects) out of every later garbage collection.
 
     They live as long as the process, yet each full collection walked them all: 100-140 ms with
     every request in flight waiting, every 3-20 s under bench/load.py (1,000 agents), which was
@@ -47,7 +47,6 @@ def freeze_startup_objects() -> int:
     """
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
 
 
 def serve(settings: ServerSettings) -> None:

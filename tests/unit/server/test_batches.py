@@ -48,6 +48,17 @@ async def _queued(batches: Batches[str, str], count: int) -> None:
     await async_wait_until(queued, BOUND_S, f"{count} queued calls")
 
 
+async def _behind_a_held_batch(
+    held: HeldBatches, batches: Batches[str, str], items: str
+) -> tuple[asyncio.Task[str], list[asyncio.Task[str]]]:
+    """ "a" in a batch held in the database, and `items` queued behind it (still held)."""
+    first = asyncio.create_task(batches.submit("a"))
+    await _entered(held)
+    later = [asyncio.create_task(batches.submit(item)) for item in items]
+    await _queued(batches, len(items))
+    return first, later
+
+
 async def test_a_lone_call_is_a_batch_of_one() -> None:
     held = HeldBatches()
     held.release.set()
@@ -60,10 +71,7 @@ async def test_a_lone_call_is_a_batch_of_one() -> None:
 async def test_calls_arriving_during_a_batch_go_together_into_the_next_in_order() -> None:
     held = HeldBatches()
     batches = Batches(held)
-    first = asyncio.create_task(batches.submit("a"))
-    await _entered(held)
-    later = [asyncio.create_task(batches.submit(item)) for item in "bcde"]
-    await _queued(batches, 4)
+    first, later = await _behind_a_held_batch(held, batches, "bcde")
     held.release.set()
     assert await first == "A"
     assert await asyncio.gather(*later) == ["B", "C", "D", "E"]
@@ -73,10 +81,7 @@ async def test_calls_arriving_during_a_batch_go_together_into_the_next_in_order(
 async def test_a_batch_holds_at_most_max_items() -> None:
     held = HeldBatches()
     batches = Batches(held, max_items=2)
-    first = asyncio.create_task(batches.submit("a"))
-    await _entered(held)
-    later = [asyncio.create_task(batches.submit(item)) for item in "bcdef"]
-    await _queued(batches, 5)
+    first, later = await _behind_a_held_batch(held, batches, "bcdef")
     held.release.set()
     assert [await first, *await asyncio.gather(*later)] == list("ABCDEF")
     assert held.seen == [["a"], ["b", "c"], ["d", "e"], ["f"]]
@@ -85,10 +90,7 @@ async def test_a_batch_holds_at_most_max_items() -> None:
 async def test_an_error_reaches_every_caller_of_its_batch_and_no_other() -> None:
     held = HeldBatches(fail_on="c")
     batches = Batches(held)
-    first = asyncio.create_task(batches.submit("a"))
-    await _entered(held)
-    later = [asyncio.create_task(batches.submit(item)) for item in "bc"]
-    await _queued(batches, 2)
+    first, later = await _behind_a_held_batch(held, batches, "bc")
     held.release.set()
     assert await first == "A"
     for task in later:
@@ -100,10 +102,7 @@ async def test_an_error_reaches_every_caller_of_its_batch_and_no_other() -> None
 async def test_a_caller_that_goes_away_leaves_the_others_answered() -> None:
     held = HeldBatches()
     batches = Batches(held)
-    first = asyncio.create_task(batches.submit("a"))
-    await _entered(held)
-    gone, kept = (asyncio.create_task(batches.submit(item)) for item in "bc")
-    await _queued(batches, 2)
+    first, (gone, kept) = await _behind_a_held_batch(held, batches, "bc")
     gone.cancel()
     held.release.set()
     assert await first == "A" and await kept == "C"

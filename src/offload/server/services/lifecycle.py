@@ -525,26 +525,25 @@ _STAMP_ACTIVITY = (
 def stamp_activity(db: Db, rows: Sequence[OffloadSession], now: datetime) -> None:
     """Restart the quiet clock of these active or starting sessions at `now` (one statement for
     all of them); activity clears a quiet prompt.  The loaded rows show the new stamp."""
-    stamped: list[dict[str, object]] = []
+    stamps: dict[str, datetime] = {}
     for row in rows:
         if S(row.state) not in (S.ACTIVE, S.STARTING):
             continue
         at = stamp_time(row.last_activity_at, now)
         if at != row.last_activity_at and inspect(row).persistent:
-            stamped.append({"stamp_id": row.id, "stamp_at": at})
+            stamps[row.id] = at
             set_committed_value(row, "last_activity_at", at)  # written here, not by a flush
         elif at != row.last_activity_at:  # not in the database yet: its INSERT carries it
             row.last_activity_at = at
         if row.prompt_reason == PromptReason.QUIET.value:
             _clear_prompt(row)
-    if stamped:
-        execute_columns(db, _STAMP_ACTIVITY, stamped)
+    stamp_activities_at(db, stamps)
 
 
 def stamp_activities_at(db: Columns, stamps: Mapping[str, datetime]) -> None:
-    """The stamps of `stamp_activity` for sessions known only by their columns (the activity
-    lane), in one statement: the caller checked that each is active or starting without a quiet
-    prompt."""
+    """Write these stamps in one statement (`stamp_activity`, and the activity lane for sessions
+    known only by their columns): the caller checked that each is active or starting without a
+    quiet prompt."""
     if stamps:
         params = [{"stamp_id": sid, "stamp_at": at} for sid, at in stamps.items()]
         execute_columns(db, _STAMP_ACTIVITY, params)
