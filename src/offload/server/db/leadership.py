@@ -1,8 +1,9 @@
 """One replica runs the background clock at a time (PostgreSQL).
 
 Every replica could tick: each change is claimed under a row lock and re-checked, so it would
-still happen once.  But a tick reads every live session, and done by N replicas that work is
-done N times (bench/load.py: 0.6-0.8 ms per live session per tick).  So the replica holding a
+still happen once.  But a tick reads the live sessions something may be due for (all of them
+before lifecycle.due_candidates; bench/load.py: 0.05-0.07 ms per session read), and done by N
+replicas that work is done N times.  So the replica holding a
 session-level advisory lock ticks and the others only check, once per tick, whether it is free.
 The lock lives as long as the holder's connection: a replica that dies, or loses the database,
 lets it go, and another takes over at its next tick.  SQLite has one process: no lock needed.
