@@ -699,26 +699,31 @@ async def measure_tick(settings: ServerSettings, repeats: int = 3) -> dict[str, 
                 "statements": statements - before_s,
                 "changed": changed,
             })  # fmt: skip
-        worst = await _time_every_session_read(context, count_of=lambda: statements)
+        worst = await _time_every_session_read(context, lambda: statements, repeats)
     finally:
         context.db.dispose()
     best = min(runs, key=lambda run: run["cpu_ms"])
     return {"live_sessions": live, **best, "runs": runs, "every_session_read": worst}
 
 
-async def _time_every_session_read(context: Any, count_of: Callable[[], int]) -> dict[str, Any]:
+async def _time_every_session_read(
+    context: Any, count_of: Callable[[], int], repeats: int = 3
+) -> dict[str, Any]:
     """The tick's read when no session is settled (lifecycle.due_candidates): two hours on,
     every session is quiet and past its prompt window, so each is read and evaluated, as each
     was every second before the tick skipped the settled ones.  Read only: nothing is applied."""
     later = context.now() + timedelta(hours=2)
     rules = lifecycle.Rules.from_settings(context.settings)
-    before_s, cpu = count_of(), time.process_time()
-    due = await context.db.read(lifecycle.due_session_ids, later, rules)
-    return {
-        "cpu_ms": round((time.process_time() - cpu) * 1000, 1),
-        "statements": count_of() - before_s,
-        "due": len(due),
-    }
+    runs = []
+    for _ in range(repeats):  # the best of three, as for the tick: the first compiles
+        before_s, cpu = count_of(), time.process_time()
+        due = await context.db.read(lifecycle.due_session_ids, later, rules)
+        runs.append({
+            "cpu_ms": round((time.process_time() - cpu) * 1000, 1),
+            "statements": count_of() - before_s,
+            "due": len(due),
+        })  # fmt: skip
+    return min(runs, key=lambda run: run["cpu_ms"])
 
 
 # ---- one scenario --------------------------------------------------------------------------------
