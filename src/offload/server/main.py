@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib.util
+from types import FrameType
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from offload.core.config import ServerSettings
 from offload.server.app import create_app
@@ -49,6 +52,25 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also answers the runners' parked long polls when it is told to
+    stop (SIGTERM, SIGINT: a rolling restart, `offload down`).  uvicorn waits up to
+    `timeout_graceful_shutdown` for requests in flight, then cancels them, and a cancelled
+    request is a 500; a poll parked for up to a minute would always be one."""
+
+    def __init__(self, app: FastAPI, options: dict[str, Any]) -> None:
+        super().__init__(uvicorn.Config(app, **options))
+        self._signals = app.state.context.signals
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not serving yet (or any more): nothing is parked
+            return
+        loop.call_soon_threadsafe(self._signals.release_all)  # a signal handler: not set() here
+
+
 def serve(settings: ServerSettings) -> None:
     """Run the control plane in the foreground until interrupted.
 
@@ -57,4 +79,4 @@ def serve(settings: ServerSettings) -> None:
     """
     app = create_app(settings)
     freeze_startup_objects()
-    uvicorn.run(app, **uvicorn_options(settings))
+    _Server(app, uvicorn_options(settings)).run()

@@ -12,6 +12,7 @@ database and the billed time compared for equality.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -276,5 +277,50 @@ async def test_a_change_on_one_replica_wakes_a_runner_poll_parked_on_another(
     assert created.runner is not None and created.runner.name == "replica-runner-4"
     desired = await asyncio.wait_for(parked, timeout=20)  # woken, not timed out at 50 s
     assert created.id in [item.session_id for item in desired.sessions]
+    await poller.aclose()
+    await runner.client.aclose()
+
+
+async def _parked_polls(url: str) -> int:
+    async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+        text = (await http.get("/metrics")).text
+    [line] = [x for x in text.splitlines() if x.startswith("offload_runner_polls_parked ")]
+    return int(float(line.split()[1]))
+
+
+async def test_a_replica_told_to_stop_answers_the_runner_poll_parked_on_it(setup: Setup) -> None:
+    """A rolling restart: SIGTERM to a replica while a runner's long poll is parked there.  The
+    poll gets its answer, the runner's desired sessions, not the 500 of a request that uvicorn
+    cancels when its grace runs out; the replica exits cleanly, and the runner's next poll
+    finds another replica."""
+    fleet, db = setup.fleet, setup.db
+    fleet.revive()
+    replica = fleet.replicas[0]
+    assert replica.process is not None
+    runner = await _runner(db, replica.url, "replica-runner-5")
+    poller = RunnerClient(replica.url, runner.token, timeout=120)
+    report = s.RunnerHeartbeat(capacity=SESSIONS, warm=0)
+    await poller.heartbeat(runner.id, report)  # a fresh registration answers at once
+    parked = asyncio.create_task(poller.heartbeat(runner.id, report, wait_s=50))
+
+    async def one_parked() -> bool:
+        return await _parked_polls(replica.url) == 1
+
+    await async_wait_until(one_parked, 20, "the runner's poll parked on the replica")
+    logged = replica.log.stat().st_size
+    replica.process.send_signal(signal.SIGTERM)
+
+    desired = await asyncio.wait_for(parked, timeout=20)  # answered, not cancelled
+    assert desired.sessions == []  # this runner holds no session
+    # uvicorn shuts down, then re-raises the signal it caught, so the exit is by SIGTERM.
+    assert await asyncio.to_thread(replica.process.wait, 20) == -signal.SIGTERM
+    with replica.log.open("rb") as log:
+        log.seek(logged)
+        shutdown = log.read().decode(errors="replace")
+    assert "Finished server process" in shutdown, shutdown
+    assert "Exception in ASGI application" not in shutdown
+    assert "timeout graceful shutdown exceeded" not in shutdown
+    async with RunnerClient(fleet.url, runner.token) as through_balancer:
+        assert (await through_balancer.heartbeat(runner.id, report)).sessions == []
     await poller.aclose()
     await runner.client.aclose()

@@ -108,6 +108,26 @@ async def test_long_poll_returns_when_a_session_is_placed_on_the_runner(
     assert desired.sessions[0].state is s.SessionState.STARTING
 
 
+async def test_a_stopping_server_answers_parked_polls_and_parks_no_more(
+    make_runner, ctx: ServerContext, http: httpx.AsyncClient
+):
+    runners = [await make_runner() for _ in range(2)]
+    for runner in runners:
+        await runner.heartbeat()  # seen everything so far: the next poll parks
+    polls = [asyncio.create_task(runner.heartbeat(wait_s=LONG_WAIT_S)) for runner in runners]
+    await async_wait_until(_async(lambda: ctx.signals.parked == 2), BOUND_S, "both to park")
+    assert "offload_runner_polls_parked 2.0" in (await http.get("/metrics")).text
+
+    ctx.signals.release_all()  # what `offload server` does on SIGTERM (main._Server)
+    for poll in polls:
+        assert (await asyncio.wait_for(poll, BOUND_S)).sessions == []
+    assert ctx.signals.parked == 0
+    # A poll that comes in while the server stops answers at once: it never parks.
+    later = asyncio.create_task(runners[0].heartbeat(wait_s=LONG_WAIT_S))
+    assert (await asyncio.wait_for(later, BOUND_S)).sessions == []
+    assert ctx.signals.parked == 0
+
+
 async def test_first_heartbeat_after_register_answers_at_once(make_runner, make_user, client_key):
     runner = await make_runner()
     session = await make_user().client.create_session(session_request(client_key))

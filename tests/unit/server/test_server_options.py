@@ -35,11 +35,11 @@ from offload.server import main
 
 seen = {}
 
-def run(app, **options):  # what uvicorn would serve, at the moment it would start
+def run(self, sockets=None):  # what uvicorn would serve, at the moment it would start
     seen["frozen"] = gc.get_freeze_count()
     seen["tracked"] = len(gc.get_objects())
 
-main.uvicorn.run = run
+uvicorn.Server.run = run
 main.serve(ServerSettings(data_dir=sys.argv[1]))
 
 class Node:

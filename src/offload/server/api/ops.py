@@ -24,9 +24,10 @@ async def healthz() -> dict[str, bool]:
 class _SnapshotCollector(Collector):
     """Exposes one snapshot, read from the database for this scrape."""
 
-    def __init__(self, snapshot: stats.Snapshot, lane: LaneCounts) -> None:
+    def __init__(self, snapshot: stats.Snapshot, lane: LaneCounts, parked_polls: int) -> None:
         self._snapshot = snapshot
         self._lane = lane
+        self._parked_polls = parked_polls
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         sessions = GaugeMetricFamily(
@@ -50,6 +51,11 @@ class _SnapshotCollector(Collector):
             "Warm environments reported by online runners",
             value=self._snapshot.warm_environments,
         )
+        yield GaugeMetricFamily(
+            "offload_runner_polls_parked",
+            "Runner heartbeats parked on this replica, waiting for a change (long polls)",
+            value=self._parked_polls,
+        )
         lane = CounterMetricFamily(
             "offload_activity_lane_reports",
             "Activity reports this replica answered in the activity lane, and those it left "
@@ -70,5 +76,5 @@ class _SnapshotCollector(Collector):
 async def metrics(ctx: Context) -> Response:
     snapshot = await ctx.db.read(stats.snapshot, ctx.now(), ctx.settings.runner_timeout_s)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshot, ctx.lane_counts))
+    registry.register(_SnapshotCollector(snapshot, ctx.lane_counts, ctx.signals.parked))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -25,6 +25,7 @@ class RunnerSignals:
         self._seen: dict[str, int] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, int] = {}
+        self._stopping = False
 
     def notify(self, runner_id: str) -> None:
         """Something changed for this runner: wake its parked heartbeat, if any, here and (with
@@ -53,6 +54,21 @@ class RunnerSignals:
     def has_unseen_change(self, runner_id: str) -> bool:
         return self._seen.get(runner_id, -1) < self.generation(runner_id)
 
+    @property
+    def parked(self) -> int:
+        """Heartbeats parked here, waiting for a change (`/metrics`)."""
+        return sum(self._waiting.values())
+
+    def release_all(self) -> None:
+        """The server is stopping: answer every parked heartbeat now, and any later one at once,
+        so that none is still waiting when uvicorn's grace runs out and cancels it (a 500 to the
+        runner).  Each answers as usual, with the runner's desired sessions; its next poll
+        finds another replica (or this one again, restarted)."""
+        self._stopping = True
+        events, self._events = self._events, {}
+        for event in events.values():
+            event.set()
+
     def is_waiting(self, runner_id: str) -> bool:
         """A heartbeat of this runner is parked (tests use it to know the poll is in place)."""
         return self._waiting.get(runner_id, 0) > 0
@@ -60,9 +76,10 @@ class RunnerSignals:
     async def wait_for_change(self, runner_id: str, timeout: float) -> bool:
         """Return at once if the runner has an unseen change, else wait up to `timeout`.
 
-        True when a change arrived (or was pending), False when the wait ran out.
+        True when a change arrived (or was pending) or the server is stopping, False when the
+        wait ran out.
         """
-        if self.has_unseen_change(runner_id):
+        if self._stopping or self.has_unseen_change(runner_id):
             return True
         # `notify` pops the event it sets, so each wait after a change gets a fresh one.
         event = self._events.setdefault(runner_id, asyncio.Event())
