@@ -82,7 +82,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -125,6 +125,7 @@ NOTE = (
     "fsync, full_page_writes and synchronous_commit off (a throw-away test cluster)."
 )
 LINES: list[str] = []
+T = TypeVar("T")
 
 
 def say(text: str = "") -> None:
@@ -691,14 +692,8 @@ async def measure_tick(settings: ServerSettings, repeats: int = 3) -> dict[str, 
         )
         runs = []
         for _ in range(repeats):
-            before_s, cpu, wall = statements, time.process_time(), time.perf_counter()
-            changed = await lifecycle.tick(context)
-            runs.append({
-                "cpu_ms": round((time.process_time() - cpu) * 1000, 1),
-                "wall_ms": round((time.perf_counter() - wall) * 1000, 1),
-                "statements": statements - before_s,
-                "changed": changed,
-            })  # fmt: skip
+            cost, changed = await _measured(lambda: lifecycle.tick(context), lambda: statements)
+            runs.append({**cost, "changed": changed})
         worst = await _time_every_session_read(context, lambda: statements, repeats)
     finally:
         context.db.dispose()
@@ -706,8 +701,22 @@ async def measure_tick(settings: ServerSettings, repeats: int = 3) -> dict[str, 
     return {"live_sessions": live, **best, "runs": runs, "every_session_read": worst}
 
 
+async def _measured(
+    call: Callable[[], Awaitable[T]], statements_of: Callable[[], int]
+) -> tuple[dict[str, Any], T]:
+    """`call`'s CPU, wall time and SQL statements in this process, and its result."""
+    before_s, cpu, wall = statements_of(), time.process_time(), time.perf_counter()
+    result = await call()
+    cost = {
+        "cpu_ms": round((time.process_time() - cpu) * 1000, 1),
+        "wall_ms": round((time.perf_counter() - wall) * 1000, 1),
+        "statements": statements_of() - before_s,
+    }
+    return cost, result
+
+
 async def _time_every_session_read(
-    context: Any, count_of: Callable[[], int], repeats: int = 3
+    context: Any, statements_of: Callable[[], int], repeats: int = 3
 ) -> dict[str, Any]:
     """The tick's read when no session is settled (lifecycle.due_candidates): two hours on,
     every session is quiet and past its prompt window, so each is read, evaluated and found due
@@ -717,13 +726,9 @@ async def _time_every_session_read(
     rules = lifecycle.Rules.from_settings(context.settings)
     runs = []
     for _ in range(repeats):  # the best of three, as for the tick: the first compiles
-        before_s, cpu = count_of(), time.process_time()
-        due = await context.db.read(lifecycle.due_session_ids, later, rules)
-        runs.append({
-            "cpu_ms": round((time.process_time() - cpu) * 1000, 1),
-            "statements": count_of() - before_s,
-            "due": len(due),
-        })  # fmt: skip
+        read = partial(context.db.read, lifecycle.due_session_ids, later, rules)
+        cost, due = await _measured(read, statements_of)
+        runs.append({**cost, "due": len(due)})
     return min(runs, key=lambda run: run["cpu_ms"])
 
 
