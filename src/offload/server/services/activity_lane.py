@@ -192,7 +192,7 @@ def reports_tx(
     users = {row.user_id for row in claimed.values()}
     used_today = ledger.day_seconds_by_user(conn, now, users) if users else {}
     facts_of: dict[int, lifecycle.Facts] = {}
-    stamps: dict[str, datetime] = {}
+    stamped: list[str] = []
     for index, row in claimed.items():
         policy = s.FairUsePolicy(row.fair_use_policy or s.FairUsePolicy.PROMPT)
         used = used_today.get(row.user_id, 0.0)
@@ -200,10 +200,10 @@ def reports_tx(
         if lifecycle.evaluate(facts, now, rules):
             continue
         if lifecycle.is_activity(reports[index].report):
-            stamps[row.id] = lifecycle.stamp_time(row.last_activity_at, now)
-            facts = replace(facts, last_activity_at=stamps[row.id])
+            stamped.append(row.id)
+            facts = replace(facts, last_activity_at=lifecycle.stamp_time(row.last_activity_at, now))
         facts_of[index] = facts
-    lifecycle.stamp_activities_at(conn, stamps)
+    lifecycle.stamp_activities_at(conn, stamped, now)
     answered = [claimed[index].id for index in facts_of]
     billed = ledger.sessions_seconds(conn, answered, now) if answered else {}
     answers: list[LaneAnswer | None] = [None] * len(reports)

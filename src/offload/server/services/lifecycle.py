@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -513,12 +513,14 @@ def note_activity(db: Db, row: OffloadSession, now: datetime) -> None:
 # stamps it, and flushing one dirty row cost more than all the rest of an activity report's SQL
 # (bench/serve_costs.py).  The condition keeps it monotonic in the database itself: an activity
 # report stamps without the write lock (sessions.py), so a heartbeat that read the row before
-# that report committed must not write its older time over the report's.
+# that report committed must not write its older time over the report's.  Every session gets
+# the same `now` (a stamp is never earlier than the one there, and the condition writes nothing
+# where that one is later), so a runner's busy sessions take one statement, not one each.
 _SESSIONS = cast(Table, OffloadSession.__table__)
 _STAMP_ACTIVITY = (
     update(_SESSIONS)
     .where(
-        _SESSIONS.c.id == bindparam("stamp_id"),
+        _SESSIONS.c.id.in_(bindparam("stamp_ids", expanding=True)),
         or_(
             _SESSIONS.c.last_activity_at.is_(None),
             _SESSIONS.c.last_activity_at < bindparam("stamp_at"),
@@ -531,27 +533,27 @@ _STAMP_ACTIVITY = (
 def stamp_activity(db: Db, rows: Sequence[OffloadSession], now: datetime) -> None:
     """Restart the quiet clock of these active or starting sessions at `now` (one statement for
     all of them); activity clears a quiet prompt.  The loaded rows show the new stamp."""
-    stamps: dict[str, datetime] = {}
+    stamped: list[str] = []
     for row in rows:
         if S(row.state) not in (S.ACTIVE, S.STARTING):
             continue
         at = stamp_time(row.last_activity_at, now)
         if at != row.last_activity_at and inspect(row).persistent:
-            stamps[row.id] = at
+            stamped.append(row.id)
             set_committed_value(row, "last_activity_at", at)  # written here, not by a flush
         elif at != row.last_activity_at:  # not in the database yet: its INSERT carries it
             row.last_activity_at = at
         if row.prompt_reason == PromptReason.QUIET.value:
             _clear_prompt(row)
-    stamp_activities_at(db, stamps)
+    stamp_activities_at(db, stamped, now)
 
 
-def stamp_activities_at(db: Columns, stamps: Mapping[str, datetime]) -> None:
-    """Write these stamps in one statement (`stamp_activity`, and the activity lane for sessions
-    known only by their columns): the caller checked that each is active or starting without a
-    quiet prompt."""
-    if stamps:
-        params = [{"stamp_id": sid, "stamp_at": at} for sid, at in stamps.items()]
+def stamp_activities_at(db: Columns, session_ids: Collection[str], now: datetime) -> None:
+    """Stamp these sessions at `now` in one statement (`stamp_activity`, and the activity lane
+    for sessions known only by their columns), where none is later already: the caller checked
+    that each is active or starting without a quiet prompt."""
+    if session_ids:
+        params = {"stamp_ids": sorted(session_ids), "stamp_at": now}
         execute_columns(db, _STAMP_ACTIVITY, params)
 
 
