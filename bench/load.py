@@ -1245,7 +1245,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--ramp-start", type=float, default=5.0, help="first rate of the ramp, reports/s")
     add("--ramp-factor", type=float, default=1.6)
     add("--ramp-step-s", type=float, default=5.0)
-    add("--ramp-steps", type=int, default=8, help="0: no saturation ramp")
+    add(
+        "--ramp-steps",
+        type=int,
+        default=18,
+        help="at most (it stops where it saturates); 0: no ramp",
+    )
     add("--costs-sessions", type=int, default=100, help="live sessions for load_costs; 0: skip")
     add("--quick", action="store_true",
         help="smoke check: 50 sessions, 5 runners, short phases; writes only with --out")  # fmt: skip
