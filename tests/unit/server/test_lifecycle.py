@@ -208,6 +208,27 @@ async def test_a_stamp_never_moves_the_databases_clock_back(start_active, clock,
     assert stamp == later
 
 
+async def test_one_stamp_for_many_sessions_moves_each_forward_and_none_back(
+    start_active, clock, ctx
+):
+    """A heartbeat stamps all its busy sessions in one statement: each moves to `now`, except
+    one another writer already stamped later, which keeps its own time."""
+    _, runner, first = await start_active(idle_timeout_s=60)
+    _, _, second = await start_active(runner=runner, idle_timeout_s=60)
+    t0 = clock()
+    later = t0 + timedelta(seconds=20)
+    with ctx.db.transaction() as db:
+        rows = [db.get(OffloadSession, sid) for sid in (first.id, second.id)]
+        moved = update(OffloadSession).where(OffloadSession.id == second.id)
+        db.execute(
+            moved.values(last_activity_at=later).execution_options(synchronize_session=False)
+        )
+        lifecycle.stamp_activity(db, rows, t0 + timedelta(seconds=10))
+    with ctx.db.transaction(read_only=True) as db:
+        stamps = dict(db.execute(select(OffloadSession.id, OffloadSession.last_activity_at)).all())
+    assert stamps == {first.id: t0 + timedelta(seconds=10), second.id: later}
+
+
 async def test_a_late_clock_stamps_each_step_when_it_was_due(start_active, clock, tick):
     user, _, info = await start_active(idle_timeout_s=60)
     t0 = clock()
