@@ -68,14 +68,6 @@ def _tls_for(url: str) -> ssl.SSLContext | bool:
     return _shared_tls() if url.lower().startswith("https:") else False
 
 
-# How long an idle connection to the control plane is kept for the next request.  httpx's default
-# (5 s) is the agent's report cadence (agent/activity.py), so nearly every report found its
-# connection just expired and opened a new one: a TCP and, over HTTPS, a TLS handshake with the
-# load balancer every 5 s per laptop.  The server keeps connections longer than this
-# (server/main.py), so it never closes one a client is about to reuse.
-CLIENT_KEEPALIVE_S = 30.0
-
-
 class _Base:
     def __init__(self, server_url: str, token: str | None, timeout: float = 30.0) -> None:
         self.server_url = server_url.rstrip("/")
@@ -85,7 +77,7 @@ class _Base:
             headers=headers,
             timeout=timeout,
             verify=_tls_for(self.server_url),
-            limits=httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_S),
+            limits=httpx.Limits(keepalive_expiry=s.CLIENT_KEEPALIVE_S),
         )
 
     async def aclose(self) -> None:

@@ -51,6 +51,12 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, Field, Strict, StrictBool
 
 API_PREFIX = "/api/v1"
+# How long a client keeps an idle connection to the control plane for its next request.
+# httpx's default (5 s) is the agent's report cadence (agent/activity.py), so nearly every report
+# found its connection just expired: a TCP and, over HTTPS, a TLS handshake every 5 s per laptop.
+# The server keeps idle connections longer (server/main.py), so the side that reuses one is the
+# side that drops it, and no request races a server-side close.
+CLIENT_KEEPALIVE_S = 30.0
 API_VERSION = "1"
 
 # The one unix-socket name a client may ask the runner's SSH endpoint for: the runner maps it to

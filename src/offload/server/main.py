@@ -11,13 +11,12 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from offload.core.api_client import CLIENT_KEEPALIVE_S
 from offload.core.config import ServerSettings
 from offload.server.app import create_app
 
-# 65 s: longer than our clients and than proxies in front keep an idle connection (nginx drops
-# idle upstream ones after 60 s), so the side that reuses a connection is the side that closes it.
-SERVER_KEEPALIVE_S = int(CLIENT_KEEPALIVE_S) + 35
+# Longer than our clients (schemas.CLIENT_KEEPALIVE_S) and proxies in front (nginx drops idle
+# upstream connections after 60 s) keep an idle connection: the side that reuses one drops it.
+SERVER_KEEPALIVE_S = 65
 
 
 def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
@@ -38,7 +37,6 @@ def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
         # audit log see the real client) and X-Forwarded-Proto (cookies get Secure).
         "proxy_headers": bool(settings.forwarded_allow_ips),
         "forwarded_allow_ips": settings.forwarded_allow_ips or None,
-        # Idle connections stay open longer than clients keep them (api_client.CLIENT_KEEPALIVE_S):
         # uvicorn's 5 s closed every agent's connection between two of its 5 s reports.
         "timeout_keep_alive": SERVER_KEEPALIVE_S,
         # Runners' long polls are parked for up to 15 s; they retry, so shutdown need not wait.

@@ -9,8 +9,8 @@ import pydantic
 import pytest
 
 from offload.agent.activity import KEEPALIVE_REPORT_S
-from offload.core import api_client
 from offload.core.config import ServerSettings
+from offload.core.schemas import CLIENT_KEEPALIVE_S
 from offload.server.main import uvicorn_options
 
 
@@ -18,7 +18,7 @@ def test_the_server_keeps_an_idle_connection_longer_than_our_clients_do():
     """The side that reuses a connection must be the one that drops it: a server closing first
     races the client's next request on that connection.  And the agent's 5 s reports must find
     theirs open (uvicorn's and httpx's defaults were both 5 s)."""
-    client = api_client.CLIENT_KEEPALIVE_S
+    client = CLIENT_KEEPALIVE_S
     assert client > 2 * KEEPALIVE_REPORT_S  # the agent's cadence while Docker streams are open
     assert uvicorn_options(ServerSettings())["timeout_keep_alive"] > client
 
@@ -41,8 +41,6 @@ def test_a_value_that_is_not_a_boolean_is_refused_by_name(monkeypatch):
 _SERVE_AND_CHECK = """
 import gc, sys, weakref
 import uvicorn
-from offload.agent.activity import KEEPALIVE_REPORT_S
-from offload.core import api_client
 from offload.core.config import ServerSettings
 from offload.server import main
 
